@@ -1,0 +1,156 @@
+"""The Python API. The CLI is a thin wrapper over these functions."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+import compressor
+from compressor import export, models, pipeline
+from compressor import recipe as recipes
+from compressor.calibration import token_windows
+from compressor.errors import CompressorError
+from compressor.linalg import check_finite
+
+log = logging.getLogger("compressor")
+
+
+@dataclass
+class Result:
+    model: torch.nn.Module
+    tokenizer: object
+    report: dict
+    out: Path | None = None
+
+
+def _linear_params(model) -> int:
+    return sum(sum(p.numel() for p in m.parameters()) for _, _, m in _compressible(model))
+
+
+def _compressible(model):
+    """Every decoder linear, compressed or not (iter_linears refuses compressed ones)."""
+    arch = models.arch_for(model)
+    for i, layer in enumerate(models.decoder_layers(model)):
+        for name in arch.linears:
+            yield f"{models.layer_prefix(model, i)}.{name}", name, layer.get_submodule(name)
+
+
+def _evaluate(model, tokenizer, tasks, seq_len, limit, device) -> dict:
+    from compressor.evaluate import run_tasks
+
+    home = next(model.parameters()).device
+    try:
+        return run_tasks(model.to(device), tokenizer, tasks, seq_len, limit, device)
+    finally:
+        model.to(home)
+
+
+def versions() -> dict:
+    return {
+        "compressor": compressor.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def calibration_windows(recipe: recipes.Recipe, tokenizer, calib: str | None, samples: int | None = None, seq_len: int | None = None):
+    from compressor import datasets
+
+    cfg = recipe.calibration
+    texts = datasets.load_texts(calib or cfg.dataset)
+    return token_windows(tokenizer, texts, samples or cfg.samples, seq_len or cfg.seq_len, cfg.seed)
+
+
+def compress(
+    model: str | torch.nn.Module,
+    recipe: str | recipes.Recipe,
+    out: str | Path | None = None,
+    *,
+    tokenizer=None,
+    ratio: float | None = None,
+    calib: str | None = None,
+    samples: int | None = None,
+    seq_len: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    eval_tasks: list[str] | None = None,
+    eval_limit: int | None = None,
+    eval_seq_len: int = 2048,
+) -> Result:
+    """Compress `model` (a path, hub id, GGUF file, 'demo', or a loaded model) with `recipe`.
+
+    Args:
+        recipe: shipped recipe name (see `compressor.recipe.shipped()`) or a YAML path, or a Recipe.
+        out: folder to write; nothing is written when None.
+        ratio: overrides every stage's target parameter reduction of the decoder linears.
+        calib: calibration data (shipped set name or path), overriding the recipe's.
+        device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
+        eval_tasks: perplexity tasks measured before and after (report["eval"]); eval_limit caps
+            the windows of each.
+    """
+    start = time.time()
+    if isinstance(recipe, str):
+        recipe = recipes.load(recipe, ratio)
+    if out is not None and Path(out).exists() and not overwrite:
+        raise CompressorError(f"output folder {out} already exists; pass --overwrite or choose another -o")
+    dev = pipeline.resolve_device(device)
+    if isinstance(model, str):
+        from compressor.loading import load_model
+
+        model, tokenizer = load_model(model, dtype=dtype)
+    for name, _, module in models.iter_linears(model):
+        check_finite(f"weight {name}", models.weight_of(module).detach())
+    params_before, linear_before = models.count_params(model), _linear_params(model)
+    evaluation = {}
+    if eval_tasks:
+        evaluation["before"] = _evaluate(model, tokenizer, eval_tasks, eval_seq_len, eval_limit, dev)
+
+    windows = None
+    if recipe.needs_calibration:
+        if tokenizer is None:
+            raise CompressorError("this recipe needs calibration data, so a tokenizer must be passed with an in-memory model")
+        windows = calibration_windows(recipe, tokenizer, calib, samples, seq_len)
+    cal = recipe.calibration
+    gram_dtype = getattr(torch, cal.gram_dtype)
+
+    specs: dict[str, dict] = {}
+    for stage in recipe.stages:
+        if stage.kind != "rank":
+            raise CompressorError(f"stage '{stage.name}' is not supported by this pipeline yet")
+        if specs:
+            raise CompressorError(f"{recipe.source}: only one rank-reduction stage per recipe")
+        ranks = pipeline.plan_ranks(model, stage, dev, windows, cal.batch_size, gram_dtype)
+        specs.update(pipeline.apply_rank_method(model, stage, ranks, dev, windows, cal.batch_size, gram_dtype))
+
+    params_after, linear_after = models.count_params(model), _linear_params(model)
+    if eval_tasks:
+        evaluation["after"] = _evaluate(model, tokenizer, eval_tasks, eval_seq_len, eval_limit, dev)
+    report = {
+        "method": "+".join(s.name for s in recipe.stages),
+        "recipe": recipe.to_dict(),
+        "target_ratio": next((s.config.ratio for s in recipe.stages if hasattr(s.config, "ratio")), None),
+        "achieved_linear_ratio": 1.0 - linear_after / linear_before,
+        "params_before": params_before,
+        "params_after": params_after,
+        "linear_params_before": linear_before,
+        "linear_params_after": linear_after,
+        "per_module": {name: specs[name]["rank"] if name in specs else "dense" for name, _, _ in _compressible(model)},
+        "calibration": None if windows is None else {"dataset": calib or cal.dataset, "samples": windows.shape[0], "seq_len": windows.shape[1]},
+        "eval": evaluation or None,
+        "device": str(dev),
+        "versions": versions(),
+    }
+    report["wall_seconds"] = round(time.time() - start, 3)
+    if out is not None:
+        record = {"method": report["method"], "recipe": report["recipe"], "target_ratio": report["target_ratio"]}
+        export.save(model, tokenizer, out, specs, record, report, overwrite=overwrite)
+        log.info("wrote %s", out)
+    return Result(model, tokenizer, report, Path(out) if out is not None else None)

@@ -1,0 +1,72 @@
+"""Calibration: text -> token windows, and Gram matrices H = X^T X / N of linear-layer inputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+
+
+def token_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens drawn at seeded random offsets from the joined texts.
+
+    Random windows over one long stream (the GPTQ / SVD-LLM convention) mix files and languages
+    in every batch instead of letting one long file dominate a contiguous block.
+    """
+    # Tokenise only as much text as the windows can use (four times their total), not the corpus.
+    wanted, pieces, have = 4 * samples * seq_len, [], 0
+    for text in texts:
+        piece = tokenizer(text + "\n\n", return_tensors="pt", add_special_tokens=False).input_ids[0]
+        pieces.append(piece)
+        have += piece.numel()
+        if have >= wanted:
+            break
+    ids = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    if ids.numel() <= seq_len:
+        raise CompressorError(
+            f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; give more text or a smaller seq_len"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+class GramCollector:
+    """Forward hooks that accumulate H = X^T X / N for each distinct linear input of one layer.
+
+    Linears that read the same activation (q/k/v) share a group, so each Gram is computed once.
+    Accumulation is in float64 by default: sums over 10^5+ tokens lose digits in float32 and the
+    whitening that follows inverts H, which magnifies any error.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], groups: dict[str, str], dtype: torch.dtype = torch.float64):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.dtype = dtype
+        self._handles = []
+        hooked = set()
+        for name, module in linears.items():
+            group = groups[name]
+            if group not in hooked:
+                hooked.add(group)
+                self._handles.append(module.register_forward_hook(self._hook(group)))
+
+    def _hook(self, group: str):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(self.dtype)
+            if group in self.sums:
+                self.sums[group].addmm_(x.T, x)
+            else:
+                self.sums[group] = x.T @ x
+            self.counts[group] = self.counts.get(group, 0) + x.shape[0]
+
+        return hook
+
+    def grams(self) -> dict[str, torch.Tensor]:
+        return {g: s / self.counts[g] for g, s in self.sums.items()}
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -1,0 +1,67 @@
+"""Low-rank compensation adapters for a compressed weight (EoRA, Liu et al., arXiv 2410.21271).
+
+Given the compression error dW = W - W_hat (out x in) and the input Gram H = X^T X / N, find
+B (out x r), A (r x in) minimising ||(dW - B A) X||_F, so that y = W_hat x + B (A x) is as close to
+W x as rank r allows on the calibration distribution.
+
+With H = Q L Q^T, ||M X||_F^2 = N ||M Q L^1/2||_F^2 for every M, so the problem is a plain
+truncated SVD in the eigenspace: dW Q L^1/2 = U S V^T, B = U_r S_r^1/2, A = S_r^1/2 V_r^T L^-1/2 Q^T.
+Eigenvalues at or below eps are directions the data never visits: they are zeroed in both L^1/2
+and L^-1/2 (a truncated pseudo-inverse, as GPTQModel does), which makes dW Q L^1/2 zero there, so
+V_r has no component there and nothing is lost. The optimal error is then
+||(dW - B A) X||_F = sqrt(N * sum_{i > r} S_i^2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor import linalg
+from compressor.errors import CompressorError
+
+
+def _check(dW: torch.Tensor, rank: int) -> int:
+    if dW.dim() != 2:
+        raise CompressorError(f"adapter target must be a 2-D weight difference, got shape {tuple(dW.shape)}")
+    if not isinstance(rank, int) or rank < 1:
+        raise CompressorError(f"adapter rank must be a positive integer, got {rank!r}")
+    return min(rank, *dW.shape)
+
+
+def eora_spectrum(dW: torch.Tensor, H: torch.Tensor, eps: float | None = None):
+    """(U, S, Vh, inv_root, Q) of dW Q L^1/2, float64, with eigenvalues <= eps truncated."""
+    in_f = dW.shape[1]
+    if tuple(H.shape) != (in_f, in_f):
+        raise CompressorError(f"input Gram has shape {tuple(H.shape)} but the weight has {in_f} input features")
+    H = H.to(device=dW.device, dtype=torch.float64)
+    (lam, Q), = linalg.eigh([(H + H.T) / 2], dtype=torch.float64)
+    if eps is None:
+        eps = lam.max().clamp_min(0).item() * in_f * torch.finfo(torch.float32).eps
+    keep = lam > eps
+    root = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+    inv_root = torch.where(keep, 1 / root.where(keep, torch.ones_like(root)), torch.zeros_like(lam))
+    (U, S, Vh), = linalg.svd([dW.to(torch.float64) @ (Q * root)], dtype=torch.float64)
+    return U, S, Vh, inv_root, Q
+
+
+def eora_adapters(dW: torch.Tensor, H: torch.Tensor, rank: int, eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B (out, r), A (r, in)) in dW's float dtype minimising ||(dW - B A) X||_F with H = X^T X / N.
+
+    eps: eigenvalues of H at or below it are treated as zero; default max(L) * in * eps_float32.
+    A rank above min(out, in) is clamped to it.
+    """
+    r = _check(dW, rank)
+    U, S, Vh, inv_root, Q = eora_spectrum(dW, H, eps)
+    B, A = linalg.split_factors(U, S, Vh, r)
+    A = (A * inv_root) @ Q.T
+    dtype = dW.dtype if dW.is_floating_point() else torch.float32
+    return B.to(dtype), A.to(dtype)
+
+
+def svd_adapters(dW: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Baseline: truncated SVD of dW itself (minimises the weight error, not the output error)."""
+    r = _check(dW, rank)
+    (U, S, Vh), = linalg.svd([dW.to(torch.float64)], dtype=torch.float64)
+    B, A = linalg.split_factors(U, S, Vh, r)
+    dtype = dW.dtype if dW.is_floating_point() else torch.float32
+    return B.to(dtype), A.to(dtype)

@@ -1,0 +1,119 @@
+"""Architecture adapters: where a model keeps its decoder layers and which linears they hold.
+
+Everything else in the toolkit is architecture-agnostic; adding a model family means adding one
+`Arch` entry here. Each linear is tagged with the name of its *input*: linears that read the same
+activation (q/k/v, gate/up) share one Gram matrix in calibration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+
+_LLAMA_LIKE = {
+    "self_attn.q_proj": "attn_in",
+    "self_attn.k_proj": "attn_in",
+    "self_attn.v_proj": "attn_in",
+    "self_attn.o_proj": "attn_out",
+    "mlp.gate_proj": "mlp_in",
+    "mlp.up_proj": "mlp_in",
+    "mlp.down_proj": "mlp_out",
+}
+_GPT_LIKE = {
+    "attn.c_attn": "attn_in",
+    "attn.c_proj": "attn_out",
+    "mlp.c_fc": "mlp_in",
+    "mlp.c_proj": "mlp_out",
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str  # dotted path from the CausalLM to its ModuleList of decoder layers
+    linears: dict[str, str]  # linear name inside a layer -> input group
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("model.layers", _LLAMA_LIKE),
+    "mistral": Arch("model.layers", _LLAMA_LIKE),
+    "qwen2": Arch("model.layers", _LLAMA_LIKE),
+    "qwen3": Arch("model.layers", _LLAMA_LIKE),
+    "gemma3_text": Arch("model.layers", _LLAMA_LIKE),
+    "starcoder2": Arch(
+        "model.layers",
+        {
+            "self_attn.q_proj": "attn_in",
+            "self_attn.k_proj": "attn_in",
+            "self_attn.v_proj": "attn_in",
+            "self_attn.o_proj": "attn_out",
+            "mlp.c_fc": "mlp_in",
+            "mlp.c_proj": "mlp_out",
+        },
+    ),
+    # StarCoder 1: c_attn fuses q with the single shared k/v head (multi-query attention).
+    "gpt_bigcode": Arch("transformer.h", _GPT_LIKE),
+    # GPT-2 stores its linears as Conv1D, weight laid out (in, out).
+    "gpt2": Arch("transformer.h", _GPT_LIKE),
+}
+
+
+def arch_for(model: nn.Module) -> Arch:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHS:
+        raise CompressorError(
+            f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHS))} "
+            "(add an Arch entry in compressor/models.py to support another)"
+        )
+    return ARCHS[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(arch_for(model).layers)
+
+
+def layer_prefix(model: nn.Module, index: int) -> str:
+    return f"{arch_for(model).layers}.{index}"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an nn.Linear or a transformers Conv1D, without copying."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def layer_linears(model: nn.Module, layer: nn.Module) -> dict[str, nn.Module]:
+    """Linear name -> module for one decoder layer, in the adapter's order."""
+    found = {}
+    for name in arch_for(model).linears:
+        module = layer.get_submodule(name)
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise CompressorError(
+                f"'{name}' in {type(layer).__name__} is a {type(module).__name__}, not a dense linear; "
+                "was this model already compressed? Start from the original checkpoint"
+            )
+        found[name] = module
+    return found
+
+
+def iter_linears(model: nn.Module):
+    """(full name, name inside its layer, module) for every linear the toolkit may compress."""
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, module in layer_linears(model, layer).items():
+            yield f"{layer_prefix(model, i)}.{name}", name, module
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters counted once even when tied (embedding and lm_head often are)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,205 @@
+"""Layer-sequential driver.
+
+Decoder layers are visited one at a time: the layer is moved to the compute device, its linears'
+input Grams are collected from calibration activations, the recipe's stages compress it, and the
+compressed layer produces the inputs of the next one. So layer i+1 is calibrated on what compressed
+layer i really outputs, and the device holds one layer plus its activations, never the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor import models
+from compressor.calibration import GramCollector
+from compressor.errors import CompressorError
+from compressor.linalg import check_finite
+from compressor.methods.base import RankMethod
+from compressor.modules import build_module
+
+log = logging.getLogger("compressor.pipeline")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressorError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: nothing after the decoder layers is needed for calibration."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records what the model passes it.
+
+    The real layer is held outside the module tree (so moving the skeleton to the GPU leaves it
+    alone) but its attributes stay visible, since some models read e.g. `layer.attention_type`.
+    """
+
+    def __init__(self, inner: nn.Module, index: int, sink: list, last: bool):
+        super().__init__()
+        object.__setattr__(self, "_inner", inner)
+        self._index, self._sink, self._last = index, sink, last
+
+    def forward(self, hidden, *args, **kwargs):
+        self._sink.append((self._index, hidden, args, kwargs))
+        if self._last:
+            raise _Stop
+        return hidden
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_inner"), name)
+
+
+@dataclass
+class Activations:
+    hidden: list[torch.Tensor]  # per batch: input of the current layer
+    calls: list[list[tuple]]  # per layer, per batch: (args, kwargs) the model passes that layer
+
+
+def capture(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> Activations:
+    """Inputs of layer 0 and the per-layer call arguments (masks, rotary embeddings, ...).
+
+    Recording what the model itself passes each layer keeps this architecture-agnostic: models
+    with per-layer attention types (Gemma 3's sliding and global layers) get the right mask each.
+    """
+    layers = models.decoder_layers(model)
+    originals = list(layers)
+    sink: list = []
+    for i, layer in enumerate(originals):
+        layers[i] = _Recorder(layer, i, sink, last=i == len(originals) - 1)
+    hidden, calls = [], [[] for _ in originals]
+    try:
+        model.to(device)
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                sink.clear()
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _Stop:
+                    pass
+                hidden.append(sink[0][1])
+                for index, _, args, kwargs in sink:
+                    calls[index].append((args, kwargs))
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return Activations(hidden, calls)
+
+
+def run_layer(layer: nn.Module, acts: Activations, index: int) -> list[torch.Tensor]:
+    outputs = []
+    with torch.no_grad():
+        for hidden, (args, kwargs) in zip(acts.hidden, acts.calls[index]):
+            out = layer(hidden, *args, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+def walk(
+    model: nn.Module,
+    device: torch.device,
+    visit: Callable[[int, nn.Module, dict | None], None],
+    windows: torch.Tensor | None = None,
+    batch_size: int = 8,
+    gram_dtype: torch.dtype = torch.float64,
+    desc: str = "layers",
+) -> None:
+    """Visit every decoder layer on `device`, with its input Grams when `windows` are given."""
+    arch = models.arch_for(model)
+    layers = models.decoder_layers(model)
+    home = next(model.parameters()).device
+    acts = capture(model, windows, batch_size, device) if windows is not None else None
+    try:
+        for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=None)):
+            layer.to(device)
+            grams = None
+            if acts is not None:
+                collector = GramCollector(models.layer_linears(model, layer), arch.linears, gram_dtype)
+                try:
+                    run_layer(layer, acts, i)
+                finally:
+                    collector.close()
+                grams = collector.grams()
+            visit(i, layer, grams)
+            if acts is not None and i + 1 < len(layers):
+                acts.hidden = run_layer(layer, acts, i)
+            layer.to(home)
+    finally:
+        model.to(home)
+
+
+def _targets(model, method: RankMethod, layer: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in models.layer_linears(model, layer).items() if method.targets(n)}
+
+
+def collect_energies(model, method: RankMethod, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
+    """Per targeted full module name, the method's component energies (descending)."""
+    arch = models.arch_for(model)
+    energies: dict[str, torch.Tensor] = {}
+
+    def visit(i, layer, grams):
+        prefix = models.layer_prefix(model, i)
+        linears = _targets(model, method, layer)
+        weights = [models.weight_of(m).detach() for m in linears.values()]
+        hs = [grams[arch.linears[n]] for n in linears] if method.needs_gram else [None] * len(weights)
+        for name, e in zip(linears, method.energies(weights, hs)):
+            energies[f"{prefix}.{name}"] = e.cpu()
+
+    walk(model, device, visit, windows if method.needs_gram else None, batch_size, gram_dtype, desc="spectra")
+    return energies
+
+
+def plan_ranks(model, method: RankMethod, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
+    """Per full module name, the rank (or None: stays dense) the method's allocation gives."""
+    shapes = {full: tuple(models.weight_of(m).shape) for full, local, m in models.iter_linears(model) if method.targets(local)}
+    if not shapes:
+        raise CompressorError(f"targets {method.config.targets} match no linear layer; names look like {next(iter(models.arch_for(model).linears))}")
+    energies = collect_energies(model, method, device, windows, batch_size, gram_dtype) if method.needs_energies() else None
+    return method.allocate(shapes, energies)
+
+
+def apply_rank_method(model, method: RankMethod, ranks: dict, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
+    """Compress every targeted linear in place; returns the module specs for export."""
+    arch = models.arch_for(model)
+    specs: dict[str, dict] = {}
+
+    def visit(i, layer, grams):
+        prefix = models.layer_prefix(model, i)
+        todo = {n: m for n, m in _targets(model, method, layer).items() if ranks.get(f"{prefix}.{n}") is not None}
+        if not todo:
+            return
+        weights = []
+        for name, module in todo.items():
+            w = models.weight_of(module).detach()
+            check_finite(f"weight {prefix}.{name}", w)
+            weights.append(w)
+        hs = [grams[arch.linears[n]] for n in todo] if method.needs_gram else [None] * len(weights)
+        factors = method.decompose(weights, hs, [ranks[f"{prefix}.{n}"] for n in todo])
+        for (name, old), w, f in zip(todo.items(), weights, factors):
+            spec = method.module_spec(tuple(w.shape), ranks[f"{prefix}.{name}"], old.bias is not None)
+            new = build_module(spec, old)
+            state = new.state_dict()
+            with torch.no_grad():
+                for key, value in f.items():
+                    state[key].copy_(value)
+                if old.bias is not None:
+                    new.up.bias.copy_(old.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, new)
+            specs[f"{prefix}.{name}"] = spec
+
+    walk(model, device, visit, windows if method.needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({method.name})")
+    return specs

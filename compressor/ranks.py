@@ -1,0 +1,147 @@
+"""Rank allocation: turn spectra into per-matrix ranks under one global parameter budget.
+
+A policy sees every targeted matrix at once (its shape and, where it needs them, the energies of its
+components: squared singular values of whatever the method truncates) and returns, per matrix, a
+rank or None for "keep dense". Every policy respects break-even: a matrix is only factorised when
+the factors hold fewer parameters than the dense weight.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+
+from compressor.errors import CompressorError
+
+Shapes = dict[str, tuple[int, int]]
+Ranks = dict[str, "int | None"]
+
+
+def lowrank_params(shape: tuple[int, int], rank: int, extra: int = 0) -> int:
+    out_f, in_f = shape
+    return rank * (out_f + in_f) + extra
+
+
+def max_saving_rank(shape: tuple[int, int], extra: int = 0) -> int:
+    """Largest rank whose factors (plus `extra` stored values) hold fewer parameters than W."""
+    out_f, in_f = shape
+    return (out_f * in_f - extra - 1) // (out_f + in_f)
+
+
+def params_after(shapes: Shapes, ranks: Ranks, extra: dict[str, int] | None = None) -> int:
+    extra = extra or {}
+    return sum(s[0] * s[1] if ranks[n] is None else lowrank_params(s, ranks[n], extra.get(n, 0)) for n, s in shapes.items())
+
+
+def _budget(shapes: Shapes, ratio: float) -> float:
+    return (1.0 - ratio) * sum(o * i for o, i in shapes.values())
+
+
+def fixed(shapes: Shapes, rank: int, extra=None) -> Ranks:
+    """One rank for every matrix; matrices where it would not save parameters stay dense."""
+    extra = extra or {}
+    ranks: Ranks = {}
+    for name, shape in shapes.items():
+        if rank > min(shape):
+            raise CompressorError(
+                f"rank {rank} is larger than {name} allows (shape {shape[0]}x{shape[1]}, max {min(shape)}); lower 'rank' in the recipe"
+            )
+        ranks[name] = rank if rank <= max_saving_rank(shape, extra.get(name, 0)) else None
+    return ranks
+
+
+def uniform(shapes: Shapes, ratio: float, energies=None, extra=None) -> Ranks:
+    """Every matrix loses the same fraction of its parameters (the SVD-LLM / ASVD convention)."""
+    extra = extra or {}
+    ranks: Ranks = {}
+    for name, (o, i) in shapes.items():
+        k = int(((1.0 - ratio) * o * i - extra.get(name, 0)) / (o + i))
+        if k < 1:
+            raise CompressorError(f"ratio {ratio} leaves no rank for {name} after its sparse part; lower --ratio or sparse_fraction")
+        ranks[name] = k
+    return ranks
+
+
+def _fit_threshold(shapes: Shapes, scores: dict[str, torch.Tensor], target: float, extra: dict[str, int]) -> Ranks:
+    """Keep, in every matrix, the components whose score reaches one common threshold, choosing the
+    threshold so total parameters fit under `target`. Scores must be non-increasing per matrix.
+
+    Parameters only fall as the threshold rises (a matrix that turns dense does so only while its
+    rank is above break-even), so a binary search over the sorted distinct scores is exact.
+    """
+
+    def ranks_at(tau: float) -> Ranks:
+        ranks: Ranks = {}
+        for name, shape in shapes.items():
+            k = max(1, int((scores[name] >= tau).sum()))
+            ranks[name] = k if k <= max_saving_rank(shape, extra.get(name, 0)) else None
+        return ranks
+
+    candidates = torch.unique(torch.cat([s.flatten() for s in scores.values()]).double())
+    lo, hi = 0, candidates.numel() - 1
+    if params_after(shapes, ranks_at(float("inf")), extra) > target:
+        raise CompressorError("the requested ratio cannot be reached even at rank 1 everywhere; use a smaller --ratio")
+    if params_after(shapes, ranks_at(float(candidates[hi])), extra) > target:
+        return ranks_at(float("inf"))
+    while lo < hi:  # smallest candidate threshold that fits
+        mid = (lo + hi) // 2
+        if params_after(shapes, ranks_at(float(candidates[mid])), extra) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return ranks_at(float(candidates[lo]))
+
+
+def welore(shapes: Shapes, ratio: float, energies: dict[str, torch.Tensor], extra=None) -> Ranks:
+    """WeLore's rule: keep components whose min-max normalised singular value reaches one global
+    threshold; the threshold is searched so the parameter budget is met (the paper's code uses a
+    per-model lookup table and a rank, not parameter, target).
+    """
+    scores = {}
+    for name, e in energies.items():
+        s = e.double().clamp_min(0).sqrt()
+        span = (s.max() - s.min()).clamp_min(torch.finfo(torch.float64).tiny)
+        scores[name] = ((s - s.min()) / span).cpu()
+    return _fit_threshold(shapes, scores, _budget(shapes, ratio), extra or {})
+
+
+def matrix_type(name: str) -> str:
+    """'model.layers.3.mlp.up_proj' -> 'model.layers.#.mlp.up_proj'."""
+    return re.sub(r"\.\d+\.", ".#.", name, count=1)
+
+
+def budget(shapes: Shapes, ratio: float, energies: dict[str, torch.Tensor], extra=None) -> Ranks:
+    """Data-driven allocation: within each matrix type (q_proj of every layer, ...), keep the
+    components with the largest share of their own matrix's energy, under that type's budget.
+
+    Energies are the method's truncation losses (for whitened methods, the output error each
+    component costs on calibration data), so a layer whose output lives in few directions gives up
+    rank to one that needs many. Budgets are per type because loss scales are only comparable
+    between matrices with the same role; a global pool lets some types starve (measured; README).
+    """
+    extra = extra or {}
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(matrix_type(name), []).append(name)
+    ranks: Ranks = {}
+    for members in groups.values():
+        sub = {n: shapes[n] for n in members}
+        shares = {}
+        for n in members:
+            e = energies[n].double().clamp_min(0).cpu()
+            shares[n] = e / e.sum().clamp_min(torch.finfo(torch.float64).tiny)
+        ranks.update(_fit_threshold(sub, shares, _budget(sub, ratio), extra))
+    return ranks
+
+
+POLICIES: dict[str, Callable[..., Ranks]] = {"uniform": uniform, "welore": welore, "budget": budget}
+
+
+def allocate(policy: str, shapes: Shapes, ratio: float, energies=None, extra=None) -> Ranks:
+    if policy not in POLICIES:
+        raise CompressorError(f"unknown allocation '{policy}'; choose one of: {', '.join(sorted(POLICIES))}")
+    if policy != "uniform" and energies is None:
+        raise CompressorError(f"allocation '{policy}' needs spectra; this is a bug in the method, please report it")
+    return POLICIES[policy](shapes, ratio, energies, extra)

@@ -1,0 +1,147 @@
+"""Recipes: YAML files naming the stages to apply, validated strictly.
+
+A typo in a recipe must fail loudly, not fall back to a default: unknown keys and wrong types are
+errors that name the key and the file. Shipped recipes (recipes/*.yaml) are usable by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from compressor import methods
+from compressor.errors import CompressorError
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@dataclass
+class CalibrationConfig:
+    """dataset: a shipped set name (see calib_data/) or a path; samples x seq_len tokens in total."""
+
+    dataset: str = "code"
+    samples: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    gram_dtype: str = "float64"
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: list
+    description: str = ""
+    version: int = 1
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    source: str = "<memory>"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(m.needs_gram for m in self.stages)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "calibration": dataclasses.asdict(self.calibration),
+            "stages": [{"method": m.name, **dataclasses.asdict(m.config)} for m in self.stages],
+        }
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (object,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise CompressorError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "source"}
+    for key, value in data.items():
+        if key not in allowed:
+            raise CompressorError(f"{where}: unknown key '{key}' (allowed: {', '.join(sorted(allowed))})")
+        if not _type_ok(value, hints[key]):
+            shown = getattr(hints[key], "__name__", str(hints[key]))
+            raise CompressorError(f"{where}: key '{key}' must be {shown}, got {value!r}")
+    return cls(**data)
+
+
+def _check_ratio(ratio: float, where: str) -> None:
+    if not 0.0 < ratio < 1.0:
+        raise CompressorError(f"{where}: ratio must be strictly between 0 and 1, got {ratio}")
+
+
+def from_dict(data: dict, source: str = "<memory>", ratio: float | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise CompressorError(f"{source}: a recipe must be a YAML mapping with a 'stages' list")
+    data = dict(data)
+    raw_stages = data.pop("stages", None)
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise CompressorError(f"{source}: 'stages' must be a non-empty list of {{method: ...}} mappings")
+    calib = _build(CalibrationConfig, data.pop("calibration", {}) or {}, f"{source}: calibration")
+    stages = []
+    for i, raw in enumerate(raw_stages):
+        where = f"{source}: stages[{i}]"
+        if not isinstance(raw, dict) or "method" not in raw:
+            raise CompressorError(f"{where}: each stage needs a 'method' key (one of: {', '.join(methods.names())})")
+        raw = dict(raw)
+        try:
+            method_cls = methods.get(raw.pop("method"))
+        except CompressorError as exc:
+            raise CompressorError(f"{where}: {exc}") from None
+        config = _build(method_cls.Config, raw, f"{where} ({method_cls.name})")
+        if ratio is not None and hasattr(config, "ratio"):
+            config.ratio = ratio
+        if hasattr(config, "ratio"):
+            _check_ratio(config.ratio, where)
+        stages.append(method_cls(config))
+    data.setdefault("name", Path(source).stem)
+    unknown = set(data) - {"name", "description", "version"}
+    if unknown:
+        raise CompressorError(f"{source}: unknown key '{sorted(unknown)[0]}' (allowed: calibration, description, name, stages, version)")
+    for key, kind in (("name", str), ("description", str), ("version", int)):
+        if key in data and not _type_ok(data[key], kind):
+            raise CompressorError(f"{source}: key '{key}' must be {kind.__name__}, got {data[key]!r}")
+    return Recipe(stages=stages, calibration=calib, source=source, **data)
+
+
+def shipped() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load(spec: str, ratio: float | None = None) -> Recipe:
+    """Load a recipe by shipped name (e.g. 'welore') or by path to a YAML file."""
+    if ratio is not None:
+        _check_ratio(ratio, "--ratio")
+    path = Path(spec)
+    if not path.suffix and not path.exists():
+        path = RECIPES_DIR / f"{spec}.yaml"
+        if not path.exists():
+            raise CompressorError(f"unknown recipe '{spec}'; shipped recipes: {', '.join(shipped())}, or pass a path to a YAML file")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CompressorError(f"cannot read recipe {path}: {exc.strerror}; check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CompressorError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return from_dict(data, source=str(path), ratio=ratio)

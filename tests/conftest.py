@@ -1,0 +1,70 @@
+"""Tiny models built from configs (random weights, no download) for every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressor import linalg
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTBigCodeConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+    Starcoder2Config,
+)
+
+VOCAB = 256
+_ATTN = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_ATTN, num_key_value_heads=2),
+    "mistral": lambda: MistralConfig(**_ATTN, num_key_value_heads=1),
+    "qwen2": lambda: Qwen2Config(**_ATTN, num_key_value_heads=2),
+    "qwen3": lambda: Qwen3Config(**_ATTN, num_key_value_heads=2, head_dim=16),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **{**_ATTN, "num_hidden_layers": 3}, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    ),
+    "starcoder2": lambda: Starcoder2Config(**_ATTN, num_key_value_heads=2),
+    "gpt_bigcode": lambda: GPTBigCodeConfig(n_embd=64, n_inner=96, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, multi_query=True, bos_token_id=0, eos_token_id=0),
+    "gpt2": lambda: GPT2Config(n_embd=64, n_inner=96, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=0, eos_token_id=0),
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    # Random init gives near-flat spectra; a decaying spectrum makes truncation choices matter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
+                u, s, vh = linalg.svd([p.float()])[0]
+                decay = torch.exp(-torch.arange(s.numel(), dtype=torch.float32) / (s.numel() / 4))
+                p.copy_((u * (s * decay)) @ vh)
+    return model
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with a 256-token vocabulary, built offline."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def arch(request):
+    return request.param

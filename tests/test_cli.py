@@ -1,0 +1,124 @@
+"""The command line as a user runs it: a subprocess, exit codes, files left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import byte_tokenizer, tiny_model
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "compressor", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def _assert_clean_error(proc, out, fragment):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not any(p.name.startswith(f".{out.name}.tmp") for p in out.parent.iterdir())
+
+
+def test_compress_then_eval(model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run("compress", model_dir, "-r", "welore", "--ratio", "0.3", "-o", out, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "decoder-linear parameters" in proc.stdout
+    report = json.loads((out / "compression_report.json").read_text())
+    for key in ("method", "target_ratio", "params_before", "params_after", "linear_params_before",
+                "linear_params_after", "per_module", "wall_seconds", "device", "versions"):
+        assert key in report
+    assert report["method"] == "welore" and report["target_ratio"] == 0.3
+    assert {"config.json", "model.safetensors", "modeling_compressed.py", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+    results = tmp_path / "results.json"
+    proc = run("eval", out, "--tasks", "code_ppl", "--seq-len", "64", "--limit", "4", "-o", results, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    ppl = json.loads(results.read_text())["tasks"]["code_ppl"]["ppl"]
+    assert 1.0 < ppl < float("inf")
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["-r", "welore", "--ratio", "1.5"], "ratio must be strictly between 0 and 1"),
+        (["-r", "nope"], "unknown recipe 'nope'"),
+    ],
+)
+def test_bad_options(model_dir, tmp_path, extra, fragment):
+    out = tmp_path / "out"
+    _assert_clean_error(run("compress", model_dir, *extra, "-o", out, "--device", "cpu"), out, fragment)
+
+
+def test_missing_model(tmp_path):
+    out = tmp_path / "out"
+    _assert_clean_error(run("compress", tmp_path / "nowhere", "-r", "svd", "-o", out), out, "nowhere")
+
+
+def test_bad_recipe_file(model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: svd\n    rank_ratio: 0.2\n")
+    out = tmp_path / "out"
+    _assert_clean_error(run("compress", model_dir, "-r", recipe, "-o", out), out, "unknown key 'rank_ratio'")
+
+
+def test_rank_too_large(model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: svd\n    rank: 1000\n")
+    out = tmp_path / "out"
+    _assert_clean_error(run("compress", model_dir, "-r", recipe, "-o", out, "--device", "cpu"), out, "rank 1000 is larger")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    path = tmp_path / "falcon"
+    AutoModelForCausalLM.from_config(FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=256)).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    out = tmp_path / "out"
+    _assert_clean_error(run("compress", path, "-r", "svd", "-o", out), out, "unsupported architecture 'falcon'; supported: ")
+
+
+def test_nan_weights(model_dir, tmp_path):
+    bad = tmp_path / "nan-model"
+    bad.mkdir()
+    for f in model_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = load_file(bad / "model.safetensors")
+    key = next(k for k in weights if "q_proj" in k)
+    weights[key][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    _assert_clean_error(run("compress", bad, "-r", "svd", "-o", out, "--device", "cpu"), out, "NaN or Inf")
+
+
+def test_existing_output_refused_then_overwritten(model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run("compress", model_dir, "-r", "svd", "-o", out, "--device", "cpu")
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    proc = run("compress", model_dir, "-r", "svd", "-o", out, "--device", "cpu", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_recipes_lists_shipped():
+    proc = run("recipes")
+    assert proc.returncode == 0 and "welore" in proc.stdout

@@ -1,0 +1,135 @@
+"""End to end on tiny models of every supported architecture: compress, export, reload both ways."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import compressor
+from compressor import models
+from compressor import ranks as ranks_mod
+from compressor.api import compress
+from compressor.modules import LowRankLinear
+
+from conftest import tiny_model
+
+
+def _truncation_error_fp64(w: torch.Tensor, rank: int) -> float:
+    s = torch.linalg.svdvals(w.double())
+    return float(s[rank:].square().sum().sqrt())
+
+
+@pytest.mark.parametrize("recipe", ["svd", "welore"])
+def test_compress_export_reload(arch, recipe, tokenizer, tmp_path):
+    model = tiny_model(arch)
+    dense = {n: models.weight_of(m).detach().clone() for n, _, m in models.iter_linears(model)}
+    out = tmp_path / "out"
+    result = compress(model, recipe, out, tokenizer=tokenizer, ratio=0.3, device="cpu")
+    report = json.loads((out / "compression_report.json").read_text())
+
+    factorised = {n: r for n, r in report["per_module"].items() if r != "dense"}
+    assert factorised, "nothing was factorised"
+    # The ratio is over weight matrices (biases are kept either way).
+    shapes = {n: tuple(w.shape) for n, w in dense.items()}
+    ranks = {n: None if r == "dense" else r for n, r in report["per_module"].items()}
+    assert ranks_mod.params_after(shapes, ranks) <= 0.7 * sum(o * i for o, i in shapes.values())
+    for name, rank in factorised.items():
+        module = result.model.get_submodule(name)
+        assert isinstance(module, LowRankLinear) and module.rank == rank
+        approx = (module.up.weight @ module.down.weight).detach().double()
+        err = float((dense[name].double() - approx).norm())
+        ref = _truncation_error_fp64(dense[name], rank)
+        assert err == pytest.approx(ref, rel=1e-4, abs=1e-6), name
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = result.model(ids).logits
+        ours = compressor.load(out)
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert (ours(ids).logits - expected).abs().max() <= 1e-4
+        assert (remote(ids).logits - expected).abs().max() <= 1e-4
+    assert models.count_params(ours) == report["params_after"]
+    assert models.count_params(remote) == report["params_after"]
+    assert report["params_after"] < report["params_before"]
+
+
+def test_safetensors_shrink_with_parameters(tokenizer, tmp_path):
+    dense_dir, small_dir = tmp_path / "dense", tmp_path / "small"
+    tiny_model("llama").save_pretrained(dense_dir)
+    report = compress(tiny_model("llama"), "svd", small_dir, tokenizer=tokenizer, ratio=0.4, device="cpu").report
+    dense_bytes = sum(f.stat().st_size for f in dense_dir.glob("*.safetensors"))
+    small_bytes = sum(f.stat().st_size for f in small_dir.glob("*.safetensors"))
+    removed = report["params_before"] - report["params_after"]
+    # fp32: 4 bytes a parameter; headers differ by at most a few kB.
+    assert dense_bytes - small_bytes == pytest.approx(4 * removed, abs=8192)
+
+
+def test_gqa_and_mqa_shapes_survive(tokenizer, tmp_path):
+    for arch in ("mistral", "gpt_bigcode"):
+        model = tiny_model(arch)
+        shapes = {n: tuple(models.weight_of(m).shape) for n, _, m in models.iter_linears(model)}
+        result = compress(model, "svd", tmp_path / arch, tokenizer=tokenizer, ratio=0.2, device="cpu")
+        for name, rank in result.report["per_module"].items():
+            module = result.model.get_submodule(name)
+            assert (module.out_features, module.in_features) == shapes[name]
+
+
+@pytest.mark.parametrize("recipe", ["whiten", "whiten-budget", "lord", "lost"])
+def test_data_aware_compress_export_reload(arch, recipe, tokenizer, tmp_path):
+    out = tmp_path / "out"
+    result = compress(tiny_model(arch), recipe, out, tokenizer=tokenizer, ratio=0.3, samples=4, seq_len=32, device="cpu")
+    report = result.report
+    assert report["calibration"] == {"dataset": "code", "samples": 4, "seq_len": 32}
+    assert any(r != "dense" for r in report["per_module"].values())
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = result.model(ids).logits
+        assert torch.isfinite(expected).all()
+        ours = compressor.load(out)
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert (ours(ids).logits - expected).abs().max() <= 1e-4
+        assert (remote(ids).logits - expected).abs().max() <= 1e-4
+    assert models.count_params(ours) == report["params_after"] == models.count_params(remote)
+
+
+def test_sequential_calibration_sees_compressed_layers(tokenizer):
+    """Layer 1's Gram must come from compressed layer 0's outputs, not the dense model's."""
+    from compressor import pipeline
+    from compressor import recipe as recipes
+    from compressor.api import calibration_windows
+    from compressor.calibration import GramCollector
+
+    rec = recipes.load("whiten", ratio=0.5)
+    method, cpu = rec.stages[0], torch.device("cpu")
+    windows = calibration_windows(rec, tokenizer, None, samples=2, seq_len=16)
+
+    dense = tiny_model("llama")
+    acts = pipeline.capture(dense, windows, 2, cpu)
+    layers = models.decoder_layers(dense)
+    acts.hidden = pipeline.run_layer(layers[0], acts, 0)
+    collector = GramCollector(models.layer_linears(dense, layers[1]), models.arch_for(dense).linears)
+    pipeline.run_layer(layers[1], acts, 1)
+    collector.close()
+    dense_gram = collector.grams()["attn_in"]
+
+    seen = {}
+    real_walk = pipeline.walk
+
+    def spy(model_, device, visit, *args, **kwargs):
+        def recording(i, layer, grams):
+            seen[i] = grams["attn_in"].clone()
+            visit(i, layer, grams)
+
+        return real_walk(model_, device, recording, *args, **kwargs)
+
+    model = tiny_model("llama")
+    ranks = pipeline.plan_ranks(model, method, cpu, windows, 2)
+    pipeline.walk = spy
+    try:
+        pipeline.apply_rank_method(model, method, ranks, cpu, windows, 2)
+    finally:
+        pipeline.walk = real_walk
+    assert not torch.allclose(seen[1], dense_gram, rtol=1e-3)

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from compressor import ranks
+from compressor.errors import CompressorError
+
+SHAPES = {"a": (64, 64), "b": (128, 64), "c": (64, 192), "d": (32, 64)}
+
+
+def _spectra(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (name, shape) in enumerate(SHAPES.items()):
+        n = min(shape)
+        decay = torch.exp(-torch.arange(n, dtype=torch.float64) / (n / (2 + 3 * i)))
+        out[name] = (decay * (1 + 0.1 * torch.rand(n, generator=gen, dtype=torch.float64))).sort(descending=True).values.square()
+    return out
+
+
+def test_break_even_rank():
+    assert ranks.max_saving_rank((4096, 4096)) == 2047
+    for shape in [(64, 64), (128, 64), (11008, 4096)]:
+        k = ranks.max_saving_rank(shape)
+        assert ranks.lowrank_params(shape, k) < shape[0] * shape[1] <= ranks.lowrank_params(shape, k + 1)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.4, 0.6])
+def test_uniform_meets_budget_within_one_rank_per_matrix(ratio):
+    r = ranks.uniform(SHAPES, ratio)
+    dense = sum(o * i for o, i in SHAPES.values())
+    assert ranks.params_after(SHAPES, r) <= (1 - ratio) * dense
+    slack = sum(o + i for o, i in SHAPES.values())
+    assert ranks.params_after(SHAPES, r) >= (1 - ratio) * dense - slack
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.4, 0.6])
+def test_welore_hits_budget_and_uses_one_threshold(ratio):
+    spectra = _spectra()
+    r = ranks.welore(SHAPES, ratio, spectra)
+    dense = sum(o * i for o, i in SHAPES.values())
+    after = ranks.params_after(SHAPES, r)
+    assert after <= (1 - ratio) * dense
+    # Tight: adding one rank to any factorised matrix would not fit under the budget... unless a
+    # dense matrix switch absorbs it; check the budget is met within one rank step per matrix.
+    assert after >= (1 - ratio) * dense - sum(o + i for o, i in SHAPES.values()) - max(o * i for o, i in SHAPES.values())
+    for name, k in r.items():
+        assert k is None or ranks.lowrank_params(SHAPES[name], k) < SHAPES[name][0] * SHAPES[name][1]
+    # One global threshold: every kept normalised singular value is >= every dropped one's bound.
+    kept_min, dropped_max = 1.0, 0.0
+    for name, k in r.items():
+        if k is None:
+            continue
+        s = spectra[name].sqrt()
+        norm = (s - s.min()) / (s.max() - s.min())
+        kept_min = min(kept_min, float(norm[:k].min()))
+        if k < norm.numel():
+            dropped_max = max(dropped_max, float(norm[k:].max()))
+    assert dropped_max <= kept_min
+
+
+def test_welore_keeps_flat_matrices_dense_at_low_ratio():
+    spectra = _spectra()
+    spectra["a"] = torch.ones(64, dtype=torch.float64) + torch.linspace(0, 1e-3, 64).flip(0)
+    r = ranks.welore(SHAPES, 0.1, spectra)
+    assert r["a"] is None
+
+
+def test_fixed_rank_errors_when_too_large():
+    with pytest.raises(CompressorError, match="larger than"):
+        ranks.fixed(SHAPES, 33)
+    r = ranks.fixed(SHAPES, 32)
+    assert r["a"] is None and r["c"] == 32  # 32*(64+64) = 64*64: no saving, stays dense
+
+
+def test_unknown_policy():
+    with pytest.raises(CompressorError, match="unknown allocation"):
+        ranks.allocate("magic", SHAPES, 0.2)
