@@ -1,6 +1,8 @@
-"""What a recipe would do to a model, without doing it: per-matrix ranks and kept energy."""
+"""What a recipe would do to a model, without doing it: per-matrix ranks, kept energy, spectra."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from compressor import pipeline
 from compressor import recipe as recipes
@@ -8,12 +10,12 @@ from compressor.errors import CompressorError
 
 
 def analyze(model, recipe: str = "welore", ratio: float | None = None, device: str = "auto", tokenizer=None, calib: str | None = None) -> list[dict]:
-    """Rows of {name, shape, rank (None = dense), kept_energy} for every targeted linear.
+    """Rows of {name, shape, rank (None = dense), kept_energy, params_before, params_after, energies}.
 
     kept_energy is the share of the truncated matrix's squared singular values that the rank keeps
     (for data-aware methods, of the whitened matrix, i.e. of the output energy on calibration data).
     """
-    from compressor import models
+    from compressor import models, ranks
 
     rec = recipes.load(recipe, ratio) if isinstance(recipe, str) else recipe
     stage = next((s for s in rec.stages if s.kind == "rank"), None)
@@ -26,15 +28,60 @@ def analyze(model, recipe: str = "welore", ratio: float | None = None, device: s
     dev = pipeline.resolve_device(device)
     windows = None
     if stage.needs_gram:
+        if tokenizer is None:
+            raise CompressorError(f"recipe '{rec.name}' is data-aware, so analysing an in-memory model needs its tokenizer")
         from compressor.api import calibration_windows
 
         windows = calibration_windows(rec, tokenizer, calib)
     energies = pipeline.collect_energies(model, stage, dev, windows, rec.calibration.batch_size)
+    if not energies:
+        raise CompressorError(f"the targets of recipe '{rec.name}' match no linear layer of this model")
     shapes = {n: tuple(models.weight_of(m).shape) for n, _, m in models.iter_linears(model) if n in energies}
-    ranks = stage.allocate(shapes, energies)
+    allocation = stage.allocate(shapes, energies)
     rows = []
     for name, e in energies.items():
-        k = ranks[name]
+        k, shape = allocation[name], shapes[name]
         kept = 1.0 if k is None else float(e[:k].sum() / e.sum().clamp_min(1e-30))
-        rows.append({"name": name, "shape": shapes[name], "rank": k, "kept_energy": kept, "energies": e})
+        after = shape[0] * shape[1] if k is None else ranks.lowrank_params(shape, k, stage.extra_params(shape))
+        rows.append({
+            "name": name, "shape": shape, "rank": k, "kept_energy": kept,
+            "params_before": shape[0] * shape[1], "params_after": after,
+            "break_even_rank": ranks.max_saving_rank(shape, stage.extra_params(shape)), "energies": e,
+        })
     return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """A few lines: how many matrices are factorised, ranks, parameters before and after."""
+    factored = [r for r in rows if r["rank"] is not None]
+    before = sum(r["params_before"] for r in rows)
+    after = sum(r["params_after"] for r in rows)
+    lines = [
+        f"{len(factored)} of {len(rows)} targeted linears factorised"
+        + (f", ranks {min(r['rank'] for r in factored)}..{max(r['rank'] for r in factored)}" if factored else ""),
+        f"targeted-linear parameters {before:,} -> {after:,} ({(after - before) / before:+.1%})",
+    ]
+    by_type: dict[str, list[dict]] = {}
+    for r in rows:
+        by_type.setdefault(_local_name(r["name"]), []).append(r)
+    for local, group in by_type.items():
+        kept = sum(r["kept_energy"] for r in group) / len(group)
+        dense = sum(r["rank"] is None for r in group)
+        frac = [r["rank"] / min(r["shape"]) for r in group if r["rank"] is not None]
+        rank_part = f"mean rank {sum(frac) / len(frac):.0%} of full" if frac else "all dense"
+        lines.append(f"  {local:<24} {rank_part:<24} dense {dense}/{len(group)}  mean kept energy {kept:.3f}")
+    return "\n".join(lines)
+
+
+def _local_name(name: str) -> str:
+    from compressor.plots import split_name
+
+    return split_name(name)[1]
+
+
+def plot(rows: list[dict], folder: str | Path, title: str) -> list[Path]:
+    """spectra.png and ranks.png in `folder`; needs matplotlib."""
+    from compressor import plots
+
+    folder = Path(folder)
+    return [plots.spectra(rows, folder / "spectra.png", title), plots.rank_map(rows, folder / "ranks.png", title)]

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import compressor
-from compressor import export, models, pipeline
+from compressor import export, models, pipeline, stages
 from compressor import recipe as recipes
 from compressor.calibration import token_windows
 from compressor.errors import CompressorError
@@ -30,15 +30,29 @@ class Result:
 
 
 def _linear_params(model) -> int:
-    return sum(sum(p.numel() for p in m.parameters()) for _, _, m in _compressible(model))
+    return sum(_values(m) for _, _, m in _compressible(model))
+
+
+def _values(module) -> int:
+    """Values a module stores, a quantised weight counted as its in x out codes; adapters excluded."""
+    from compressor.modules import LoraAdapted, QuantLinear
+
+    if isinstance(module, LoraAdapted):
+        return _values(module.base)
+    if isinstance(module, QuantLinear):
+        return module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
+    return sum(p.numel() for p in module.parameters(recurse=False)) + sum(_values(c) for c in module.children())
+
+
+def _model_values(model) -> int:
+    """count_params, with quantised weights counted by their logical size and adapters left out."""
+    linears = [m for _, _, m in _compressible(model)]
+    return models.count_params(model) - sum(sum(p.numel() for p in m.parameters()) for m in linears) + sum(_values(m) for m in linears)
 
 
 def _compressible(model):
     """Every decoder linear, compressed or not (iter_linears refuses compressed ones)."""
-    arch = models.arch_for(model)
-    for i, layer in enumerate(models.decoder_layers(model)):
-        for name in arch.linears:
-            yield f"{models.layer_prefix(model, i)}.{name}", name, layer.get_submodule(name)
+    return models.iter_linears_any(model)
 
 
 def _evaluate(model, tokenizer, tasks, seq_len, limit, device) -> dict:
@@ -84,6 +98,8 @@ def compress(
     eval_tasks: list[str] | None = None,
     eval_limit: int | None = None,
     eval_seq_len: int = 2048,
+    stream: bool = False,
+    resume: bool = False,
 ) -> Result:
     """Compress `model` (a path, hub id, GGUF file, 'demo', or a loaded model) with `recipe`.
 
@@ -95,7 +111,17 @@ def compress(
         device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
         eval_tasks: perplexity tasks measured before and after (report["eval"]); eval_limit caps
             the windows of each.
+        stream: read the model (a local safetensors folder) one decoder layer at a time and write
+            each compressed layer as it is done, for models larger than memory (compressor/streaming.py).
+        resume: continue an interrupted streamed run from its last finished layer (implies stream).
     """
+    if stream or resume:
+        if not isinstance(model, (str, Path)) or out is None or eval_tasks:
+            raise CompressorError("--stream/--resume read a local safetensors folder layer by layer and need -o; evaluate the result in a separate step")
+        from compressor.streaming import compress_streaming
+
+        return compress_streaming(model, recipe, out, tokenizer=tokenizer, ratio=ratio, calib=calib, samples=samples, seq_len=seq_len,
+                                  device=device, dtype=dtype, overwrite=overwrite, resume=resume)
     start = time.time()
     if isinstance(recipe, str):
         recipe = recipes.load(recipe, ratio)
@@ -121,16 +147,10 @@ def compress(
     cal = recipe.calibration
     gram_dtype = getattr(torch, cal.gram_dtype)
 
-    specs: dict[str, dict] = {}
-    for stage in recipe.stages:
-        if stage.kind != "rank":
-            raise CompressorError(f"stage '{stage.name}' is not supported by this pipeline yet")
-        if specs:
-            raise CompressorError(f"{recipe.source}: only one rank-reduction stage per recipe")
-        ranks = pipeline.plan_ranks(model, stage, dev, windows, cal.batch_size, gram_dtype)
-        specs.update(pipeline.apply_rank_method(model, stage, ranks, dev, windows, cal.batch_size, gram_dtype))
+    outcome = stages.run(model, recipe, dev, windows, cal.batch_size, gram_dtype)
+    specs = outcome.specs
 
-    params_after, linear_after = models.count_params(model), _linear_params(model)
+    params_after, linear_after = _model_values(model), _linear_params(model)
     if eval_tasks:
         evaluation["after"] = _evaluate(model, tokenizer, eval_tasks, eval_seq_len, eval_limit, dev)
     report = {
@@ -142,7 +162,8 @@ def compress(
         "params_after": params_after,
         "linear_params_before": linear_before,
         "linear_params_after": linear_after,
-        "per_module": {name: specs[name]["rank"] if name in specs else "dense" for name, _, _ in _compressible(model)},
+        "per_module": {name: specs[name]["rank"] if "rank" in specs.get(name, {}) else "dense" for name, _, _ in _compressible(model)},
+        **export.quant_report(model, recipe, outcome),
         "calibration": None if windows is None else {"dataset": calib or cal.dataset, "samples": windows.shape[0], "seq_len": windows.shape[1]},
         "eval": evaluation or None,
         "device": str(dev),
@@ -151,6 +172,6 @@ def compress(
     report["wall_seconds"] = round(time.time() - start, 3)
     if out is not None:
         record = {"method": report["method"], "recipe": report["recipe"], "target_ratio": report["target_ratio"]}
-        export.save(model, tokenizer, out, specs, record, report, overwrite=overwrite)
+        export.save(model, tokenizer, out, specs, record, report, overwrite=overwrite, quant=export.gptq_format(model, recipe, specs))
         log.info("wrote %s", out)
     return Result(model, tokenizer, report, Path(out) if out is not None else None)

@@ -45,13 +45,16 @@ def cli(verbose: bool) -> None:
 @click.option("--eval", "eval_tasks", default="", help="Comma-separated perplexity tasks measured before and after, e.g. code_ppl.")
 @click.option("--eval-limit", type=int, help="At most this many windows per evaluation task.")
 @click.option("--eval-seq-len", type=int, default=2048, show_default=True, help="Evaluation window length (capped at the model's context).")
-def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit, eval_seq_len):
+@click.option("--stream", is_flag=True, help="Read MODEL (a local safetensors folder) one layer at a time: for models larger than memory.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted --stream run from its last finished layer (same result, byte for byte).")
+def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit, eval_seq_len, stream, resume):
     """Compress MODEL (a local folder, a .gguf file, a hub id, or 'demo') into OUT."""
     from compressor.api import compress as run
 
     result = run(
         model, recipe, out, ratio=ratio, calib=calib, samples=samples, seq_len=seq_len, device=device, dtype=dtype,
         overwrite=overwrite, eval_tasks=_tasks(eval_tasks), eval_limit=eval_limit, eval_seq_len=eval_seq_len,
+        stream=stream, resume=resume,
     )
     r = result.report
     ranks = [v for v in r["per_module"].values() if v != "dense"]
@@ -70,39 +73,171 @@ def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, 
         click.echo(f"  {name:<{width}}  {before:>14}  {after:>14}")
 
 
+def _ints(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in _tasks(value)]
+    except ValueError:
+        raise CompressorError(f"--pass-k takes comma-separated integers such as 1,10; got {value!r}") from None
+
+
+def _eval_options(f):
+    """The options `eval` and `compare` share (how each task is run)."""
+    options = [
+        click.option("--tasks", default="wikitext2_ppl,code_ppl", show_default=True, help="Comma-separated: wikitext2_ppl, code_ppl, humaneval, or lm-eval task names."),
+        click.option("--limit", type=int, help="At most this many perplexity windows / HumanEval problems / lm-eval documents per task."),
+        click.option("--seq-len", type=int, default=2048, show_default=True, help="Perplexity window in tokens (capped at the model's context)."),
+        click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per forward pass (perplexity), prompts per generate call (HumanEval), lm-eval batch."),
+        click.option("--max-new-tokens", type=int, help="Generation cap per sample [HumanEval default: 512; lm-eval: the task's own]."),
+        click.option("--samples-per-task", type=int, default=1, show_default=True, help="HumanEval samples per problem; above 1 it samples (--temperature) and reports pass@k."),
+        click.option("--temperature", type=float, default=0.2, show_default=True, help="HumanEval sampling temperature (with --samples-per-task > 1)."),
+        click.option("--top-p", type=float, default=0.95, show_default=True, help="HumanEval nucleus sampling (with --samples-per-task > 1)."),
+        click.option("--pass-k", help="HumanEval k values, e.g. 1,10 [default: 1, 10, 100 up to the samples per problem]."),
+        click.option("--workers", type=int, default=2, show_default=True, help="Sandboxed test programs run at once."),
+        click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds each test program may run."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+        click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder of extra lm-eval task YAMLs."),
+        click.option("--num-fewshot", type=int, help="lm-eval few-shot examples (default: the task's own)."),
+        click.option("--device", type=DEVICES, default="auto", show_default=True),
+        click.option("--dtype", type=DTYPES, default="float32", show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_options(kw: dict) -> dict:
+    """Click's option values as `evaluate_model` keyword arguments."""
+    for name in ("batch_size", "samples_per_task", "workers"):
+        if kw[name] < 1:
+            raise CompressorError(f"--{name.replace('_', '-')} must be at least 1, got {kw[name]}")
+    if kw["max_new_tokens"] is not None and kw["max_new_tokens"] < 1:
+        raise CompressorError(f"--max-new-tokens must be at least 1, got {kw['max_new_tokens']}")
+    if kw["timeout"] <= 0:
+        raise CompressorError(f"--timeout must be positive, got {kw['timeout']}")
+    opts = {k: kw[k] for k in ("seq_len", "limit", "device", "dtype", "batch_size", "max_new_tokens", "samples_per_task",
+                               "temperature", "top_p", "workers", "timeout", "seed", "include_path", "num_fewshot")}
+    opts["pass_k"] = _ints(kw["pass_k"])
+    return opts
+
+
+def _describe(task: str, res: dict) -> str:
+    if "ppl" in res:
+        return f"ppl {res['ppl']:.4f} ({res['windows']} windows of {res['seq_len']} tokens)"
+    if "per_task" in res:
+        ks = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k.startswith("pass@"))
+        mode = "greedy" if not res["generation"]["do_sample"] else f"sampled, T={res['generation']['temperature']}"
+        return f"{ks} ({res['n_problems']} problems x {res['n_samples']} samples, {mode})"
+    from compressor.report import metrics_of
+
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics_of(task, res).items()) + f" ({res.get('n_samples')} documents, lm-eval)"
+
+
 @cli.command("eval")
-@click.argument("model")
-@click.option("--tasks", default="wikitext2_ppl,code_ppl", show_default=True, help="Comma-separated task names.")
+@click.argument("model", required=False)
+@_eval_options
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Write results as JSON here.")
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="Perplexity window (capped at the model's context).")
-@click.option("--limit", type=int, help="At most this many windows per task.")
-@click.option("--device", type=DEVICES, default="auto", show_default=True)
-@click.option("--dtype", type=DTYPES, default="float32", show_default=True)
-def evaluate(model, tasks, out, seq_len, limit, device, dtype):
-    """Evaluate MODEL (anything `compressor compress` wrote, or an original checkpoint)."""
+@click.option("--self-check", is_flag=True, help="Instead of a model: check the HumanEval harness (canonical solutions pass, broken ones fail).")
+def evaluate(model, out, self_check, **kw):
+    """Evaluate MODEL (anything `compressor compress` wrote, a model folder, a .gguf, 'demo')."""
+    from compressor.evaluate import write_json
+
+    if self_check:
+        if model is not None:
+            raise CompressorError("--self-check checks the harness and takes no MODEL; run it on its own")
+        from compressor.humaneval import self_check as run_check
+
+        if kw["limit"] is not None and kw["limit"] < 1:
+            raise CompressorError(f"--limit must be at least 1, got {kw['limit']}")
+        report = run_check(limit=kw["limit"], workers=kw["workers"], timeout=kw["timeout"])
+        canon = report["canonical"]
+        click.echo(f"canonical solutions: {canon['passed']}/{canon['total']} pass")
+        for name, res in report.items():
+            if isinstance(res, dict) and "failed" in res:
+                click.echo(f"broken solutions ({name}): {res['failed']}/{res['total']} fail")
+        for task, why in canon["unexpected_failures"].items():
+            click.echo(f"  unexpected failure {task}: {why.splitlines()[-1] if why else ''}")
+        click.echo(f"self-check {'passed' if report['ok'] else 'FAILED'} in {report['wall_seconds']:.1f} s")
+        if out is not None:
+            write_json(out, report)
+            click.echo(f"wrote {out}")
+        if not report["ok"]:
+            sys.exit(1)
+        return
+    if model is None:
+        raise CompressorError("missing MODEL: pass a model folder, a .gguf file or 'demo' (or --self-check)")
     from compressor.evaluate import evaluate_model
 
-    results = evaluate_model(model, _tasks(tasks), seq_len=seq_len, limit=limit, device=device, dtype=dtype)
+    opts = _run_options(kw)
+    results = evaluate_model(model, _tasks(kw["tasks"]), **opts)
     for task, res in results["tasks"].items():
-        click.echo(f"{task}: ppl {res['ppl']:.4f} ({res['windows']} windows of {res['seq_len']} tokens)")
+        click.echo(f"{task}: {_describe(task, res)} [{res['seconds']:.1f} s]")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(out, results)
         click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("dense")
+@click.argument("compressed", nargs=-1, required=True)
+@_eval_options
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Markdown table; the same name with .json gets the data.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Also draw the comparison as a PNG (needs matplotlib).")
+def compare(dense, compressed, out, plot_path, **kw):
+    """Table of DENSE against COMPRESSED models: size, parameters, each metric and its change.
+
+    Each argument is a results file of `compressor eval -o` (reused) or a model (evaluated on --tasks).
+    """
+    from compressor import report
+
+    specs = [dense, *compressed]
+    opts = _run_options(kw)
+    tasks = _tasks(kw["tasks"]) if any(not report.is_results_file(s) for s in specs) else None
+    if plot_path is not None:
+        from compressor import plots
+
+        if not plots.available():
+            raise CompressorError(plots.INSTALL_HINT)
+    results = report.gather(specs, tasks, **opts)
+    table = report.compare(results)
+    md_path, json_path = report.write(table, out, results)
+    click.echo(report.markdown(table), nl=False)
+    click.echo(f"wrote {md_path} and {json_path}")
+    if plot_path is not None:
+        from compressor import plots
+
+        click.echo(f"wrote {plots.comparison(table, plot_path)}")
 
 
 @cli.command()
 @click.argument("model")
 @click.option("-r", "--recipe", default="welore", show_default=True, help="Recipe whose rank allocation to show.")
 @click.option("--ratio", type=float, help="Target reduction (overrides the recipe).")
+@click.option("--calib", help="Calibration data for data-aware recipes (overrides the recipe's).")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Write spectra.png and ranks.png into this folder (needs matplotlib).")
+@click.option("--per-matrix/--summary-only", default=True, show_default=True, help="Print a line per matrix, or only the summary.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
-def analyze(model, recipe, ratio, device):
+def analyze(model, recipe, ratio, calib, plots_dir, per_matrix, device):
     """Show, per decoder linear, the rank a recipe would keep and the spectrum energy it keeps."""
-    from compressor.analyze import analyze as run
+    from compressor import analyze as analysis
 
-    for row in run(model, recipe, ratio=ratio, device=device):
-        rank = "dense" if row["rank"] is None else str(row["rank"])
-        click.echo(f"{row['name']:<40} {row['shape'][0]:>6}x{row['shape'][1]:<6} rank {rank:>6}  kept energy {row['kept_energy']:.4f}")
+    if plots_dir is not None:
+        from compressor import plots
+
+        # Checked before the model loads, so a missing matplotlib costs no minutes.
+        if not plots.available():
+            raise CompressorError(plots.INSTALL_HINT)
+    rows = analysis.analyze(model, recipe, ratio=ratio, device=device, calib=calib)
+    if per_matrix:
+        for row in rows:
+            rank = "dense" if row["rank"] is None else str(row["rank"])
+            click.echo(f"{row['name']:<40} {row['shape'][0]:>6}x{row['shape'][1]:<6} rank {rank:>6}  kept energy {row['kept_energy']:.4f}")
+    click.echo(analysis.summary(rows))
+    if plots_dir is not None:
+        title = f"{model}: recipe '{recipe}'" + (f" at ratio {ratio}" if ratio is not None else "")
+        for path in analysis.plot(rows, plots_dir, title):
+            click.echo(f"wrote {path}")
 
 
 @cli.command("recipes")

@@ -28,13 +28,19 @@ def _check(dW: torch.Tensor, rank: int) -> int:
     return min(rank, *dW.shape)
 
 
-def eora_spectrum(dW: torch.Tensor, H: torch.Tensor, eps: float | None = None):
+def gram_eigen(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, Q) of the symmetrised Gram in float64; linears sharing an input can share this."""
+    H = H.to(torch.float64)
+    (lam, Q), = linalg.eigh([(H + H.T) / 2], dtype=torch.float64)
+    return lam, Q
+
+
+def eora_spectrum(dW: torch.Tensor, H: torch.Tensor, eps: float | None = None, eigen=None):
     """(U, S, Vh, inv_root, Q) of dW Q L^1/2, float64, with eigenvalues <= eps truncated."""
     in_f = dW.shape[1]
     if tuple(H.shape) != (in_f, in_f):
         raise CompressorError(f"input Gram has shape {tuple(H.shape)} but the weight has {in_f} input features")
-    H = H.to(device=dW.device, dtype=torch.float64)
-    (lam, Q), = linalg.eigh([(H + H.T) / 2], dtype=torch.float64)
+    lam, Q = gram_eigen(H.to(dW.device)) if eigen is None else eigen
     if eps is None:
         eps = lam.max().clamp_min(0).item() * in_f * torch.finfo(torch.float32).eps
     keep = lam > eps
@@ -44,14 +50,14 @@ def eora_spectrum(dW: torch.Tensor, H: torch.Tensor, eps: float | None = None):
     return U, S, Vh, inv_root, Q
 
 
-def eora_adapters(dW: torch.Tensor, H: torch.Tensor, rank: int, eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def eora_adapters(dW: torch.Tensor, H: torch.Tensor, rank: int, eps: float | None = None, eigen=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B (out, r), A (r, in)) in dW's float dtype minimising ||(dW - B A) X||_F with H = X^T X / N.
 
     eps: eigenvalues of H at or below it are treated as zero; default max(L) * in * eps_float32.
-    A rank above min(out, in) is clamped to it.
+    eigen: gram_eigen(H), when already computed. A rank above min(out, in) is clamped to it.
     """
     r = _check(dW, rank)
-    U, S, Vh, inv_root, Q = eora_spectrum(dW, H, eps)
+    U, S, Vh, inv_root, Q = eora_spectrum(dW, H, eps, eigen)
     B, A = linalg.split_factors(U, S, Vh, r)
     A = (A * inv_root) @ Q.T
     dtype = dW.dtype if dW.is_floating_point() else torch.float32

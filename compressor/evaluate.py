@@ -1,14 +1,23 @@
-"""Evaluation: perplexity in the papers' protocol.
+"""Evaluation: paper-protocol perplexity, HumanEval pass@k, and lm-eval tasks, on any model.
 
-The protocol of GPTQ, SVD-LLM and their peers: the whole test text is tokenised once, cut into
+Perplexity follows GPTQ, SVD-LLM and their peers: the whole test text is tokenised once, cut into
 non-overlapping windows of `seq_len` tokens (the tail that does not fill a window is dropped), and
 perplexity is exp of the mean next-token loss over all windows. lm-eval's rolling per-document
 perplexity is a different number, so it is not used for these tasks.
+
+Task names: `wikitext2_ppl`, `code_ppl`, `humaneval` (ours, offline, executed in
+`compressor.sandbox`), and anything else is handed to lm-eval (`compressor.lmeval`), which must be
+installed and must find the task's data offline.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -16,6 +25,9 @@ from tqdm.auto import tqdm
 from compressor.errors import CompressorError
 
 PPL_TASKS = {"wikitext2_ppl": "wikitext2", "code_ppl": "code"}
+HUMANEVAL_TASKS = ("humaneval",)
+BUILTIN_TASKS = (*PPL_TASKS, *HUMANEVAL_TASKS)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def _text_for(name: str) -> str:
@@ -34,38 +46,149 @@ def context_length(model, seq_len: int) -> int:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit: int | None = None, device: str | torch.device = "cpu") -> dict:
+def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit: int | None = None, device: str | torch.device = "cpu", batch_size: int = 1) -> dict:
     """Token perplexity over non-overlapping windows; `limit` caps the number of windows."""
+    if seq_len < 2 or batch_size < 1 or (limit is not None and limit < 1):
+        raise CompressorError(f"--seq-len must be at least 2, --batch-size and --limit at least 1 (got {seq_len}, {batch_size}, {limit})")
     seq_len = context_length(model, seq_len)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = _token_ids(tokenizer, text, None if limit is None else limit * seq_len)
     n_windows = ids.numel() // seq_len
     if limit is not None:
         n_windows = min(n_windows, limit)
     if n_windows == 0:
         raise CompressorError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}; lower --seq-len")
-    total, count = 0.0, 0
-    for w in tqdm(range(n_windows), desc="perplexity", unit="window", disable=None):
-        window = ids[w * seq_len : (w + 1) * seq_len].unsqueeze(0).to(device)
-        logits = model(input_ids=window, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
-        total += loss.item()
-        count += seq_len - 1
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    total = 0.0
+    with tqdm(total=n_windows, desc="perplexity", unit="window", disable=None) as bar:
+        for start in range(0, n_windows, batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            # Summed in float64 on the host: thousands of windows of float32 sums drift.
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+            total += loss.item()
+            bar.update(batch.shape[0])
+    count = n_windows * (seq_len - 1)
     return {"ppl": math.exp(total / count), "windows": n_windows, "seq_len": seq_len, "tokens": count}
 
 
-def run_tasks(model, tokenizer, tasks: list[str], seq_len: int = 2048, limit: int | None = None, device="cpu") -> dict:
+def _token_ids(tokenizer, text: str, needed: int | None) -> torch.Tensor:
+    """The text's token ids; with `needed`, only a prefix that surely covers that many tokens.
+
+    Tokenising all of WikiText-2 takes seconds for a few windows' worth of --limit. A prefix cut at
+    a line break tokenises like the whole text except within a few tokens of the cut, so the prefix
+    is used only when it holds a wide margin of tokens beyond the windows that are scored.
+    """
+    margin = 256
+    if needed is not None:
+        chars = (needed + margin) * 8
+        while chars < len(text):
+            cut = text.find("\n", chars)
+            if cut == -1:
+                break
+            ids = tokenizer(text[:cut], return_tensors="pt", add_special_tokens=False).input_ids[0]
+            if ids.numel() >= needed + margin:
+                return ids[:needed]
+            chars *= 4
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
+def check_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """Split `tasks` into ours and lm-eval's; fail early (before any model loads) on what cannot run."""
+    if not tasks:
+        raise CompressorError(f"no tasks given; use some of {', '.join(BUILTIN_TASKS)} or an lm-eval task name")
+    dupes = sorted({t for t in tasks if tasks.count(t) > 1})
+    if dupes:
+        raise CompressorError(f"task {dupes[0]!r} given twice; list each task once")
+    ours = [t for t in tasks if t in BUILTIN_TASKS]
+    others = [t for t in tasks if t not in BUILTIN_TASKS]
+    if others:
+        from compressor import lmeval
+
+        if not lmeval.available():
+            import difflib
+
+            close = difflib.get_close_matches(others[0], BUILTIN_TASKS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise CompressorError(
+                f"unknown task '{others[0]}': {hint}built-in tasks are {', '.join(BUILTIN_TASKS)}; "
+                f"other names go to lm-eval, which is not installed (pip install -e \".[eval]\")"
+            )
+    return ours, others
+
+
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    seq_len: int = 2048,
+    limit: int | None = None,
+    device="cpu",
+    *,
+    batch_size: int = 1,
+    max_new_tokens: int | None = None,
+    samples_per_task: int = 1,
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    pass_k: list[int] | None = None,
+    workers: int = 2,
+    timeout: float = 10.0,
+    seed: int = 0,
+    include_path: str | Path | None = None,
+    num_fewshot: int | None = None,
+) -> dict:
+    """Evaluate an in-memory model on `tasks`; returns {task: metrics (each with "seconds")}.
+
+    `limit` caps perplexity windows, HumanEval problems, and lm-eval documents. HumanEval is greedy
+    pass@1 unless `samples_per_task` > 1, which samples (`temperature`, `top_p`) and reports pass@k
+    for every k in `pass_k` (default: 1, 10, 100 where k <= samples).
+    """
+    ours, others = check_tasks(tasks)
     results = {}
-    for task in tasks:
-        if task not in PPL_TASKS:
-            raise CompressorError(f"unknown task '{task}'; available: {', '.join(sorted(PPL_TASKS))}")
-        results[task] = perplexity(model, tokenizer, _text_for(PPL_TASKS[task]), seq_len, limit, device)
+    for task in ours:
+        start = time.time()
+        if task in PPL_TASKS:
+            res = perplexity(model, tokenizer, _text_for(PPL_TASKS[task]), seq_len, limit, device, batch_size)
+        else:
+            res = _humaneval(model, tokenizer, limit, device, batch_size, max_new_tokens, samples_per_task, temperature, top_p, pass_k, workers, timeout, seed)
+        res["seconds"] = round(time.time() - start, 3)
+        results[task] = res
+    if others:
+        from compressor import lmeval
+
+        start = time.time()
+        gen_kwargs = {"max_gen_toks": max_new_tokens} if max_new_tokens is not None else None
+        found = lmeval.run_lmeval(
+            model, tokenizer, others, limit=limit, batch_size=batch_size, include_path=include_path,
+            num_fewshot=num_fewshot, gen_kwargs=gen_kwargs, workers=workers, timeout=timeout, seed=seed,
+        )
+        seconds = round(time.time() - start, 3)
+        for task, row in found.items():
+            # One harness call runs every lm-eval task; its time is shared, not split.
+            results[task] = {**row, "seconds": seconds, "harness": "lm-eval"}
     return results
+
+
+def default_pass_k(samples: int) -> list[int]:
+    return [k for k in (1, 10, 100) if k <= samples]
+
+
+def _humaneval(model, tokenizer, limit, device, batch_size, max_new_tokens, samples, temperature, top_p, pass_k, workers, timeout, seed) -> dict:
+    from compressor import humaneval
+
+    if samples < 1:
+        raise CompressorError(f"--samples-per-task must be at least 1, got {samples}")
+    if samples > 1 and temperature <= 0:
+        raise CompressorError(f"--samples-per-task {samples} samples, which needs --temperature > 0 (got {temperature})")
+    ks = pass_k or default_pass_k(samples)
+    return humaneval.evaluate_humaneval(
+        model, tokenizer, limit=limit, k=ks, n=samples, max_new_tokens=max_new_tokens or 512,
+        batch_size=batch_size, do_sample=samples > 1, temperature=temperature, top_p=top_p, device=device,
+        workers=workers, timeout=timeout, seed=seed,
+    )
 
 
 def load_any(model: str, dtype: str = "float32", device: str = "cpu"):
     """A folder written by compressor (or any HF folder) via export.load; else the loader's specs."""
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     from compressor import export
@@ -73,18 +196,116 @@ def load_any(model: str, dtype: str = "float32", device: str = "cpu"):
 
     path = Path(model)
     if (path / "config.json").is_file():
-        return export.load(path, dtype=dtype, device=device), AutoTokenizer.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise CompressorError(f"{path} has no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); save one beside the model") from None
+        return export.load(path, dtype=dtype, device=device), tokenizer
     loaded, tokenizer = load_model(model, dtype=dtype)
     return loaded.to(device).eval(), tokenizer
 
 
-def evaluate_model(model: str, tasks: list[str], seq_len: int = 2048, limit: int | None = None, device: str = "auto", dtype: str = "float32") -> dict:
-    import time
+def disk_bytes(model: str) -> int | None:
+    """Bytes of weight files behind a model spec (a folder's weights, a .gguf, a built-in's folder)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        from compressor.loading import resolve_model
 
+        try:
+            source = resolve_model(model)
+        except CompressorError:
+            return None
+        if source.kind == "hub":
+            return None
+        path = Path(source.location)
+    if path.is_file():
+        return path.stat().st_size
+    # Adapters (PEFT folders) sit in sub-folders and count towards what a user ships.
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def model_info(model, spec: str) -> dict:
+    from compressor import models
+
+    config = getattr(model, "config", None)
+    compression = getattr(config, "compression", None)
+    summary = None
+    if isinstance(compression, dict):
+        summary = {k: compression.get(k) for k in ("method", "target_ratio") if k in compression}
+    return {
+        "parameters": models.count_params(model),
+        "disk_bytes": disk_bytes(spec),
+        "model_type": getattr(config, "model_type", None),
+        "compression": summary,
+    }
+
+
+def evaluate_model(
+    model: str,
+    tasks: list[str],
+    seq_len: int = 2048,
+    limit: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    **options,
+) -> dict:
+    """Load `model` (anything compressor wrote, a folder, a .gguf, 'demo', a hub id) and run `tasks`.
+
+    `options` are `run_tasks`' keyword arguments (batch_size, max_new_tokens, samples_per_task, ...).
+    """
+    from compressor.api import versions
     from compressor.pipeline import resolve_device
 
+    check_tasks(tasks)
     dev = resolve_device(device)
     start = time.time()
     loaded, tokenizer = load_any(model, dtype, str(dev))
-    results = run_tasks(loaded, tokenizer, tasks, seq_len, limit, dev)
-    return {"model": model, "tasks": results, "device": str(dev), "dtype": dtype, "wall_seconds": round(time.time() - start, 3)}
+    load_seconds = round(time.time() - start, 3)
+    results = run_tasks(loaded, tokenizer, tasks, seq_len, limit, dev, **options)
+    settings = {"seq_len": seq_len, "limit": limit, **{k: v for k, v in options.items() if k not in ("include_path",)}}
+    return {
+        "model": str(model),
+        "model_info": model_info(loaded, str(model)),
+        "tasks": results,
+        "settings": settings,
+        "device": str(dev),
+        "dtype": dtype,
+        "versions": versions(),
+        "load_seconds": load_seconds,
+        "wall_seconds": round(time.time() - start, 3),
+    }
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` via a temporary sibling, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def public_mode(path) -> None:
+    """The permissions a plain open() would have given (mkstemp makes files private to the owner)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def write_json(path: str | Path, data) -> Path:
+    return write_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

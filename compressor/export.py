@@ -5,12 +5,20 @@ whose config also records what was done (`compression`) and points `auto_map` at
 `modeling_compressed.py`. That file is compressor/modules.py verbatim plus two lines naming the
 original model class, so plain transformers loads the result with trust_remote_code=True and
 `compressor.load` loads it without remote code, both from the same module definitions.
+
+Two standard formats ride along where they apply:
+- a model whose only compression is GPTQ is also a GPTQ v1 checkpoint (quantised layers hold
+  qweight/qzeros/scales/g_idx; config.json `quantization_config` and quantize_config.json), which
+  GPTQ loaders (transformers + gptqmodel, vLLM) read without our code;
+- compensation adapters are a PEFT LoRA folder, `adapter/`, with scale 1 (lora_alpha = r).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,11 +28,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from compressor import modules
+import compressor
+from compressor import models, modules
 from compressor.errors import CompressorError
 
 SHIM_NAME = "modeling_compressed"
 FORMAT_VERSION = 1
+ADAPTER_DIR = "adapter"
 
 
 @contextlib.contextmanager
@@ -57,18 +67,163 @@ def base_class(config) -> type:
         raise CompressorError(f"no causal-LM class for model_type '{config.model_type}' in this transformers version") from None
 
 
-def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, report: dict, overwrite: bool = False) -> Path:
-    """Write the compressed model to `out` atomically; `record` goes into config.compression."""
+def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, report: dict, overwrite: bool = False, quant: dict | None = None) -> Path:
+    """Write the compressed model to `out` atomically; `record` goes into config.compression.
+
+    quant: a GPTQ quantization_config (see gptq_format) to declare, for GPTQ-only models.
+    Adapters wrapped around compressed layers (modules.LoraAdapted) go to `out/adapter`.
+    """
     base = base_class(model.config)
-    model.config.compression = {"format_version": FORMAT_VERSION, **record, "modules": module_specs}
+    adapted = _adapted(model)
+    compression = {"format_version": FORMAT_VERSION, **record, "modules": module_specs}
+    if adapted:
+        compression["adapter"] = {"path": ADAPTER_DIR, "format": "peft-lora", "ranks": {n: m.lora_A.out_features for n, m in adapted.items()}}
+    model.config.compression = compression
     model.config.auto_map = {"AutoModelForCausalLM": f"{SHIM_NAME}.CompressedForCausalLM"}
-    with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
+    with atomic_dir(out, overwrite) as tmp, _without_adapters(model, adapted):
+        if quant is not None:
+            model.config.quantization_config = quant
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if quant is not None:
+                del model.config.quantization_config
+        if quant is not None:
+            (tmp / "quantize_config.json").write_text(json.dumps(quant, indent=2) + "\n")
+        if adapted:
+            save_adapter(adapted, tmp / ADAPTER_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / f"{SHIM_NAME}.py").write_text(shim_source(base.__name__))
         (tmp / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return Path(out)
+
+
+def _adapted(model) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, modules.LoraAdapted)}
+
+
+@contextlib.contextmanager
+def _without_adapters(model, adapted: dict):
+    """The model with each adapted layer replaced by its base, restored afterwards."""
+    for name, wrapper in adapted.items():
+        model.set_submodule(name, wrapper.base)
+    try:
+        yield
+    finally:
+        for name, wrapper in adapted.items():
+            model.set_submodule(name, wrapper)
+
+
+def save_adapter(adapted: dict, folder: Path) -> None:
+    """A PEFT LoRA folder: y = base(x) + lora_B(lora_A(x)), scale lora_alpha / r = 1 everywhere."""
+    from safetensors.torch import save_file
+
+    ranks = {name: m.lora_A.out_features for name, m in adapted.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    # Full module names as targets, so no layer the adapter does not cover is wrapped; peft reads
+    # rank_pattern keys as regexes, hence the escaping. alpha_pattern keeps every scale at 1.
+    pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+    }
+    tensors = {}
+    for name, m in adapted.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def gptq_format(model, recipe, specs: dict) -> dict | None:
+    """The GPTQ v1 quantization_config when GPTQ (or RTN on its grid) is the only compression.
+
+    Low-rank models are not declared GPTQ: a GPTQ loader would look for dense layers that are not
+    there. Decoder linears left unquantised are excluded with gptqmodel's `dynamic` negative rules.
+    """
+    quant = next((s for s in recipe.stages if s.kind == "quant"), None)
+    if quant is None or any(spec["type"] != "quant" for spec in specs.values()):
+        return None
+    skipped = [name for name, _, _ in models.iter_linears_any(model) if name not in specs]
+    fmt = quant.format()
+    return {
+        **fmt,
+        "lm_head": False,
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "format": "gptq",
+        "pack_dtype": "int32",
+        "damp_percent": quant.config.damp,
+        "static_groups": quant.config.static_groups,
+        "true_sequential": False,
+        "dynamic": {f"-:^{re.escape(name)}$": {} for name in skipped},
+        "meta": {"quantizer": [f"compressor:{compressor.__version__}"], "method": quant.name},
+    }
+
+
+def stored_bits(module) -> float:
+    """Bits a decoder linear occupies on disk (quantised codes with their scales, zeros, g_idx)."""
+    if isinstance(module, modules.LoraAdapted):
+        module = module.base
+    if isinstance(module, modules.QuantLinear):
+        return sum(t.numel() * t.element_size() * 8 for t in module.buffers())
+    if isinstance(module, modules.LowRankLinear) or not list(module.children()):
+        own = sum(t.numel() * t.element_size() * 8 for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
+        return own + sum(stored_bits(c) for c in module.children())
+    return sum(t.numel() * t.element_size() * 8 for t in module.parameters())
+
+
+def quant_report(model, recipe, outcome) -> dict:
+    """report entries: quantisation grid and effective bits per weight; adapters."""
+    from compressor.quant import effective_bits
+
+    report: dict = {}
+    quant = next((s for s in recipe.stages if s.kind == "quant"), None)
+    linears = list(models.iter_linears_any(model))
+    dense_weights = sum(math.prod(models.linear_shape(m)) for _, _, m in linears)
+    bits = sum(stored_bits(m) for _, _, m in linears)
+    if quant is not None:
+        c = quant.config
+        qlayers = [q for _, _, m in linears for q in m.modules() if isinstance(q, modules.QuantLinear)]
+        report["quantization"] = {
+            "method": quant.name,
+            **quant.format(),
+            "act_order": c.act_order,
+            "static_groups": c.static_groups,
+            "damp": c.damp,
+            # Per quantised weight, as GPTQ papers count it (codes + fp16 scale and zero per group).
+            "effective_bits": None if not qlayers else sum(effective_bits(c.bits, c.group_size, q.in_features, q.out_features) * q.in_features * q.out_features for q in qlayers) / sum(q.in_features * q.out_features for q in qlayers),
+            "gptq_checkpoint": all(spec["type"] == "quant" for spec in outcome.specs.values()),
+        }
+    # Everything the decoder linears store (biases and low-rank factors included), per weight of
+    # the dense model: the number that compares rank reduction, quantisation and both.
+    report["bits_per_dense_weight"] = bits / dense_weights
+    if outcome.adapters or outcome.merged:
+        adapted = _adapted(model)
+        report["adapters"] = {
+            "method": next(s.name for s in recipe.stages if s.kind == "adapter"),
+            "merged": bool(outcome.merged),
+            "ranks": outcome.merged or outcome.adapters,
+            "params": sum(p.numel() for m in adapted.values() for p in (*m.lora_A.parameters(), *m.lora_B.parameters())),
+            "path": None if outcome.merged else ADAPTER_DIR,
+        }
+    return report
 
 
 def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"):
@@ -80,5 +235,8 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if getattr(config, "compression", None) is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    # Our modules read GPTQ tensors themselves; transformers' GPTQ path would demand gptqmodel.
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
     cls = modules.compressed_class(base_class(config))
     return cls.from_pretrained(path, config=config, dtype=dtype).to(device).eval()

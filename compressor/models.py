@@ -93,7 +93,8 @@ def layer_linears(model: nn.Module, layer: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name in arch_for(model).linears:
         module = layer.get_submodule(name)
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        # Compressed modules subclass nn.Linear (for peft) but carry no dense weight.
+        if getattr(module, "is_compressed", False) or not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise CompressorError(
                 f"'{name}' in {type(layer).__name__} is a {type(module).__name__}, not a dense linear; "
                 "was this model already compressed? Start from the original checkpoint"
@@ -107,6 +108,20 @@ def iter_linears(model: nn.Module):
     for i, layer in enumerate(decoder_layers(model)):
         for name, module in layer_linears(model, layer).items():
             yield f"{layer_prefix(model, i)}.{name}", name, module
+
+
+def iter_linears_any(model: nn.Module):
+    """Like iter_linears, but compressed modules (low-rank, quantised, adapted) are yielded too."""
+    for i, layer in enumerate(decoder_layers(model)):
+        for name in arch_for(model).linears:
+            yield f"{layer_prefix(model, i)}.{name}", name, layer.get_submodule(name)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of any decoder linear, compressed or not."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape[::-1])
+    return module.out_features, module.in_features
 
 
 def count_params(model: nn.Module) -> int:

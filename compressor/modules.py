@@ -3,20 +3,39 @@
 This file is copied verbatim next to every exported checkpoint as `modeling_compressed.py`, so that
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works in plain transformers.
 It must therefore import nothing but torch and transformers.
+
+The compressed modules subclass nn.Linear (without its dense weight) because they keep its contract
+(in_features -> out_features, x -> y), and because peft's LoRA wraps a layer only when it is an
+nn.Linear: this is what lets a stock `PeftModel.from_pretrained` put EoRA adapters on them.
 """
+
+import math
 
 import torch
 from torch import nn
 
 
-class LowRankLinear(nn.Module):
-    """y = up(down(x)): W (out x in) replaced by up.weight (out x r) @ down.weight (r x in)."""
+class LowRankLinear(nn.Linear):
+    """y = up(down(x)): W (out x in) replaced by up.weight (out x r) @ down.weight (r x in).
+
+    The factors may themselves be QuantLinear (quantised low-rank); the bias lives in `up`.
+    """
+
+    is_compressed = True
+    _is_hf_initialized = True  # transformers: nothing of its own to initialise (children are)
 
     def __init__(self, in_features, out_features, rank, bias=False, device=None, dtype=None):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: there is no dense weight
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.register_parameter("bias", None)  # it lives in `up`
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    # Not the dense weight (there is none): peft places and casts a LoRA by the device and dtype of
+    # `weight` (or `qweight`), so it names the first factor's storage.
+    @property
+    def weight(self):
+        return self.down.weight if self.down.weight is not None else self.down.qweight
 
     def forward(self, x):
         return self.up(self.down(x))
@@ -42,15 +61,139 @@ class LowRankSparseLinear(LowRankLinear):
         return self.up(self.down(x)) + sparse
 
 
+# ----------------------------------------------------------------------------- GPTQ v1 runtime
+# The packing maths and its layout notes live in compressor/quant.py; what a loader needs to read a
+# checkpoint back is here, so exported checkpoints carry it.
+
+def pack_chunk(bits):
+    """(codes, words): the smallest whole number of int32 words that codes of `bits` fill exactly."""
+    codes = 32 // math.gcd(32, bits)
+    return codes, codes * bits // 32
+
+
+def unpack_rows(words, bits):
+    """(n*bits/32, m) int32 words -> (n, m) int32 codes, code i at stream bits [bits*i, bits*(i+1))."""
+    per, n_words = pack_chunk(bits)
+    m = words.shape[1]
+    u = (words.to(torch.int64) & 0xFFFFFFFF).reshape(-1, n_words, m)
+    vals = torch.empty(u.shape[0], per, m, dtype=torch.int64, device=words.device)
+    for k in range(per):
+        w, s = divmod(bits * k, 32)
+        v = u[:, w] >> s
+        if s + bits > 32:  # the code straddles two words (3 bits)
+            v = v | (u[:, w + 1] << (32 - s))
+        vals[:, k] = v & (2**bits - 1)
+    return vals.reshape(-1, m).to(torch.int32)
+
+
+def dequantize(q, zeros, scales, g_idx):
+    """W (out, in) float32 = scales[g] * (q - zeros[g]) with g = g_idx[column]."""
+    g = g_idx.long()
+    return scales.float().T[:, g] * (q - zeros.T[:, g]).float()
+
+
+class QuantLinear(nn.Linear):
+    """A linear layer stored as GPTQ v1 buffers; dequantises once per device/dtype and caches.
+
+    Buffer names, shapes and dtypes are those of GPTQ checkpoints (qweight, qzeros, scales fp16,
+    g_idx, bias), so its state dict is what a GPTQ loader expects for this layer.
+    """
+
+    is_compressed = True
+
+    def __init__(self, in_features, out_features, bits, group_size=128, bias=False, dtype=torch.float16, device=None):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: there is no float weight
+        per, _ = pack_chunk(bits)
+        if bits not in (2, 3, 4, 8) or in_features % per or out_features % per:
+            raise ValueError(f"{bits}-bit GPTQ packing needs 2/3/4/8 bits and in/out features divisible by {per}, got {in_features} x {out_features}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.register_parameter("weight", None)  # see LowRankLinear
+        n_groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
+        kw = dict(dtype=torch.int32, device=device)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, **kw))
+        self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, **kw))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
+        g = in_features if group_size == -1 else group_size
+        self.register_buffer("g_idx", (torch.arange(in_features, device=device) // g).int())
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._cache = None
+
+    def dequantized_weight(self):
+        q = unpack_rows(self.qweight, self.bits).T
+        zeros = unpack_rows(self.qzeros.T, self.bits).T + 1  # v1 stores zero - 1
+        # A plain tensor even when first called under inference_mode, so the cache can later be
+        # saved for backward (e.g. training adapters on top of this layer).
+        with torch.inference_mode(False), torch.no_grad():
+            return dequantize(q, zeros, self.scales, self.g_idx)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        super()._apply(fn, *args, **kwargs)
+        # Scales are fp16 in the format: a model-wide .float() / .to(dtype) must not change that.
+        if self.scales.dtype != torch.float16:
+            self.scales = self.scales.half()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x):
+        w = self._cache
+        if w is None or w.dtype != x.dtype or w.device != x.device:
+            w = self._cache = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, w, bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class LoraAdapted(nn.Module):
+    """base(x) + B(A(x)): a compressed layer with its compensation adapter (EoRA), in memory.
+
+    Exports write `base` into the checkpoint and A, B into a PEFT LoRA folder (scale 1), which
+    peft applies with exactly this arithmetic.
+    """
+
+    def __init__(self, base, lora_A, lora_B):
+        super().__init__()
+        self.base, self.lora_A, self.lora_B = base, lora_A, lora_B
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x))
+
+
+# ----------------------------------------------------------------------------- building a model
+
+def _quant_factor(in_features, out_features, quant, bias, like):
+    return QuantLinear(in_features, out_features, quant["bits"], quant["group_size"], bias=bias, dtype=like.dtype, device=like.device)
+
+
 def build_module(spec, like):
     """A compressed module for `spec` (from config.compression["modules"]), placed like `like`."""
-    weight = like.weight if hasattr(like, "weight") else next(like.parameters())
+    weight = like.weight if getattr(like, "weight", None) is not None else next(like.parameters())
     kwargs = dict(bias=spec["bias"], device=weight.device, dtype=weight.dtype)
+    if spec["type"] == "quant":
+        return QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], **kwargs)
     if spec["type"] == "lowrank":
-        return LowRankLinear(spec["in"], spec["out"], spec["rank"], **kwargs)
-    if spec["type"] == "lowrank_sparse":
-        return LowRankSparseLinear(spec["in"], spec["out"], spec["rank"], spec["cols"], **kwargs)
-    raise ValueError(f"unknown compressed module type {spec['type']!r}")
+        module = LowRankLinear(spec["in"], spec["out"], spec["rank"], **kwargs)
+    elif spec["type"] == "lowrank_sparse":
+        module = LowRankSparseLinear(spec["in"], spec["out"], spec["rank"], spec["cols"], **kwargs)
+    else:
+        raise ValueError(f"unknown compressed module type {spec['type']!r}")
+    if spec.get("quant"):
+        module.down = _quant_factor(spec["in"], spec["rank"], spec["quant"], False, weight)
+        module.up = _quant_factor(spec["rank"], spec["out"], spec["quant"], spec["bias"], weight)
+    return module
 
 
 def swap_modules(model, module_specs):
@@ -69,6 +212,18 @@ def compressed_class(base):
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
             swap_modules(self, config.compression["modules"])
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            # A GPTQ export's config carries `quantization_config` for GPTQ loaders (gptqmodel,
+            # vLLM); this class reads those tensors itself, so transformers' quantizer (which
+            # would demand gptqmodel) must not be engaged.
+            if kwargs.get("config") is None and args:
+                kwargs["config"] = cls.config_class.from_pretrained(args[0])
+            config = kwargs["config"]
+            if getattr(config, "quantization_config", None) is not None:
+                del config.quantization_config
+            return super().from_pretrained(*args, **kwargs)
 
     Compressed.__name__ = Compressed.__qualname__ = "Compressed" + base.__name__
     return Compressed

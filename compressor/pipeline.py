@@ -171,35 +171,42 @@ def plan_ranks(model, method: RankMethod, device, windows=None, batch_size=8, gr
     return method.allocate(shapes, energies)
 
 
+def compress_layer(model, method: RankMethod, ranks: dict, index: int, layer: nn.Module, grams: dict | None) -> dict:
+    """Replace the targeted linears of one decoder layer by their factorisation; returns their specs."""
+    arch = models.arch_for(model)
+    prefix = models.layer_prefix(model, index)
+    specs: dict[str, dict] = {}
+    todo = {n: m for n, m in _targets(model, method, layer).items() if ranks.get(f"{prefix}.{n}") is not None}
+    if not todo:
+        return specs
+    weights = []
+    for name, module in todo.items():
+        w = models.weight_of(module).detach()
+        check_finite(f"weight {prefix}.{name}", w)
+        weights.append(w)
+    hs = [grams[arch.linears[n]] for n in todo] if method.needs_gram else [None] * len(weights)
+    factors = method.decompose(weights, hs, [ranks[f"{prefix}.{n}"] for n in todo])
+    for (name, old), w, f in zip(todo.items(), weights, factors):
+        spec = method.module_spec(tuple(w.shape), ranks[f"{prefix}.{name}"], old.bias is not None)
+        new = build_module(spec, old)
+        state = new.state_dict()
+        with torch.no_grad():
+            for key, value in f.items():
+                state[key].copy_(value)
+            if old.bias is not None:
+                new.up.bias.copy_(old.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(layer.get_submodule(parent), child, new)
+        specs[f"{prefix}.{name}"] = spec
+    return specs
+
+
 def apply_rank_method(model, method: RankMethod, ranks: dict, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
     """Compress every targeted linear in place; returns the module specs for export."""
-    arch = models.arch_for(model)
     specs: dict[str, dict] = {}
 
     def visit(i, layer, grams):
-        prefix = models.layer_prefix(model, i)
-        todo = {n: m for n, m in _targets(model, method, layer).items() if ranks.get(f"{prefix}.{n}") is not None}
-        if not todo:
-            return
-        weights = []
-        for name, module in todo.items():
-            w = models.weight_of(module).detach()
-            check_finite(f"weight {prefix}.{name}", w)
-            weights.append(w)
-        hs = [grams[arch.linears[n]] for n in todo] if method.needs_gram else [None] * len(weights)
-        factors = method.decompose(weights, hs, [ranks[f"{prefix}.{n}"] for n in todo])
-        for (name, old), w, f in zip(todo.items(), weights, factors):
-            spec = method.module_spec(tuple(w.shape), ranks[f"{prefix}.{name}"], old.bias is not None)
-            new = build_module(spec, old)
-            state = new.state_dict()
-            with torch.no_grad():
-                for key, value in f.items():
-                    state[key].copy_(value)
-                if old.bias is not None:
-                    new.up.bias.copy_(old.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, new)
-            specs[f"{prefix}.{name}"] = spec
+        specs.update(compress_layer(model, method, ranks, i, layer, grams))
 
     walk(model, device, visit, windows if method.needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({method.name})")
     return specs

@@ -19,10 +19,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from compressor import modules
 from compressor.errors import CompressorError
+from compressor.modules import dequantize, pack_chunk, unpack_rows
 
 BLOCK = 128
 FP16 = torch.finfo(torch.float16)
@@ -239,10 +239,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantRe
 #   scales [n_groups, out] fp16.   g_idx [in] int32: group of each input column.
 #   Dequantised weight (transposed layout): W^T[i, o] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o]).
 
-def _chunk(bits: int) -> tuple[int, int]:
-    """(codes, words) in the smallest whole number of int32 words that codes fill exactly."""
-    codes = 32 // math.gcd(32, bits)
-    return codes, codes * bits // 32
+# The unpacking half lives in compressor/modules.py, which exported checkpoints carry.
+_chunk, _unpack_rows = pack_chunk, unpack_rows
 
 
 def _pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
@@ -258,21 +256,6 @@ def _pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
             words[:, w + 1] |= v[:, k] >> (32 - s)
     words = words.reshape(-1, m)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of _pack_rows: (n*bits/32, m) int32 -> (n, m) int32 codes."""
-    per, n_words = _chunk(bits)
-    m = words.shape[1]
-    u = (words.to(torch.int64) & 0xFFFFFFFF).reshape(-1, n_words, m)
-    vals = torch.empty(u.shape[0], per, m, dtype=torch.int64, device=words.device)
-    for k in range(per):
-        w, s = divmod(bits * k, 32)
-        v = u[:, w] >> s
-        if s + bits > 32:
-            v = v | (u[:, w + 1] << (32 - s))
-        vals[:, k] = v & (2**bits - 1)
-    return vals.reshape(-1, m).to(torch.int32)
 
 
 def _check_packable(bits: int, in_features: int, out_features: int) -> None:
@@ -312,12 +295,6 @@ def unpack_gptq_v1(tensors: dict[str, torch.Tensor], bits: int, in_features: int
     return q, zeros, tensors["scales"], tensors["g_idx"].to(torch.int32)
 
 
-def dequantize(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """W (out, in) float32 = scales[g] * (q - zeros[g]) with g = g_idx[column]."""
-    g = g_idx.long()
-    return scales.float().T[:, g] * (q - zeros.T[:, g]).float()
-
-
 def dequantize_gptq_v1(tensors: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int) -> torch.Tensor:
     return dequantize(*unpack_gptq_v1(tensors, bits, in_features, out_features))
 
@@ -331,25 +308,8 @@ def effective_bits(bits: int, group_size: int, in_features: int, out_features: i
 
 # ----------------------------------------------------------------------------- module
 
-class QuantLinear(nn.Module):
-    """A linear layer stored as GPTQ v1 buffers; dequantises once per device/dtype and caches.
-
-    Buffer names match GPTQ checkpoints (qweight, qzeros, scales, g_idx, bias), so its state dict
-    is what a GPTQ loader expects for this layer.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128, bias: bool = False, dtype: torch.dtype = torch.float16):
-        super().__init__()
-        _check_packable(bits, in_features, out_features)
-        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        n_groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
-        g = in_features if group_size == -1 else group_size
-        self.register_buffer("g_idx", (torch.arange(in_features) // g).int())
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
-        self._cache: torch.Tensor | None = None
+class QuantLinear(modules.QuantLinear):
+    """The runtime GPTQ layer (compressor/modules.py), plus its construction from a QuantResult."""
 
     @classmethod
     def from_result(cls, result: QuantResult, group_size: int, bias: torch.Tensor | None = None) -> QuantLinear:
@@ -360,28 +320,3 @@ class QuantLinear(nn.Module):
         if bias is not None:
             mod.bias.copy_(bias.detach())
         return mod.to(result.w_hat.device)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
-        # A plain tensor even when first called under inference_mode, so the cache can later be
-        # saved for backward (e.g. training adapters on top of this layer).
-        with torch.inference_mode(False), torch.no_grad():
-            return dequantize_gptq_v1(tensors, self.bits, self.in_features, self.out_features)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._cache
-        if w is None or w.dtype != x.dtype or w.device != x.device:
-            w = self._cache = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"

@@ -63,6 +63,9 @@ def _type_ok(value, annotation) -> bool:
     if origin is list:
         (item,) = typing.get_args(annotation) or (object,)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, val = typing.get_args(annotation) or (object, object)
+        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, val) for k, v in value.items())
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:

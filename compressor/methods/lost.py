@@ -62,7 +62,7 @@ class Lost(RankMethod):
 
     def decompose(self, weights, grams, ranks):
         factors = []
-        for w, h, (u, s, vh), k in zip(weights, grams, linalg.svd(weights, dtype=torch.float64), ranks):
+        for w, h, (u, s, vh), k in zip(weights, grams, linalg.svd(weights, dtype=torch.float64, ranks=ranks), ranks):
             up, down = linalg.split_factors(u, s, vh, k)
             residual = w.double() - up @ down
             factors.append({"up.weight": up, "down.weight": down, **self.residual_columns(residual, h)})

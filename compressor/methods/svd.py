@@ -18,5 +18,5 @@ class SVD(RankMethod):
     def decompose(self, weights, grams, ranks):
         return [
             dict(zip(("up.weight", "down.weight"), linalg.split_factors(u, s, vh, k)))
-            for (u, s, vh), k in zip(linalg.svd(weights), ranks)
+            for (u, s, vh), k in zip(linalg.svd(weights, ranks=ranks), ranks)
         ]

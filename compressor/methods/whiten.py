@@ -41,7 +41,7 @@ class Whiten(RankMethod):
     def decompose(self, weights, grams, ranks):
         scaled, roots = self._whitened(weights, grams)
         factors = []
-        for (u, s, vh), (_, s_inv), k in zip(linalg.svd(scaled, dtype=scaled[0].dtype), roots, ranks):
+        for (u, s, vh), (_, s_inv), k in zip(linalg.svd(scaled, dtype=scaled[0].dtype, ranks=ranks), roots, ranks):
             up, down = linalg.split_factors(u, s, vh, k)
             factors.append({"up.weight": up, "down.weight": down @ s_inv})
         return factors

@@ -1,0 +1,142 @@
+"""Quantisation benchmark on a real pretrained model: dense, round-to-nearest, GPTQ, GPTQ + EoRA.
+
+    nice python benchmarks/quant.py [--samples 64] [--limit 4] [--ranks 16 32 64 128]
+
+Gemma 3 270M (the `demo` model), 4 bits, group size 128, calibration on the shipped `code` set.
+Perplexity in the papers' protocol (non-overlapping 512-token windows) on code and WikiText-2,
+capped at --limit windows per task so the run fits a CPU. Writes benchmarks/results/quant.json
+(after every variant, so an interrupted run keeps what it measured) and prints a markdown table.
+
+One calibration walk serves every GPTQ row: the eora stage runs with `sequential: false`, so the
+quantised base is exactly what the gptq stage alone produces, and the rank-r adapters are the
+top-r components of the rank-128 ones (the same truncated SVD of the same dW and H).
+The demo model's weights were stored at 4-6 bits in its GGUF, so absolute 4-bit numbers are
+somewhat confounded; compare rows with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from compressor import export, recipe
+from compressor.api import compress
+from compressor.evaluate import run_tasks
+from compressor.loading import load_model
+from compressor.modules import LoraAdapted
+
+RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
+TASKS = ["code_ppl", "wikitext2_ppl"]
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != "compression_report.json")
+
+
+def weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+
+def truncate_adapters(model, full: dict, rank: int | None) -> None:
+    """Keep the top `rank` adapter components (None: drop adapters, i.e. the GPTQ base)."""
+    for name, (base, A, B) in full.items():
+        if rank is None:
+            model.set_submodule(name, base)
+            continue
+        wrapper = LoraAdapted(base, torch.nn.Linear(A.shape[1], rank, bias=False), torch.nn.Linear(rank, B.shape[0], bias=False))
+        with torch.no_grad():
+            wrapper.lora_A.weight.copy_(A[:rank])
+            wrapper.lora_B.weight.copy_(B[:, :rank])
+        model.set_submodule(name, wrapper)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo", help="model spec for compressor.loading.load_model")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--limit", type=int, default=4, help="evaluation windows per task")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--resume", action="store_true", help="keep the dense and RTN rows of --out when its evaluation settings match")
+    ap.add_argument("--gram-dtype", default="float32", help="Gram accumulation dtype (float32 is GPTQ's usual; float64 is slower)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"evaluation: {TASKS}, seq_len 512, first {args.limit} windows per task ({args.limit * 511} predicted tokens each)", flush=True)
+
+    start = time.time()
+    dense, tok = load_model(args.model)
+    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype},
+               "eval": {"tasks": TASKS, "seq_len": 512, "limit_windows": args.limit}, "load_seconds": round(time.time() - start, 1), "rows": []}
+
+    previous = {}
+    if args.resume and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if old.get("eval") == results["eval"] and old.get("model") == args.model:
+            previous = {row["variant"]: row for row in old["rows"] if not row["variant"].startswith("GPTQ")}
+
+    def record(name, model, size, wall, **extra):
+        if name in previous:
+            results["rows"].append({**previous[name], "resumed": True})
+            print(json.dumps(results["rows"][-1]), flush=True)
+            return
+        t = time.time()
+        ppl = run_tasks(model, tok, TASKS, 512, args.limit, "cpu")
+        row = {"variant": name, **{k: round(v["ppl"], 3) for k, v in ppl.items()}, "size_bytes": size, "compress_seconds": wall, "eval_seconds": round(time.time() - t, 1), **extra}
+        results["rows"].append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(row), flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="quant-bench-"))
+    if "dense fp32" not in previous:
+        dense.save_pretrained(work / "dense")
+    record("dense fp32", dense, None if "dense fp32" in previous else weights_bytes(work / "dense"), 0.0)
+
+    def recipe_for(stages):
+        return recipe.from_dict({"name": "bench", "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype}, "stages": stages})
+
+    t = time.time()
+    if "RTN w4 g128" in previous:
+        record("RTN w4 g128", None, None, None)
+    else:
+        rtn = compress(copy.deepcopy(dense), recipe_for([{"method": "rtn", "bits": 4, "group_size": args.group_size}]), work / "rtn", tokenizer=tok, device="cpu")
+        record("RTN w4 g128", rtn.model, weights_bytes(work / "rtn"), round(time.time() - t, 1), bits_per_dense_weight=rtn.report["bits_per_dense_weight"])
+        del rtn
+
+    top = max(args.ranks)
+    t = time.time()
+    res = compress(dense, recipe_for([{"method": "gptq", "bits": 4, "group_size": args.group_size}, {"method": "eora", "rank": top, "sequential": False}]), work / "gptq-eora", tokenizer=tok, device="cpu")
+    wall = round(time.time() - t, 1)
+    model, base_bytes = res.model, weights_bytes(work / "gptq-eora") - weights_bytes(work / "gptq-eora" / "adapter")
+    full = {n: (m.base, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone()) for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
+    note = f"one walk computes GPTQ and rank-{top} EoRA ({wall} s); lower ranks are truncations"
+    truncate_adapters(model, full, None)
+    record("GPTQ w4 g128 (ours)", model, base_bytes, wall, bits_per_dense_weight=res.report["bits_per_dense_weight"], note=note)
+    for r in sorted(args.ranks):
+        truncate_adapters(model, full, r)
+        adapter_dir = work / f"adapter-{r}"
+        export.save_adapter(export._adapted(model), adapter_dir)
+        record(f"GPTQ + EoRA r{r}", model, base_bytes + weights_bytes(adapter_dir), wall, adapter_bytes=weights_bytes(adapter_dir), note=note)
+    shutil.rmtree(work)
+    results["total_seconds"] = round(time.time() - start, 1)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"\n{args.model}, 4-bit g{args.group_size}, {args.samples}x{args.seq_len} code calibration; perplexity on the first {args.limit} windows of 512 tokens per task\n")
+    print("| variant | code ppl | wikitext2 ppl | size on disk (MB) | compress wall (s) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in results["rows"]:
+        print(f"| {row['variant']} | {row['code_ppl']:.3f} | {row['wikitext2_ppl']:.3f} | {row['size_bytes'] / 1e6:.1f} | {row['compress_seconds']} |")
+    print(f"\ntotal {results['total_seconds']} s; JSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""EoRA compensation adapters as a recipe stage (the maths: compressor/eora.py).
+
+For every linear an earlier stage compressed, dW = W - W_hat, where W is the weight before any
+stage touched it and W_hat is what the compressed module really computes (dequantised codes,
+up @ down, plus LOST's sparse columns). Adapters B A minimise ||(dW - B A) X|| on the layer's
+calibration inputs, so y = W_hat x + B A x.
+
+The adapters either stay separate (written as a PEFT LoRA folder with scale 1) or, with `merge`,
+are folded into unquantised low-rank weights, where that is exact: up @ down + B @ A is the
+rank r + r_a product [up | B] @ [down ; A].
+
+`sequential: false` keeps the adapters out of the calibration walk (later layers are calibrated on
+the compressed model without them, as in post-quantisation adapter generation); the compressed base
+is then identical to a run without this stage, and one run serves every lower rank by truncation.
+
+Recipe:
+    - method: eora
+      rank: 32
+      rank_pattern: {"mlp.*": 64}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compressor import eora, models
+from compressor.errors import CompressorError
+from compressor.methods import register
+from compressor.methods.base import Method
+from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear
+
+
+@dataclass
+class EoraConfig:
+    """rank: adapter rank. rank_pattern: glob on linear names inside a layer -> rank, first match
+    wins over `rank`. targets: which compressed linears get adapters. merge: fold into unquantised
+    low-rank weights. sequential: adapters feed the next layers' calibration inputs."""
+
+    rank: int = 32
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=lambda: ["*"])
+    merge: bool = False
+    sequential: bool = True
+
+
+@register
+class Eora(Method):
+    name = "eora"
+    Config = EoraConfig
+    kind = "adapter"
+    needs_gram = True
+
+    def __init__(self, config):
+        for r in [config.rank, *config.rank_pattern.values()]:
+            if r < 1:
+                raise CompressorError(f"eora: ranks must be positive integers, got {r}")
+        super().__init__(config)
+
+    def targets(self, linear_name: str) -> bool:
+        return any(fnmatch.fnmatch(linear_name, pat) for pat in self.config.targets)
+
+    def rank_for(self, linear_name: str) -> int:
+        return next((r for pat, r in self.config.rank_pattern.items() if fnmatch.fnmatch(linear_name, pat)), self.config.rank)
+
+    def adapters(self, original: torch.Tensor, module: nn.Module, H: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B (out x r), A (r x in)) in float64 for the error of `module` against `original`."""
+        dW = original.to(torch.float64) - effective_weight(module).to(device=original.device, dtype=torch.float64)
+        # q/k/v (and gate/up) share one Gram object: decompose it once.
+        if getattr(self, "_eigen_of", None) is not H:
+            self._eigen_of, self._eigen = H, eora.gram_eigen(H.to(original.device))
+        return eora.eora_adapters(dW, H, rank, eigen=self._eigen)
+
+    def attach(self, module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict) -> tuple[nn.Module, dict]:
+        """The module with its adapters: merged (spec's rank grows) or wrapped."""
+        like = next(iter(module.parameters()), None)
+        dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
+        if self.config.merge:
+            return _merge(module, B.to(dtype), A.to(dtype), spec)
+        device = B.device if like is None else like.device
+        lora_A = nn.Linear(A.shape[1], A.shape[0], bias=False, device=device, dtype=dtype)
+        lora_B = nn.Linear(B.shape[1], B.shape[0], bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            lora_A.weight.copy_(A)
+            lora_B.weight.copy_(B)
+        return LoraAdapted(module, lora_A, lora_B), spec
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a (possibly compressed) linear applies, float32."""
+    if isinstance(module, QuantLinear):
+        return module.dequantized_weight()
+    if isinstance(module, LowRankLinear):
+        W = effective_weight(module.up) @ effective_weight(module.down)
+        if isinstance(module, LowRankSparseLinear):
+            W[:, module.sparse_cols] += module.sparse_values.detach().float()
+        return W
+    return models.weight_of(module).detach().float()
+
+
+def _merge(module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict):
+    if not isinstance(module, LowRankLinear) or isinstance(module.down, QuantLinear):
+        raise CompressorError("eora: merge: true folds adapters into unquantised low-rank weights only; drop 'merge' to keep them as a PEFT adapter")
+    with torch.no_grad():
+        down = torch.cat([module.down.weight, A])
+        up = torch.cat([module.up.weight, B], dim=1)
+        module.down = nn.Linear(down.shape[1], down.shape[0], bias=False, device=down.device, dtype=down.dtype)
+        module.down.weight.copy_(down)
+        bias = module.up.bias
+        module.up = nn.Linear(up.shape[1], up.shape[0], bias=bias is not None, device=up.device, dtype=up.dtype)
+        module.up.weight.copy_(up)
+        if bias is not None:
+            module.up.bias.copy_(bias)
+    module.rank = down.shape[0]
+    return module, {**spec, "rank": module.rank}

@@ -1,0 +1,98 @@
+"""Runs a recipe's stages (rank reduction, then quantisation, then compensation adapters) in one
+layer-sequential walk.
+
+Per decoder layer, in this order: the layer's input Grams are collected (from the inputs the
+already compressed earlier layers produce), the dense weights are kept aside, the rank stage
+factorises, the quantisation stage quantises dense linears or the factors, and the adapter stage
+fits B A to W - W_hat. Only then does the layer compute the next layer's inputs, so every stage of
+layer i+1 is calibrated on what the finished layer i really outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compressor import models, pipeline
+from compressor.errors import CompressorError
+from compressor.recipe import Recipe
+
+_ORDER = ("rank", "quant", "adapter")
+
+
+@dataclass
+class Outcome:
+    specs: dict[str, dict] = field(default_factory=dict)  # full name -> compressed module spec
+    adapters: dict[str, int] = field(default_factory=dict)  # full name -> adapter rank (unmerged)
+    merged: dict[str, int] = field(default_factory=dict)  # full name -> adapter rank folded in
+
+
+def plan(recipe: Recipe) -> dict:
+    """The stages by kind, after checking their order: each kind at most once, in _ORDER."""
+    by_kind: dict = {}
+    for stage in recipe.stages:
+        if stage.kind in by_kind:
+            raise CompressorError(f"{recipe.source}: only one {stage.kind} stage per recipe, got '{by_kind[stage.kind].name}' and '{stage.name}'")
+        later = [k for k in by_kind if _ORDER.index(k) > _ORDER.index(stage.kind)]
+        if later:
+            raise CompressorError(f"{recipe.source}: stage '{stage.name}' must come before '{by_kind[later[0]].name}' (order: rank reduction, quantisation, adapters)")
+        by_kind[stage.kind] = stage
+    if "adapter" in by_kind and len(by_kind) == 1:
+        raise CompressorError(f"{recipe.source}: '{by_kind['adapter'].name}' compensates a compression error, so it needs a rank-reduction or quantisation stage before it")
+    adapter, quant = by_kind.get("adapter"), by_kind.get("quant")
+    if adapter is not None and adapter.config.merge and quant is not None:
+        raise CompressorError(f"{recipe.source}: eora merge: true cannot fold adapters into quantised weights; drop 'merge' to keep them as a PEFT adapter")
+    return by_kind
+
+
+def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int = 8, gram_dtype=torch.float64) -> Outcome:
+    stages = plan(recipe)
+    rank, quant, adapter = (stages.get(k) for k in _ORDER)
+    arch = models.arch_for(model)
+    ranks = pipeline.plan_ranks(model, rank, device, windows, batch_size, gram_dtype) if rank else {}
+    if quant is not None:
+        shapes = {full: tuple(models.weight_of(m).shape) for full, local, m in models.iter_linears(model) if quant.targets(local)}
+        if not shapes:
+            raise CompressorError(f"{quant.name}: targets {quant.config.targets} match no linear layer; names look like {next(iter(arch.linears))}")
+        quant.check(shapes, {n for n, r in ranks.items() if r is not None})
+    outcome = Outcome()
+    deferred: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def visit(i, layer, grams):
+        prefix = models.layer_prefix(model, i)
+        dense = {n: models.weight_of(m).detach().clone() for n, m in models.layer_linears(model, layer).items()} if adapter else {}
+        if rank is not None:
+            outcome.specs.update(pipeline.compress_layer(model, rank, ranks, i, layer, grams))
+        for name in arch.linears:
+            full = f"{prefix}.{name}"
+            H = grams[arch.linears[name]] if grams is not None else None
+            module = layer.get_submodule(name)
+            if quant is not None and quant.targets(name):
+                module, spec = quant.quantize_module(module, H, outcome.specs.get(full))
+                _replace(layer, name, module)
+                outcome.specs[full] = spec
+            if adapter is None or full not in outcome.specs or not adapter.targets(name):
+                continue
+            r = adapter.rank_for(name)
+            B, A = adapter.adapters(dense[name].to(H.device), module, H, r)
+            module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full])
+            (outcome.merged if adapter.config.merge else outcome.adapters)[full] = A.shape[0]
+            if adapter.config.sequential or adapter.config.merge:
+                _replace(layer, name, module)
+            else:
+                deferred.append((layer, name, module))
+
+    needs_gram = any(s.needs_gram for s in stages.values())
+    names = "+".join(s.name for s in recipe.stages)
+    pipeline.walk(model, device, visit, windows if needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({names})")
+    home = next(model.parameters()).device
+    for layer, name, module in deferred:
+        _replace(layer, name, module.to(home))
+    return outcome
+
+
+def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(layer.get_submodule(parent), child, module)

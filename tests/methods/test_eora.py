@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from compressor import eora
+from compressor.errors import CompressorError
+from compressor.methods.eora import Eora, EoraConfig, effective_weight
+from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear
+from compressor.quant import QuantConfig, QuantLinear, rtn_quantize
+
+
+def test_effective_weight_is_what_the_module_computes():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=gen)
+    sparse = LowRankSparseLinear(64, 32, 8, 4, bias=False)
+    with torch.no_grad():
+        for p in sparse.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        sparse.sparse_cols.copy_(torch.tensor([1, 7, 30, 63]))
+    q = QuantLinear.from_result(rtn_quantize(torch.randn(32, 64, generator=gen), QuantConfig(bits=4, group_size=32)), 32)
+    for m in (sparse, q, torch.nn.Linear(64, 32, bias=False)):
+        assert torch.allclose(m(x), x @ effective_weight(m).T, atol=1e-4)
+
+
+def test_attach_and_merge_equal_adapter_arithmetic():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 64, generator=gen)
+    H = x.T.double() @ x.double() / x.shape[0]
+    W = torch.randn(32, 64, generator=gen)
+    m = LowRankLinear(64, 32, 6, bias=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    stage = Eora(EoraConfig(rank=4))
+    B, A = stage.adapters(W, m, H, 4)
+    B_ref, A_ref = eora.eora_adapters(W.double() - effective_weight(m).double(), H, 4)
+    assert torch.allclose(B @ A, B_ref @ A_ref)
+    want = m(x) + x @ (B @ A).float().T
+    wrapped, spec = stage.attach(m, B, A, {"rank": 6})
+    assert isinstance(wrapped, LoraAdapted) and spec == {"rank": 6}
+    assert torch.allclose(wrapped(x), want, atol=1e-4)
+    merged, spec = Eora(EoraConfig(rank=4, merge=True)).attach(m, B, A, {"rank": 6})
+    assert spec == {"rank": 10} and merged.rank == 10
+    assert torch.allclose(merged(x), want, atol=1e-4)
+
+
+def test_merge_refuses_quantised():
+    q = QuantLinear.from_result(rtn_quantize(torch.randn(32, 64), QuantConfig(bits=4, group_size=32)), 32)
+    with pytest.raises(CompressorError, match="unquantised low-rank weights only"):
+        Eora(EoraConfig(rank=2, merge=True)).attach(q, torch.zeros(32, 2), torch.zeros(2, 64), {})
+
+
+def test_rank_pattern_first_match():
+    stage = Eora(EoraConfig(rank=8, rank_pattern={"mlp.*": 16, "*": 4}))
+    assert stage.rank_for("mlp.up_proj") == 16 and stage.rank_for("self_attn.q_proj") == 4

@@ -1,0 +1,158 @@
+"""Recipes that chain rank reduction, GPTQ and EoRA: one walk, exports in standard formats, reloads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import compressor
+from compressor import models, modules, quant, recipe
+from compressor.api import calibration_windows, compress
+from compressor.errors import CompressorError
+
+from conftest import tiny_model
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+CALIB = dict(samples=4, seq_len=32, device="cpu")
+
+
+def shipped(name: str, group_size: int = 32, **eora):
+    """A shipped recipe with a group size the tiny models' 64/96-wide layers allow."""
+    data = recipe.load(name).to_dict()
+    for stage in data["stages"]:
+        if stage["method"] == "gptq":
+            stage["group_size"] = group_size
+        if stage["method"] == "eora":
+            stage.update(eora)
+    return recipe.from_dict(data, source=name)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def without_adapters(model):
+    for name, m in list(model.named_modules()):
+        if isinstance(m, modules.LoraAdapted):
+            model.set_submodule(name, m.base)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mistral", "qwen3"])
+@pytest.mark.parametrize("name", ["gptq4", "gptq4-eora32", "welore30-gptq4-eora"])
+def test_compress_export_reload(arch, name, tokenizer, tmp_path):
+    out = tmp_path / "out"
+    result = compress(tiny_model(arch), shipped(name), out, tokenizer=tokenizer, **CALIB)
+    expected = logits(result.model)
+    assert torch.isfinite(expected).all()
+    ours = compressor.load(out)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert (logits(remote) - logits(ours)).abs().max() <= 1e-5
+    if "eora" in name:
+        from peft import PeftModel
+
+        # fp32 throughout, the same arithmetic as our own forward: equal to rounding.
+        peft_model = PeftModel.from_pretrained(compressor.load(out), out / "adapter").eval()
+        assert (logits(peft_model) - expected).abs().max() <= 1e-4
+        expected = logits(without_adapters(result.model))
+    assert (logits(ours) - expected).abs().max() <= 1e-4
+
+    report = json.loads((out / "compression_report.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert report["quantization"]["bits"] == 4 and report["bits_per_dense_weight"] < 8
+    assert config["compression"]["modules"]
+    if name == "welore30-gptq4-eora":
+        assert "quantization_config" not in config  # low-rank layers are not a GPTQ layout
+        assert any(spec["type"] == "lowrank" and spec["quant"]["bits"] == 4 for spec in config["compression"]["modules"].values())
+    else:
+        assert config["quantization_config"]["quant_method"] == "gptq"
+
+
+def test_gptq_v1_tensors(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    result = compress(tiny_model("llama"), shipped("gptq4"), out, tokenizer=tokenizer, **CALIB)
+    tensors = load_file(out / "model.safetensors")
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == qcfg
+    assert {k: qcfg[k] for k in ("bits", "group_size", "desc_act", "sym", "lm_head", "quant_method", "checkpoint_format")} == {
+        "bits": 4, "group_size": 32, "desc_act": False, "sym": True, "lm_head": False, "quant_method": "gptq", "checkpoint_format": "gptq"}
+    assert qcfg["dynamic"] == {}
+    for full, _, module in models.iter_linears_any(result.model):
+        out_f, in_f = module.out_features, module.in_features
+        assert f"{full}.weight" not in tensors
+        t = {k: tensors[f"{full}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        assert (t["qweight"].dtype, tuple(t["qweight"].shape)) == (torch.int32, (in_f * 4 // 32, out_f))
+        assert (t["qzeros"].dtype, tuple(t["qzeros"].shape)) == (torch.int32, (in_f // 32, out_f * 4 // 32))
+        assert (t["scales"].dtype, tuple(t["scales"].shape)) == (torch.float16, (in_f // 32, out_f))
+        assert t["g_idx"].dtype == torch.int32 and torch.equal(t["g_idx"], torch.arange(in_f, dtype=torch.int32) // 32)
+        assert torch.equal(quant.dequantize_gptq_v1(t, 4, in_f, out_f), module.dequantized_weight())
+    assert report_bits(out) == pytest.approx(quant.effective_bits(4, 32, 64, 64), rel=0.2)
+
+
+def report_bits(out):
+    return json.loads((out / "compression_report.json").read_text())["quantization"]["effective_bits"]
+
+
+def test_gptq_beats_rtn_end_to_end(tokenizer):
+    """On a real forward: GPTQ's logits are closer to the dense model's than round-to-nearest's."""
+    dense = logits(tiny_model("llama"))
+    errs = {}
+    for method in ("gptq", "rtn"):
+        rec = recipe.from_dict({"stages": [{"method": method, "bits": 3, "group_size": 32}]})
+        errs[method] = (logits(compress(tiny_model("llama"), rec, tokenizer=tokenizer, **CALIB).model) - dense).norm()
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_eora_reduces_error_and_non_sequential_keeps_gptq_base(tokenizer, tmp_path):
+    rec = shipped("gptq4-eora32", rank=16, sequential=False, rank_pattern={"mlp.*": 24})
+    # EoRA fits the calibration distribution, so it is judged on calibration-like text.
+    ids = calibration_windows(rec, tokenizer, None, samples=4, seq_len=32)
+    run = lambda m: m(ids).logits.detach()  # noqa: E731
+    dense = run(tiny_model("qwen2"))
+    plain = compress(tiny_model("qwen2"), shipped("gptq4"), tokenizer=tokenizer, **CALIB).model
+    adapted = compress(tiny_model("qwen2"), rec, tmp_path / "out", tokenizer=tokenizer, **CALIB).model
+    assert (run(adapted) - dense).norm() < 0.7 * (run(plain) - dense).norm()
+    # sequential: false calibrates later layers without adapters: the base is the plain GPTQ run.
+    for (n, _, a), (_, _, b) in zip(models.iter_linears_any(without_adapters(adapted)), models.iter_linears_any(plain)):
+        assert torch.equal(a.qweight, b.qweight), n
+
+    cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 16 and cfg["peft_type"] == "LORA"
+    assert set(cfg["rank_pattern"].values()) == {24} and cfg["alpha_pattern"] == cfg["rank_pattern"]
+    weights = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    a = weights["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"]
+    b = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert tuple(a.shape) == (24, 64) and tuple(b.shape) == (64, 16)
+
+
+def test_merge_into_lowrank_is_exact(tokenizer, tmp_path):
+    rec = recipe.from_dict({"stages": [{"method": "whiten", "ratio": 0.5}, {"method": "eora", "rank": 4, "merge": True}]})
+    out = tmp_path / "out"
+    result = compress(tiny_model("llama"), rec, out, tokenizer=tokenizer, **CALIB)
+    assert not (out / "adapter").exists()
+    assert not any(isinstance(m, modules.LoraAdapted) for m in result.model.modules())
+    before = {n: r for n, r in compress(tiny_model("llama"), rec.stages[0].name, tokenizer=tokenizer, ratio=0.5, **CALIB).report["per_module"].items()}
+    merged = result.report["per_module"]
+    assert all(merged[n] == before[n] + 4 for n in merged if before[n] != "dense")
+    assert (logits(compressor.load(out)) - logits(result.model)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"method": "gptq", "bits": 5}], "bits must be 2, 3, 4 or 8"),
+    ([{"method": "gptq", "group_size": 48}], "group_size 48 does not divide the 64 input features"),
+    ([{"method": "eora", "rank": 8}], "needs a rank-reduction or quantisation stage before it"),
+    ([{"method": "eora"}, {"method": "gptq", "group_size": 32}], "must come before 'eora'"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "rtn", "group_size": 32}], "only one quant stage"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "merge": True}], "cannot fold adapters into quantised weights"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank": 0}], "ranks must be positive"),
+])
+def test_bad_input_is_one_line(stages, message, tokenizer):
+    with pytest.raises(CompressorError, match=message) as err:
+        compress(tiny_model("llama"), recipe.from_dict({"stages": stages}), tokenizer=tokenizer, **CALIB)
+    assert "\n" not in str(err.value)
