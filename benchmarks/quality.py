@@ -8,6 +8,7 @@ keeps what it measured.
 
     python benchmarks/quality.py                       # Gemma 3 270M, all methods, 10-40 %
     python benchmarks/quality.py --methods svd,welore --ratios 0.2 --eval-limit 2   # a quick look
+    python benchmarks/quality.py --ratios 0.3 --keep   # add missing cells to an earlier run's file
 """
 
 from __future__ import annotations
@@ -42,7 +43,24 @@ def parse_args(argv=None):
     p.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default: the recipe's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/quality.json")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="add to OUT instead of replacing it: its dense row is reused and cells it has are skipped "
+        "(refused when OUT was measured with other evaluation or calibration settings)",
+    )
     return p.parse_args(argv)
+
+
+def _earlier(out: Path, result: dict) -> dict | None:
+    """OUT's earlier results when they were measured the same way as this run, else an error."""
+    if not out.is_file():
+        return None
+    old = json.loads(out.read_text())
+    for key in ("model", "eval", "calibration"):
+        if old.get(key) != result[key]:
+            raise SystemExit(f"error: {out} was measured with {key}={old.get(key)}, this run has {result[key]}; drop --keep or use another --out")
+    return old
 
 
 def _ppl(model, tokenizer, args, device) -> dict:
@@ -97,16 +115,25 @@ def main(argv=None) -> int:
         "cells": {},
         "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
     }
-    t = time.time()
-    result["dense"] = _ppl(base.to(device), tokenizer, args, device)
-    result["dense"]["eval_seconds"] = round(time.time() - t, 1)
-    base.to("cpu")
+    old = _earlier(out, result) if args.keep else None
+    if old is not None:
+        result["dense"], result["cells"] = old["dense"], old["cells"]
+        result["ratios"] = sorted(set(old["ratios"]) | set(ratios))
+        result["command"] = old["command"] + " ; " + result["command"]
+    else:
+        t = time.time()
+        result["dense"] = _ppl(base.to(device), tokenizer, args, device)
+        result["dense"]["eval_seconds"] = round(time.time() - t, 1)
+        base.to("cpu")
     print(f"dense: {result['dense']}", flush=True)
 
-    result["cells"] = {m: {} for m in methods}
+    for method in methods:
+        result["cells"].setdefault(method, {})
     # Ratio-major, so a run cut short still has every method at the ratios listed first.
     for ratio in ratios:
         for method in methods:
+            if str(ratio) in result["cells"][method]:
+                continue
             model = copy.deepcopy(base)
             t = time.time()
             res = compress(model, method, None, tokenizer=tokenizer, ratio=ratio, samples=args.samples, seq_len=args.calib_seq_len, device=args.device)

@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -224,7 +225,7 @@ def disk_bytes(model: str) -> int | None:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
-def model_info(model, spec: str) -> dict:
+def model_info(model, spec: str | None) -> dict:
     from compressor import models
 
     config = getattr(model, "config", None)
@@ -234,7 +235,7 @@ def model_info(model, spec: str) -> dict:
         summary = {k: compression.get(k) for k in ("method", "target_ratio") if k in compression}
     return {
         "parameters": models.count_params(model),
-        "disk_bytes": disk_bytes(spec),
+        "disk_bytes": disk_bytes(spec) if spec else None,
         "model_type": getattr(config, "model_type", None),
         "compression": summary,
     }
@@ -253,7 +254,6 @@ def evaluate_model(
 
     `options` are `run_tasks`' keyword arguments (batch_size, max_new_tokens, samples_per_task, ...).
     """
-    from compressor.api import versions
     from compressor.pipeline import resolve_device
 
     check_tasks(tasks)
@@ -261,29 +261,43 @@ def evaluate_model(
     start = time.time()
     loaded, tokenizer = load_any(model, dtype, str(dev))
     load_seconds = round(time.time() - start, 3)
-    results = run_tasks(loaded, tokenizer, tasks, seq_len, limit, dev, **options)
-    settings = {"seq_len": seq_len, "limit": limit, **{k: v for k, v in options.items() if k not in ("include_path",)}}
+    results = evaluate_loaded(loaded, tokenizer, tasks, seq_len, limit, dev, name=str(model), **options)
+    results.update(dtype=dtype, load_seconds=load_seconds, wall_seconds=round(time.time() - start, 3))
+    return results
+
+
+def evaluate_loaded(model, tokenizer, tasks: list[str], seq_len: int = 2048, limit: int | None = None, device="cpu", *, name: str | None = None, **options) -> dict:
+    """`evaluate_model` for a model already in memory; `name` (a spec or folder) sizes it on disk."""
+    from compressor.api import versions
+
+    start = time.time()
+    results = run_tasks(model, tokenizer, tasks, seq_len, limit, device, **options)
+    settings = {"seq_len": seq_len, "limit": limit, **{k: v for k, v in options.items() if k != "include_path"}}
     return {
-        "model": str(model),
-        "model_info": model_info(loaded, str(model)),
+        "model": name or getattr(getattr(model, "config", None), "name_or_path", "model"),
+        "model_info": model_info(model, name),
         "tasks": results,
         "settings": settings,
-        "device": str(dev),
-        "dtype": dtype,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "versions": versions(),
-        "load_seconds": load_seconds,
         "wall_seconds": round(time.time() - start, 3),
     }
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` via a temporary sibling, so a reader never sees half a file."""
+def write_atomic(path: str | Path, content: str | Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Write `content` (text, or a function writing to the path it gets) via a temporary sibling,
+    so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        if callable(content):
+            os.close(fd)
+            content(tmp)
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(content)
         public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:

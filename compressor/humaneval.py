@@ -8,7 +8,6 @@ unbiased estimator over n samples per problem. Greedy decoding with n=1 gives pa
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 

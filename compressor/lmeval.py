@@ -284,7 +284,9 @@ def run_lmeval(
     if allow_unsafe_code is None:
         allow_unsafe_code = all(t in LOCAL_TASKS for t in tasks)
 
-    paths = [task_folder()]
+    # The task folder only has to outlive this call; a TemporaryDirectory keeps /tmp clean.
+    scratch = tempfile.TemporaryDirectory(prefix="compressor-lmeval-tasks-")
+    paths = [task_folder(scratch.name)]
     if include_path is not None:
         paths += [Path(p) for p in (include_path if isinstance(include_path, (list, tuple)) else [include_path])]
     SANDBOX_SETTINGS.update(workers=workers, timeout=timeout, progress=progress)
@@ -323,6 +325,7 @@ def run_lmeval(
                 raise
     finally:
         SANDBOX_SETTINGS.update(workers=2, timeout=10.0, progress=True)
+        scratch.cleanup()
     if results is None:  # non-zero ranks in distributed runs
         return {}
     out = _flatten(results)

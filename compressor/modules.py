@@ -100,6 +100,7 @@ class QuantLinear(nn.Linear):
     """
 
     is_compressed = True
+    _is_hf_initialized = True  # transformers: every buffer comes from the checkpoint
 
     def __init__(self, in_features, out_features, bits, group_size=128, bias=False, dtype=torch.float16, device=None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no float weight

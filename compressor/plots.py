@@ -7,13 +7,11 @@ nothing here changes the global backend of a notebook or script that imports com
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.evaluate import public_mode
+from compressor.evaluate import write_atomic
 
 INSTALL_HINT = 'plots need matplotlib, which is not installed: pip install matplotlib (or pip install -e ".[eval]")'
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
@@ -45,18 +43,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
 
 
 def _grouped(rows: list[dict]) -> tuple[list[str], int, dict]:

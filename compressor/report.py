@@ -156,6 +156,8 @@ def _fmt_count(n) -> str:
 def _fmt_change(change, relative: bool) -> str:
     if change is None:
         return ""
+    if relative and change > 9:  # "+257922.8%" reads worse than a factor
+        return f" (x{change + 1:,.0f})"
     return f" ({change:+.1%})" if relative else f" ({change:+.3f})"
 
 

@@ -2,22 +2,11 @@ import math
 
 import pytest
 import torch
+from activations import correlated, gram
 
 from compressor.eora import eora_adapters, svd_adapters
 from compressor.errors import CompressorError
 from compressor.quant import QuantConfig, gptq_quantize
-
-
-def correlated(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=gen) / math.sqrt(d)
-    scale = torch.exp(torch.randn(d, generator=gen) * 0.5)
-    return torch.randn(n, d, generator=gen) @ mix * scale
-
-
-def gram(X: torch.Tensor) -> torch.Tensor:
-    X = X.double()
-    return X.T @ X / X.shape[0]
 
 
 def rms_out_err(dW, B, A, X) -> float:

@@ -131,3 +131,12 @@ def test_write_json_is_atomic(tmp_path):
         evaluate.write_json(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}  # the old file survives a failed write
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_evaluate_loaded_matches_evaluate_model(saved, llama):
+    from_disk = evaluate.evaluate_model(str(saved), ["code_ppl"], seq_len=32, limit=2, device="cpu")
+    in_memory = evaluate.evaluate_loaded(llama, byte_tokenizer(), ["code_ppl"], seq_len=32, limit=2, name=str(saved))
+    assert in_memory["tasks"]["code_ppl"]["ppl"] == pytest.approx(from_disk["tasks"]["code_ppl"]["ppl"], rel=1e-6)
+    assert in_memory["model_info"] == from_disk["model_info"]
+    unnamed = evaluate.evaluate_loaded(llama, byte_tokenizer(), ["code_ppl"], seq_len=32, limit=1)
+    assert unnamed["model_info"]["disk_bytes"] is None

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from activations import correlated, gram
 
 from compressor.errors import CompressorError
 from compressor.quant import (
@@ -16,19 +17,6 @@ from compressor.quant import (
     rtn_quantize,
     unpack_gptq_v1,
 )
-
-
-def correlated(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    """Activations X = Z M: correlated channels with unequal scales, like a real layer's inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=gen) / math.sqrt(d)
-    scale = torch.exp(torch.randn(d, generator=gen) * 0.5)
-    return torch.randn(n, d, generator=gen) @ mix * scale
-
-
-def gram(X: torch.Tensor) -> torch.Tensor:
-    X = X.double()
-    return X.T @ X / X.shape[0]
 
 
 def out_err(W, W_hat, X) -> float:

@@ -29,7 +29,7 @@ from compressor import models
 from compressor.errors import CompressorError
 from compressor.methods import register
 from compressor.methods.base import Method
-from compressor.modules import LowRankLinear, QuantLinear, pack_chunk
+from compressor.modules import LowRankLinear, pack_chunk
 from compressor.quant import QuantConfig, QuantResult, gptq_quantize, rtn_quantize
 from compressor.quant import QuantLinear as BuildableQuantLinear
 
@@ -131,8 +131,3 @@ class Rtn(Gptq):
     def _factor_gram(self, down, H):
         return None
 
-
-def is_quantised(module: nn.Module) -> bool:
-    if isinstance(module, QuantLinear):
-        return True
-    return isinstance(module, LowRankLinear) and isinstance(module.down, QuantLinear)
