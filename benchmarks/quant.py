@@ -62,20 +62,23 @@ def main() -> None:
     ap.add_argument("--model", default="demo", help="model spec for compressor.loading.load_model")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--limit", type=int, default=4, help="evaluation windows per task")
+    ap.add_argument("--limit", type=int, default=4, help="evaluation windows per task (0: every window of the text)")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated perplexity tasks")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--resume", action="store_true", help="keep the dense and RTN rows of --out when its evaluation settings match")
     ap.add_argument("--gram-dtype", default="float32", help="Gram accumulation dtype (float32 is GPTQ's usual; float64 is slower)")
     args = ap.parse_args()
+    tasks = [t for t in args.tasks.split(",") if t]
+    limit = args.limit or None
     torch.manual_seed(0)
-    print(f"evaluation: {TASKS}, seq_len 512, first {args.limit} windows per task ({args.limit * 511} predicted tokens each)", flush=True)
+    print(f"evaluation: {tasks}, seq_len 512, " + (f"first {limit} windows per task" if limit else "every window"), flush=True)
 
     start = time.time()
     dense, tok = load_model(args.model)
     results = {"model": args.model, "bits": 4, "group_size": args.group_size, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype},
-               "eval": {"tasks": TASKS, "seq_len": 512, "limit_windows": args.limit}, "load_seconds": round(time.time() - start, 1), "rows": []}
+               "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
     if args.resume and args.out.exists():
@@ -89,7 +92,7 @@ def main() -> None:
             print(json.dumps(results["rows"][-1]), flush=True)
             return
         t = time.time()
-        ppl = run_tasks(model, tok, TASKS, 512, args.limit, "cpu")
+        ppl = run_tasks(model, tok, tasks, 512, limit, "cpu")
         row = {"variant": name, **{k: round(v["ppl"], 3) for k, v in ppl.items()}, "size_bytes": size, "compress_seconds": wall, "eval_seconds": round(time.time() - t, 1), **extra}
         results["rows"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,11 +133,13 @@ def main() -> None:
     results["total_seconds"] = round(time.time() - start, 1)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"\n{args.model}, 4-bit g{args.group_size}, {args.samples}x{args.seq_len} code calibration; perplexity on the first {args.limit} windows of 512 tokens per task\n")
-    print("| variant | code ppl | wikitext2 ppl | size on disk (MB) | compress wall (s) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    windows = f"the first {limit} windows" if limit else "every window"
+    print(f"\n{args.model}, 4-bit g{args.group_size}, {args.samples}x{args.seq_len} code calibration; perplexity on {windows} of 512 tokens per task\n")
+    print("| variant | " + " | ".join(tasks) + " | size on disk (MB) | compress wall (s) |")
+    print("| --- |" + " ---: |" * (len(tasks) + 2))
     for row in results["rows"]:
-        print(f"| {row['variant']} | {row['code_ppl']:.3f} | {row['wikitext2_ppl']:.3f} | {row['size_bytes'] / 1e6:.1f} | {row['compress_seconds']} |")
+        cells = " | ".join(f"{row[t]:.3f}" for t in tasks)
+        print(f"| {row['variant']} | {cells} | {row['size_bytes'] / 1e6:.1f} | {row['compress_seconds']} |")
     print(f"\ntotal {results['total_seconds']} s; JSON: {args.out}")
 
 
