@@ -75,3 +75,50 @@ def test_fixed_rank_errors_when_too_large():
 def test_unknown_policy():
     with pytest.raises(CompressorError, match="unknown allocation"):
         ranks.allocate("magic", SHAPES, 0.2)
+
+
+def _typed_shapes(layers=4):
+    shapes = {}
+    for i in range(layers):
+        shapes[f"model.layers.{i}.self_attn.q_proj"] = (96, 64)
+        shapes[f"model.layers.{i}.mlp.down_proj"] = (64, 160)
+    return shapes
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.4])
+def test_budget_meets_each_type_budget_within_one_rank_step(ratio):
+    shapes = _typed_shapes()
+    gen = torch.Generator().manual_seed(1)
+    energies = {}
+    for j, (name, shape) in enumerate(shapes.items()):
+        n = min(shape)
+        decay = torch.exp(-torch.arange(n, dtype=torch.float64) / (3 + 4 * (j % 4)))
+        energies[name] = (decay * (1 + 0.05 * torch.rand(n, generator=gen, dtype=torch.float64))).sort(descending=True).values
+    r = ranks.budget(shapes, ratio, energies)
+    for kind in ("self_attn.q_proj", "mlp.down_proj"):
+        sub = {n: s for n, s in shapes.items() if n.endswith(kind)}
+        dense = sum(o * i for o, i in sub.values())
+        after = ranks.params_after(sub, {n: r[n] for n in sub})
+        assert after <= (1 - ratio) * dense
+        # Tight: what is left over is less than one more rank of one matrix (or one dense switch).
+        assert after > (1 - ratio) * dense - max(o + i for o, i in sub.values()) - max(o * i for o, i in sub.values())
+    for name, k in r.items():
+        assert k is None or ranks.lowrank_params(shapes[name], k) < shapes[name][0] * shapes[name][1]
+
+
+def test_budget_gives_rank_to_matrices_whose_energy_is_spread():
+    shapes = _typed_shapes(layers=2)
+    n = 64
+    steep = torch.exp(-torch.arange(n, dtype=torch.float64) / 2)  # a few directions carry everything
+    flat = torch.exp(-torch.arange(n, dtype=torch.float64) / 40)
+    energies = {name: (steep if ".0." in name else flat) for name in shapes}
+    r = ranks.budget(shapes, 0.3, energies)
+    for kind in ("self_attn.q_proj", "mlp.down_proj"):
+        k0, k1 = r[f"model.layers.0.{kind}"], r[f"model.layers.1.{kind}"]
+        assert k0 is not None and (k1 is None or k1 > k0)
+    uniform = ranks.uniform(shapes, 0.3)
+    # At equal parameters, the kept share of energy is at least uniform allocation's.
+    def kept(alloc):
+        return sum(float(energies[m][: (alloc[m] or n)].sum() / energies[m].sum()) for m in shapes)
+
+    assert kept(r) >= kept(uniform)
