@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--resume", action="store_true", help="keep the dense and RTN rows of --out when its evaluation settings match")
+    ap.add_argument("--sequential", action="store_true", help="EoRA stage with sequential: true (later layers calibrated with the adapters); "
+                    "the GPTQ row is then the base of that walk, not plain GPTQ, and lower ranks are still truncations")
     ap.add_argument("--act-order", action="store_true", help="GPTQ with activation order (desc_act)")
     ap.add_argument("--gram-dtype", default="float32", help="Gram accumulation dtype (float32 is GPTQ's usual; float64 is slower)")
     args = ap.parse_args()
@@ -78,7 +80,7 @@ def main() -> None:
 
     start = time.time()
     dense, tok = load_model(args.model)
-    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype},
+    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype},
                "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
@@ -118,13 +120,13 @@ def main() -> None:
 
     top = max(args.ranks)
     t = time.time()
-    res = compress(dense, recipe_for([{"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}, {"method": "eora", "rank": top, "sequential": False}]), work / "gptq-eora", tokenizer=tok, device="cpu")
+    res = compress(dense, recipe_for([{"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}, {"method": "eora", "rank": top, "sequential": args.sequential}]), work / "gptq-eora", tokenizer=tok, device="cpu")
     wall = round(time.time() - t, 1)
     model, base_bytes = res.model, weights_bytes(work / "gptq-eora") - weights_bytes(work / "gptq-eora" / "adapter")
     full = {n: (m.base, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone()) for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
     note = f"one walk computes GPTQ and rank-{top} EoRA ({wall} s); lower ranks are truncations"
     truncate_adapters(model, full, None)
-    label = "GPTQ w4 g128" + (" act-order" if args.act_order else "")
+    label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" (EoRA-sequential walk)" if args.sequential else "")
     record(f"{label} (ours)", model, base_bytes, wall, bits_per_dense_weight=res.report["bits_per_dense_weight"], note=note)
     for r in sorted(args.ranks):
         truncate_adapters(model, full, r)
