@@ -36,14 +36,16 @@ class Method:
     def __init__(self, config):
         self.config = config
 
+    def targets(self, linear_name: str) -> bool:
+        """Whether the linear named `linear_name` inside a decoder layer is this stage's to change
+        (every method's config has `targets`: glob patterns on those names)."""
+        return any(fnmatch.fnmatch(linear_name, pat) for pat in self.config.targets)
+
 
 class RankMethod(Method):
     """Replaces a weight W (out x in) by factors up (out x r) @ down (r x in)."""
 
     Config = RankConfig
-
-    def targets(self, linear_name: str) -> bool:
-        return any(fnmatch.fnmatch(linear_name, pat) for pat in self.config.targets)
 
     def energies(self, weights: list[torch.Tensor], grams: list) -> list[torch.Tensor]:
         """Per matrix, the squared singular values of what gets truncated, descending."""

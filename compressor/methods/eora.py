@@ -60,9 +60,6 @@ class Eora(Method):
                 raise CompressorError(f"eora: ranks must be positive integers, got {r}")
         super().__init__(config)
 
-    def targets(self, linear_name: str) -> bool:
-        return any(fnmatch.fnmatch(linear_name, pat) for pat in self.config.targets)
-
     def rank_for(self, linear_name: str) -> int:
         return next((r for pat, r in self.config.rank_pattern.items() if fnmatch.fnmatch(linear_name, pat)), self.config.rank)
 

@@ -18,7 +18,6 @@ Recipe:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 
@@ -62,9 +61,6 @@ class Gptq(Method):
         super().__init__(config)
         c = config
         self.quant = QuantConfig(bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order, damp=c.damp, static_groups=c.static_groups)
-
-    def targets(self, linear_name: str) -> bool:
-        return any(fnmatch.fnmatch(linear_name, pat) for pat in self.config.targets)
 
     def _solve(self, W: torch.Tensor, H: torch.Tensor | None) -> QuantResult:
         return gptq_quantize(W, H, self.quant)
