@@ -145,18 +145,33 @@ def _targets(model, method: RankMethod, layer: nn.Module) -> dict[str, nn.Module
     return {n: m for n, m in models.layer_linears(model, layer).items() if method.targets(n)}
 
 
+def target_shapes(model, method) -> dict[str, tuple[int, int]]:
+    """Per full module name of a linear `method` targets, its weight's (out, in); an error when
+    the targets match nothing."""
+    shapes = {full: tuple(models.weight_of(m).shape) for full, local, m in models.iter_linears(model) if method.targets(local)}
+    if not shapes:
+        raise CompressorError(
+            f"{method.name}: targets {method.config.targets} match no linear layer; names look like {next(iter(models.arch_for(model).linears))}"
+        )
+    return shapes
+
+
+def layer_energies(model, method: RankMethod, index: int, layer: nn.Module, grams: dict | None) -> dict[str, torch.Tensor]:
+    """Per targeted full module name in one decoder layer, the method's component energies (descending)."""
+    prefix = models.layer_prefix(model, index)
+    linears = _targets(model, method, layer)
+    weights = [models.weight_of(m).detach() for m in linears.values()]
+    arch = models.arch_for(model)
+    hs = [grams[arch.linears[n]] for n in linears] if method.needs_gram else [None] * len(weights)
+    return {f"{prefix}.{name}": e.cpu() for name, e in zip(linears, method.energies(weights, hs))}
+
+
 def collect_energies(model, method: RankMethod, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
     """Per targeted full module name, the method's component energies (descending)."""
-    arch = models.arch_for(model)
     energies: dict[str, torch.Tensor] = {}
 
     def visit(i, layer, grams):
-        prefix = models.layer_prefix(model, i)
-        linears = _targets(model, method, layer)
-        weights = [models.weight_of(m).detach() for m in linears.values()]
-        hs = [grams[arch.linears[n]] for n in linears] if method.needs_gram else [None] * len(weights)
-        for name, e in zip(linears, method.energies(weights, hs)):
-            energies[f"{prefix}.{name}"] = e.cpu()
+        energies.update(layer_energies(model, method, i, layer, grams))
 
     walk(model, device, visit, windows if method.needs_gram else None, batch_size, gram_dtype, desc="spectra")
     return energies
@@ -164,9 +179,7 @@ def collect_energies(model, method: RankMethod, device, windows=None, batch_size
 
 def plan_ranks(model, method: RankMethod, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
     """Per full module name, the rank (or None: stays dense) the method's allocation gives."""
-    shapes = {full: tuple(models.weight_of(m).shape) for full, local, m in models.iter_linears(model) if method.targets(local)}
-    if not shapes:
-        raise CompressorError(f"targets {method.config.targets} match no linear layer; names look like {next(iter(models.arch_for(model).linears))}")
+    shapes = target_shapes(model, method)
     energies = collect_energies(model, method, device, windows, batch_size, gram_dtype) if method.needs_energies() else None
     return method.allocate(shapes, energies)
 

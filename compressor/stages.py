@@ -53,9 +53,7 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
     arch = models.arch_for(model)
     ranks = pipeline.plan_ranks(model, rank, device, windows, batch_size, gram_dtype) if rank else {}
     if quant is not None:
-        shapes = {full: tuple(models.weight_of(m).shape) for full, local, m in models.iter_linears(model) if quant.targets(local)}
-        if not shapes:
-            raise CompressorError(f"{quant.name}: targets {quant.config.targets} match no linear layer; names look like {next(iter(arch.linears))}")
+        shapes = pipeline.target_shapes(model, quant)
         quant.check(shapes, {n for n, r in ranks.items() if r is not None})
     outcome = Outcome()
     deferred: list[tuple[nn.Module, str, nn.Module]] = []

@@ -308,9 +308,7 @@ def compress_streaming(
     windows = api.calibration_windows(recipe, tokenizer, calib, samples, seq_len) if recipe.needs_calibration else None
     cal = recipe.calibration
     gram_dtype = getattr(torch, cal.gram_dtype)
-    shapes = {full: tuple(models.weight_of(m).shape) for full, local, m in models.iter_linears(model) if method.targets(local)}
-    if not shapes:
-        raise CompressorError(f"targets {method.config.targets} match no linear layer; names look like {next(iter(models.arch_for(model).linears))}")
+    shapes = pipeline.target_shapes(model, method)
 
     if progress is None:
         energies = None
@@ -318,11 +316,7 @@ def compress_streaming(
             energies = {}
 
             def spectra(i, layer, grams):
-                prefix = models.layer_prefix(model, i)
-                linears = pipeline._targets(model, method, layer)
-                hs = [grams[models.arch_for(model).linears[n]] for n in linears] if method.needs_gram else [None] * len(linears)
-                for name, e in zip(linears, method.energies([models.weight_of(m).detach() for m in linears.values()], hs)):
-                    energies[f"{prefix}.{name}"] = e.cpu()
+                energies.update(pipeline.layer_energies(model, method, i, layer, grams))
 
             _stream_walk(model, ckpt, dev, torch_dtype, spectra, windows if method.needs_gram else None, cal.batch_size, gram_dtype)
         progress = {"identity": identity, "done": 0, "ranks": method.allocate(shapes, energies), "specs": {}}
