@@ -15,7 +15,7 @@ def analyze(model, recipe: str = "welore", ratio: float | None = None, device: s
     kept_energy is the share of the truncated matrix's squared singular values that the rank keeps
     (for data-aware methods, of the whitened matrix, i.e. of the output energy on calibration data).
     """
-    from compressor import models, ranks
+    from compressor import ranks
 
     rec = recipes.load(recipe, ratio) if isinstance(recipe, str) else recipe
     stage = next((s for s in rec.stages if s.kind == "rank"), None)
@@ -25,6 +25,7 @@ def analyze(model, recipe: str = "welore", ratio: float | None = None, device: s
         from compressor.loading import load_model
 
         model, tokenizer = load_model(model)
+    shapes = pipeline.target_shapes(model, stage)  # fails before any calibration when targets match nothing
     dev = pipeline.resolve_device(device)
     windows = None
     if stage.needs_gram:
@@ -34,9 +35,6 @@ def analyze(model, recipe: str = "welore", ratio: float | None = None, device: s
 
         windows = calibration_windows(rec, tokenizer, calib)
     energies = pipeline.collect_energies(model, stage, dev, windows, rec.calibration.batch_size)
-    if not energies:
-        raise CompressorError(f"the targets of recipe '{rec.name}' match no linear layer of this model")
-    shapes = {n: tuple(models.weight_of(m).shape) for n, _, m in models.iter_linears(model) if n in energies}
     allocation = stage.allocate(shapes, energies)
     rows = []
     for name, e in energies.items():
