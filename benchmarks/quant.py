@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from compressor import export, recipe
+from compressor import eora, export, ranks, recipe
 from compressor.api import compress
 from compressor.evaluate import run_tasks
 from compressor.loading import load_model
+from compressor.methods import eora as eora_stage
 from compressor.modules import LoraAdapted
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
@@ -44,17 +45,20 @@ def weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
 
 
-def truncate_adapters(model, full: dict, rank: int | None) -> None:
-    """Keep the top `rank` adapter components (None: drop adapters, i.e. the GPTQ base)."""
-    for name, (base, A, B) in full.items():
-        if rank is None:
-            model.set_submodule(name, base)
-            continue
-        wrapper = LoraAdapted(base, torch.nn.Linear(A.shape[1], rank, bias=False), torch.nn.Linear(rank, B.shape[0], bias=False))
-        with torch.no_grad():
-            wrapper.lora_A.weight.copy_(A[:rank])
-            wrapper.lora_B.weight.copy_(B[:, :rank])
-        model.set_submodule(name, wrapper)
+def truncate_adapters(model, full: dict, rank: int | dict | None) -> None:
+    """Put the top `rank` components of each fitted adapter in place, or a rank per module (None or
+    0: no adapter, i.e. the GPTQ base). full: module name -> its fitted LoraAdapted."""
+    for name, module in full.items():
+        r = rank.get(name, 0) if isinstance(rank, dict) else rank
+        model.set_submodule(name, eora_stage.truncate(module, r or 0))
+
+
+def allocate(full: dict, rank: int) -> dict[str, int]:
+    """The eora stage's per-type allocation (eora.allocate_ranks, cap 4 x rank) on the fitted
+    adapters: component j removes S_j^2 of the output error and S_j = ||B[:, j]||^2 (B = U S^1/2)."""
+    energies = {n: m.lora_B.weight.detach().double().square().sum(0).square() for n, m in full.items()}
+    costs = {n: m.in_features + m.out_features for n, m in full.items()}
+    return eora.allocate_ranks(energies, costs, dict.fromkeys(full, rank), {n: ranks.matrix_type(n) for n in full}, dict.fromkeys(full, 4 * rank))
 
 
 def main() -> None:
@@ -70,6 +74,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the dense and RTN rows of --out when its evaluation settings match")
     ap.add_argument("--sequential", action="store_true", help="EoRA stage with sequential: true (later layers calibrated with the adapters); "
                     "the GPTQ row is then the base of that walk, not plain GPTQ, and lower ranks are still truncations")
+    ap.add_argument("--allocate", action="store_true", help="also rows with the eora stage's rank_allocation: per-type (same adapter parameters "
+                    "as each uniform rank below the largest, moved between layers by output error removed per parameter)")
     ap.add_argument("--act-order", action="store_true", help="GPTQ with activation order (desc_act)")
     ap.add_argument("--gram-dtype", default="float32", help="Gram accumulation dtype (float32 is GPTQ's usual; float64 is slower)")
     args = ap.parse_args()
@@ -123,7 +129,7 @@ def main() -> None:
     res = compress(dense, recipe_for([{"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}, {"method": "eora", "rank": top, "sequential": args.sequential}]), work / "gptq-eora", tokenizer=tok, device="cpu")
     wall = round(time.time() - t, 1)
     model, base_bytes = res.model, weights_bytes(work / "gptq-eora") - weights_bytes(work / "gptq-eora" / "adapter")
-    full = {n: (m.base, m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone()) for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
+    full = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
     note = f"one walk computes GPTQ and rank-{top} EoRA ({wall} s); lower ranks are truncations"
     truncate_adapters(model, full, None)
     label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" (EoRA-sequential walk)" if args.sequential else "")
@@ -133,6 +139,14 @@ def main() -> None:
         adapter_dir = work / f"adapter-{r}"
         export.save_adapter(export._adapted(model), adapter_dir)
         record(f"{label} + EoRA r{r}", model, base_bytes + weights_bytes(adapter_dir), wall, adapter_bytes=weights_bytes(adapter_dir), note=note)
+        if args.allocate and r < top:
+            pattern = allocate(full, r)
+            truncate_adapters(model, full, pattern)
+            adapter_dir = work / f"adapter-{r}-per-type"
+            export.save_adapter(export._adapted(model), adapter_dir)
+            spread = sorted(pattern.values())
+            record(f"{label} + EoRA r{r} per-type", model, base_bytes + weights_bytes(adapter_dir), wall,
+                   adapter_bytes=weights_bytes(adapter_dir), rank_min_median_max=[spread[0], spread[len(spread) // 2], spread[-1]], note=note)
     shutil.rmtree(work)
     results["total_seconds"] = round(time.time() - start, 1)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -50,18 +50,58 @@ def eora_spectrum(dW: torch.Tensor, H: torch.Tensor, eps: float | None = None, e
     return U, S, Vh, inv_root, Q
 
 
+def eora_fit(dW: torch.Tensor, H: torch.Tensor, rank: int, eps: float | None = None, eigen=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """eora_adapters plus the energies S_i^2 of every component (float64, CPU, descending):
+    component i removes S_i^2 of the squared calibration output error ||dW X||^2 / N, so the
+    top-k truncation of B and A is the optimal rank-k adapter for every k <= r."""
+    r = _check(dW, rank)
+    U, S, Vh, inv_root, Q = eora_spectrum(dW, H, eps, eigen)
+    B, A = linalg.split_factors(U, S, Vh, r)
+    A = (A * inv_root) @ Q.T
+    dtype = dW.dtype if dW.is_floating_point() else torch.float32
+    return B.to(dtype), A.to(dtype), S.square().cpu()
+
+
+def removed_share(energies: torch.Tensor, rank: int) -> float:
+    """Share of the squared output error that the top `rank` components remove (0 if there is none)."""
+    total = energies.sum().item()
+    return energies[:rank].sum().item() / total if total > 0 else 0.0
+
+
+def allocate_ranks(energies: dict[str, torch.Tensor], costs: dict[str, int], ranks: dict[str, int], pools: dict[str, str], cap: dict[str, int]) -> dict[str, int]:
+    """Per module, an adapter rank (0: none) that spends each pool's parameters where they remove
+    the most output error.
+
+    Component i of module n removes energies[n][i] of its squared output error and costs costs[n]
+    = out + in parameters (a column of B, a row of A). A pool has the parameters its modules'
+    nominal `ranks` would use; its components are taken greedily by error removed per parameter
+    while they fit. Energies descend and a module's components cost the same, so each module gets
+    a prefix of its components, at most cap[n] of them.
+    """
+    members: dict[str, list[str]] = {}
+    for name in energies:
+        members.setdefault(pools[name], []).append(name)
+    out = {}
+    for names in members.values():
+        left = sum(ranks[n] * costs[n] for n in names)
+        offers = sorted(((e / costs[n], n) for n in names for e in energies[n][: cap[n]].tolist()), reverse=True)
+        taken = dict.fromkeys(names, 0)
+        for _, n in offers:
+            if costs[n] <= left:
+                taken[n] += 1
+                left -= costs[n]
+        out.update(taken)
+    return out
+
+
 def eora_adapters(dW: torch.Tensor, H: torch.Tensor, rank: int, eps: float | None = None, eigen=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B (out, r), A (r, in)) in dW's float dtype minimising ||(dW - B A) X||_F with H = X^T X / N.
 
     eps: eigenvalues of H at or below it are treated as zero; default max(L) * in * eps_float32.
     eigen: gram_eigen(H), when already computed. A rank above min(out, in) is clamped to it.
     """
-    r = _check(dW, rank)
-    U, S, Vh, inv_root, Q = eora_spectrum(dW, H, eps, eigen)
-    B, A = linalg.split_factors(U, S, Vh, r)
-    A = (A * inv_root) @ Q.T
-    dtype = dW.dtype if dW.is_floating_point() else torch.float32
-    return B.to(dtype), A.to(dtype)
+    B, A, _ = eora_fit(dW, H, rank, eps, eigen)
+    return B, A
 
 
 def svd_adapters(dW: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -222,6 +222,9 @@ def quant_report(model, recipe, outcome) -> dict:
             "ranks": outcome.merged or outcome.adapters,
             "params": sum(p.numel() for m in adapted.values() for p in (*m.lora_A.parameters(), *m.lora_B.parameters())),
             "path": None if outcome.merged else ADAPTER_DIR,
+            # Squared output error on the calibration data, per module: how much of it rank r removes.
+            "error_removed": {n: round(v, 4) for n, v in outcome.removed.items()},
+            "error_removed_mean": round(sum(outcome.removed.values()) / len(outcome.removed), 4) if outcome.removed else None,
         }
     return report
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor import models, pipeline
+from compressor import eora, models, pipeline
+from compressor.methods import eora as eora_stage
 from compressor.errors import CompressorError
 from compressor.recipe import Recipe
 
@@ -27,6 +28,7 @@ class Outcome:
     specs: dict[str, dict] = field(default_factory=dict)  # full name -> compressed module spec
     adapters: dict[str, int] = field(default_factory=dict)  # full name -> adapter rank (unmerged)
     merged: dict[str, int] = field(default_factory=dict)  # full name -> adapter rank folded in
+    removed: dict[str, float] = field(default_factory=dict)  # full name -> share of calibration output error the adapter removes
 
 
 def plan(recipe: Recipe) -> dict:
@@ -56,7 +58,8 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
         shapes = pipeline.target_shapes(model, quant)
         quant.check(shapes, {n for n, r in ranks.items() if r is not None})
     outcome = Outcome()
-    deferred: list[tuple[nn.Module, str, nn.Module]] = []
+    deferred: list[tuple[nn.Module, str, str, nn.Module]] = []
+    fitted: dict[str, tuple] = {}  # full name -> (component energies, nominal rank, shape)
 
     def visit(i, layer, grams):
         prefix = models.layer_prefix(model, i)
@@ -73,21 +76,29 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
                 outcome.specs[full] = spec
             if adapter is None or full not in outcome.specs or not adapter.targets(name):
                 continue
-            r = adapter.rank_for(name)
-            B, A = adapter.adapters(dense[name].to(H.device), module, H, r)
+            B, A, energies = adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name))
+            fitted[full] = (energies, min(adapter.rank_for(name), energies.numel()), tuple(dense[name].shape))
             module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full])
             (outcome.merged if adapter.config.merge else outcome.adapters)[full] = A.shape[0]
             if adapter.config.sequential or adapter.config.merge:
                 _replace(layer, name, module)
             else:
-                deferred.append((layer, name, module))
+                deferred.append((layer, name, full, module))
 
     needs_gram = any(s.needs_gram for s in stages.values())
     names = "+".join(s.name for s in recipe.stages)
     pipeline.walk(model, device, visit, windows if needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({names})")
     home = next(model.parameters()).device
-    for layer, name, module in deferred:
+    final = adapter.allocate(fitted) if adapter is not None else {}
+    for layer, name, full, module in deferred:
+        if final[full] != outcome.adapters[full]:
+            module = eora_stage.truncate(module, final[full])
+            if final[full]:
+                outcome.adapters[full] = final[full]
+            else:
+                del outcome.adapters[full]
         _replace(layer, name, module.to(home))
+    outcome.removed = {n: eora.removed_share(e, final[n]) for n, (e, _, _) in fitted.items()}
     return outcome
 
 

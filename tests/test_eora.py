@@ -4,7 +4,7 @@ import pytest
 import torch
 from activations import correlated, gram
 
-from compressor.eora import eora_adapters, svd_adapters
+from compressor.eora import allocate_ranks, eora_adapters, eora_fit, removed_share, svd_adapters
 from compressor.errors import CompressorError
 from compressor.quant import QuantConfig, gptq_quantize
 
@@ -40,6 +40,30 @@ def test_eora_is_optimal_and_beats_plain_svd(case, rank):
     assert err == pytest.approx(optimal_err(dW, X, rank), rel=1e-5)
     svd_err = rms_out_err(dW, *svd_adapters(dW, rank), X)
     assert err < svd_err and (rank < 8 or err < 0.96 * svd_err)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 32])
+def test_removed_share_is_the_output_error_removed(case, rank):
+    dW, X = case
+    B, A, energies = eora_fit(dW, gram(X), 64)
+    before = rms_out_err(dW, torch.zeros(128, 1), torch.zeros(1, 256), X)
+    after = rms_out_err(dW, B[:, :rank], A[:rank], X)  # the top-r truncation is the rank-r optimum
+    assert after == pytest.approx(optimal_err(dW, X, rank), rel=1e-5)
+    assert removed_share(energies, rank) == pytest.approx(1 - after**2 / before**2, rel=1e-6)
+    assert removed_share(eora_fit(torch.zeros(4, 256), gram(X), 2)[2], 2) == 0.0
+
+
+def test_allocation_spends_the_budget_where_error_per_parameter_is_largest():
+    energies = {"a": torch.tensor([9.0, 4.0, 1.0, 0.5]), "b": torch.tensor([3.0, 2.5, 2.0, 0.1]), "c": torch.tensor([100.0, 0.0, 0.0, 0.0])}
+    costs = {"a": 10, "b": 10, "c": 20}
+    ranks = {"a": 2, "b": 2, "c": 2}  # budget: 2 * (10 + 10 + 20) = 80 parameters per pool
+    # one pool, error removed per parameter: c0 5.0, a0 0.9, a1 0.4, b0 0.3, b1 0.25, b2 0.2, a2 0.1:
+    # exactly 80 parameters; c's worthless second component is left out.
+    got = allocate_ranks(energies, costs, ranks, dict.fromkeys(energies, "all"), dict.fromkeys(energies, 4))
+    assert got == {"a": 3, "b": 3, "c": 1}
+    # pools keep their own budgets; the cap bounds every module.
+    got = allocate_ranks(energies, costs, ranks, {"a": "x", "b": "x", "c": "y"}, dict.fromkeys(energies, 3))
+    assert got["a"] + got["b"] == 4 and got["c"] == 2 and max(got.values()) <= 3
 
 
 def test_full_rank_reconstructs(case):

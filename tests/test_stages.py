@@ -65,6 +65,9 @@ def test_compress_export_reload(arch, name, tokenizer, tmp_path):
     report = json.loads((out / "compression_report.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert report["quantization"]["bits"] == 4 and report["bits_per_dense_weight"] < 8
+    if "eora" in name:
+        removed = report["adapters"]["error_removed"]
+        assert set(removed) == set(report["adapters"]["ranks"]) and all(0 < v <= 1 for v in removed.values())
     assert config["compression"]["modules"]
     if name == "welore30-gptq4-eora":
         assert "quantization_config" not in config  # low-rank layers are not a GPTQ layout
@@ -113,7 +116,7 @@ def test_gptq_beats_rtn_end_to_end(tokenizer):
 
 
 def test_eora_reduces_error_and_non_sequential_keeps_gptq_base(tokenizer, tmp_path):
-    rec = shipped("gptq4-eora32", rank=16, sequential=False, rank_pattern={"mlp.*": 24})
+    rec = shipped("gptq4-eora32", rank=16, sequential=False, rank_pattern={"mlp.*": 24}, rank_allocation="uniform")
     # EoRA fits the calibration distribution, so it is judged on calibration-like text.
     ids = calibration_windows(rec, tokenizer, None, samples=4, seq_len=32)
     run = lambda m: m(ids).logits.detach()  # noqa: E731
@@ -132,6 +135,23 @@ def test_eora_reduces_error_and_non_sequential_keeps_gptq_base(tokenizer, tmp_pa
     a = weights["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"]
     b = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert tuple(a.shape) == (24, 64) and tuple(b.shape) == (64, 16)
+
+
+def test_per_type_allocation_keeps_the_budget_and_exports(tokenizer, tmp_path):
+    uniform = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB)
+    out = tmp_path / "out"
+    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="per-type"), out, tokenizer=tokenizer, **CALIB)
+    params = lambda r: r.report["adapters"]["params"]  # noqa: E731
+    got = result.report["adapters"]["ranks"]
+    assert params(result) <= params(uniform) and len(set(got.values())) > 1 and max(got.values()) <= 16
+    # every matrix type keeps its own budget: q_proj's ranks over the layers sum to at most 2 x 4.
+    assert sum(r for n, r in got.items() if n.endswith("q_proj")) <= 8
+    from peft import PeftModel
+
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == sorted(got)
+    reloaded = PeftModel.from_pretrained(compressor.load(out), out / "adapter").eval()
+    assert (logits(reloaded) - logits(result.model)).abs().max() <= 1e-4
 
 
 def test_merge_into_lowrank_is_exact(tokenizer, tmp_path):
@@ -154,6 +174,8 @@ def test_merge_into_lowrank_is_exact(tokenizer, tmp_path):
     ([{"method": "gptq", "group_size": 32}, {"method": "rtn", "group_size": 32}], "only one quant stage"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "merge": True}], "cannot fold adapters into quantised weights"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank": 0}], "ranks must be positive"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "per-type"}], "needs sequential: false"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "best"}], "unknown rank_allocation 'best'"),
 ])
 def test_bad_input_is_one_line(stages, message, tokenizer):
     with pytest.raises(CompressorError, match=message) as err:

@@ -9,6 +9,13 @@ The adapters either stay separate (written as a PEFT LoRA folder with scale 1) o
 are folded into unquantised low-rank weights, where that is exact: up @ down + B @ A is the
 rank r + r_a product [up | B] @ [down ; A].
 
+`rank_allocation: per-type` (or `global`) keeps the adapters' total parameters but moves rank to
+where it removes the most output error per parameter: every adapter is fitted at up to 4x its rank,
+then components are taken greedily by error removed per parameter (eora.allocate_ranks), between
+the layers of each matrix type (q_proj of every layer, ...) or across all modules. A module can end
+with rank 0 (no adapter). It needs `sequential: false`, since ranks are chosen once every layer's
+error is known.
+
 `sequential: false` keeps the adapters out of the calibration walk (later layers are calibrated on
 the compressed model without them, as in post-quantisation adapter generation); the compressed base
 is then identical to a run without this stage, and one run serves every lower rank by truncation.
@@ -27,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor import eora, models
+from compressor import eora, models, ranks
 from compressor.errors import CompressorError
 from compressor.methods import register
 from compressor.methods.base import Method
@@ -38,13 +45,20 @@ from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, 
 class EoraConfig:
     """rank: adapter rank. rank_pattern: glob on linear names inside a layer -> rank, first match
     wins over `rank`. targets: which compressed linears get adapters. merge: fold into unquantised
-    low-rank weights. sequential: adapters feed the next layers' calibration inputs."""
+    low-rank weights. sequential: adapters feed the next layers' calibration inputs.
+    rank_allocation: uniform (each module its rank), per-type or global (same total parameters,
+    ranks moved by output error removed per parameter; needs sequential: false)."""
 
     rank: int = 32
     rank_pattern: dict[str, int] = field(default_factory=dict)
     targets: list[str] = field(default_factory=lambda: ["*"])
     merge: bool = False
     sequential: bool = True
+    rank_allocation: str = "uniform"
+
+
+ALLOCATIONS = ("uniform", "per-type", "global")
+CAP = 4  # with a non-uniform allocation, a module's adapter can grow to CAP x its nominal rank
 
 
 @register
@@ -58,18 +72,28 @@ class Eora(Method):
         for r in [config.rank, *config.rank_pattern.values()]:
             if r < 1:
                 raise CompressorError(f"eora: ranks must be positive integers, got {r}")
+        if config.rank_allocation not in ALLOCATIONS:
+            raise CompressorError(f"eora: unknown rank_allocation '{config.rank_allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
+        if config.rank_allocation != "uniform" and (config.sequential or config.merge):
+            raise CompressorError(f"eora: rank_allocation: {config.rank_allocation} needs sequential: false and no merge (ranks are chosen after every layer is fitted)")
         super().__init__(config)
 
     def rank_for(self, linear_name: str) -> int:
         return next((r for pat, r in self.config.rank_pattern.items() if fnmatch.fnmatch(linear_name, pat)), self.config.rank)
 
-    def adapters(self, original: torch.Tensor, module: nn.Module, H: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B (out x r), A (r x in)) in float64 for the error of `module` against `original`."""
+    def fit_rank(self, linear_name: str) -> int:
+        """The rank adapters are fitted at: the nominal rank, or the most an allocation may give."""
+        r = self.rank_for(linear_name)
+        return r if self.config.rank_allocation == "uniform" else CAP * r
+
+    def adapters(self, original: torch.Tensor, module: nn.Module, H: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B (out x r), A (r x in)) for the error of `module` against `original`, and the energies
+        of all its components (eora.eora_fit)."""
         dW = original.to(torch.float64) - effective_weight(module).to(device=original.device, dtype=torch.float64)
         # q/k/v (and gate/up) share one Gram object: decompose it once.
         if getattr(self, "_eigen_of", None) is not H:
             self._eigen_of, self._eigen = H, eora.gram_eigen(H.to(original.device))
-        return eora.eora_adapters(dW, H, rank, eigen=self._eigen)
+        return eora.eora_fit(dW, H, rank, eigen=self._eigen)
 
     def attach(self, module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict) -> tuple[nn.Module, dict]:
         """The module with its adapters: merged (spec's rank grows) or wrapped."""
@@ -84,6 +108,28 @@ class Eora(Method):
             lora_A.weight.copy_(A)
             lora_B.weight.copy_(B)
         return LoraAdapted(module, lora_A, lora_B), spec
+
+
+    def allocate(self, fitted: dict[str, tuple[torch.Tensor, int, tuple[int, int]]]) -> dict[str, int]:
+        """Per full module name, its final adapter rank; fitted: name -> (energies, nominal rank, (out, in))."""
+        if self.config.rank_allocation == "uniform":
+            return {n: r for n, (_, r, _) in fitted.items()}
+        pools = {n: ranks.matrix_type(n) if self.config.rank_allocation == "per-type" else "all" for n in fitted}
+        return eora.allocate_ranks({n: e for n, (e, _, _) in fitted.items()}, {n: sum(s) for n, (_, _, s) in fitted.items()},
+                                   {n: r for n, (_, r, _) in fitted.items()}, pools, {n: CAP * r for n, (_, r, _) in fitted.items()})
+
+
+def truncate(module: "LoraAdapted", rank: int) -> nn.Module:
+    """The adapted module with its top `rank` adapter components (the base alone for rank 0)."""
+    if rank == 0:
+        return module.base
+    A, B = module.lora_A.weight, module.lora_B.weight
+    lora_A = nn.Linear(A.shape[1], rank, bias=False, device=A.device, dtype=A.dtype)
+    lora_B = nn.Linear(rank, B.shape[0], bias=False, device=B.device, dtype=B.dtype)
+    with torch.no_grad():
+        lora_A.weight.copy_(A[:rank])
+        lora_B.weight.copy_(B[:, :rank])
+    return LoraAdapted(module.base, lora_A, lora_B)
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:

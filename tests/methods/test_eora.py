@@ -31,7 +31,8 @@ def test_attach_and_merge_equal_adapter_arithmetic():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     stage = Eora(EoraConfig(rank=4))
-    B, A = stage.adapters(W, m, H, 4)
+    B, A, energies = stage.adapters(W, m, H, 4)
+    assert energies.shape == (32,) and (energies[:-1] >= energies[1:]).all()
     B_ref, A_ref = eora.eora_adapters(W.double() - effective_weight(m).double(), H, 4)
     assert torch.allclose(B @ A, B_ref @ A_ref)
     want = m(x) + x @ (B @ A).float().T

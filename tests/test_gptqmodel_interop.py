@@ -1,0 +1,59 @@
+"""Opt-in: gptqmodel (through transformers) loads our GPTQ v1 export and computes our logits.
+
+gptqmodel needs torch >= 2.14.1, so it lives in its own environment; point the test at its Python:
+
+    COMPRESSOR_GPTQMODEL_PYTHON=~/gq/bin/python python -m pytest tests/test_gptqmodel_interop.py
+
+benchmarks/gptqmodel_check.py runs the same check on the real demo model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import compressor
+from compressor import recipe
+from compressor.api import compress
+
+from conftest import byte_tokenizer
+
+PYTHON = os.environ.get("COMPRESSOR_GPTQMODEL_PYTHON")
+LOADER = Path(__file__).resolve().parents[1] / "benchmarks" / "gptqmodel_load.py"
+
+
+@pytest.mark.skipif(not PYTHON, reason="set COMPRESSOR_GPTQMODEL_PYTHON to a Python with gptqmodel, optimum and peft")
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptqmodel_loads_our_export(act_order, tmp_path):
+    torch.manual_seed(0)
+    # gptqmodel's kernels want in/out features that are multiples of 32 or more: wider than conftest's.
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids).logits
+    stages = [{"method": "gptq", "bits": 4, "group_size": 128, "act_order": act_order}, {"method": "eora", "rank": 8, "sequential": False}]
+    out = tmp_path / "out"
+    result = compress(model, recipe.from_dict({"stages": stages}), out, tokenizer=byte_tokenizer(), samples=8, seq_len=64, device="cpu")
+    with torch.no_grad():
+        reference = {"ids": ids, "logits": compressor.load(out)(ids).logits, "adapted": result.model(ids).logits}
+    save_file(reference, str(tmp_path / "reference.safetensors"))
+
+    run = subprocess.run([PYTHON, str(LOADER), str(out), str(tmp_path / "reference.safetensors")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["row"]: r for r in (json.loads(line) for line in run.stdout.splitlines() if line.startswith("{"))}
+    assert set(rows) == {"base", "base + PEFT adapter"}
+    quant_err = (reference["logits"] - dense).abs().max().item()
+    for row in rows.values():
+        assert row["kernels"], "no gptqmodel layer was built"
+        # gptqmodel dequantises in float16: equal to that rounding, far below the quantisation error.
+        assert row["max_abs_diff"] <= 0.05 * quant_err, (row, quant_err)
+        assert row["argmax_agreement"] >= 0.95, row
