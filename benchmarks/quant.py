@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from compressor import eora, export, ranks, recipe
+from compressor import export, recipe
 from compressor.api import compress
 from compressor.evaluate import run_tasks
 from compressor.loading import load_model
@@ -54,11 +54,11 @@ def truncate_adapters(model, full: dict, rank: int | dict | None) -> None:
 
 
 def allocate(full: dict, rank: int) -> dict[str, int]:
-    """The eora stage's per-type allocation (eora.allocate_ranks, cap 4 x rank) on the fitted
-    adapters: component j removes S_j^2 of the output error and S_j = ||B[:, j]||^2 (B = U S^1/2)."""
-    energies = {n: m.lora_B.weight.detach().double().square().sum(0).square() for n, m in full.items()}
-    costs = {n: m.in_features + m.out_features for n, m in full.items()}
-    return eora.allocate_ranks(energies, costs, dict.fromkeys(full, rank), {n: ranks.matrix_type(n) for n in full}, dict.fromkeys(full, 4 * rank))
+    """The eora stage's rank_allocation: per-type at `rank`, applied to the fitted adapters.
+    Component j removes S_j^2 of the output error, and S_j = ||B[:, j]||^2 since B = U S^1/2."""
+    stage = eora_stage.Eora(eora_stage.EoraConfig(rank=rank, sequential=False, rank_allocation="per-type"))
+    fitted = {n: (m.lora_B.weight.detach().double().square().sum(0).square(), rank, (m.out_features, m.in_features)) for n, m in full.items()}
+    return stage.allocate(fitted)
 
 
 def main() -> None:

@@ -102,13 +102,7 @@ class Eora(Method):
         if self.config.merge:
             return _merge(module, B.to(dtype), A.to(dtype), spec)
         device = B.device if like is None else like.device
-        lora_A = nn.Linear(A.shape[1], A.shape[0], bias=False, device=device, dtype=dtype)
-        lora_B = nn.Linear(B.shape[1], B.shape[0], bias=False, device=device, dtype=dtype)
-        with torch.no_grad():
-            lora_A.weight.copy_(A)
-            lora_B.weight.copy_(B)
-        return LoraAdapted(module, lora_A, lora_B), spec
-
+        return _wrap(module, B, A, device, dtype), spec
 
     def allocate(self, fitted: dict[str, tuple[torch.Tensor, int, tuple[int, int]]]) -> dict[str, int]:
         """Per full module name, its final adapter rank; fitted: name -> (energies, nominal rank, (out, in))."""
@@ -119,17 +113,22 @@ class Eora(Method):
                                    {n: r for n, (_, r, _) in fitted.items()}, pools, {n: CAP * r for n, (_, r, _) in fitted.items()})
 
 
-def truncate(module: "LoraAdapted", rank: int) -> nn.Module:
+def _wrap(base: nn.Module, B: torch.Tensor, A: torch.Tensor, device, dtype) -> LoraAdapted:
+    """base(x) + B (A x) with A, B copied into fresh linears of `dtype` on `device`."""
+    lora_A = nn.Linear(A.shape[1], A.shape[0], bias=False, device=device, dtype=dtype)
+    lora_B = nn.Linear(B.shape[1], B.shape[0], bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        lora_A.weight.copy_(A)
+        lora_B.weight.copy_(B)
+    return LoraAdapted(base, lora_A, lora_B)
+
+
+def truncate(module: LoraAdapted, rank: int) -> nn.Module:
     """The adapted module with its top `rank` adapter components (the base alone for rank 0)."""
     if rank == 0:
         return module.base
     A, B = module.lora_A.weight, module.lora_B.weight
-    lora_A = nn.Linear(A.shape[1], rank, bias=False, device=A.device, dtype=A.dtype)
-    lora_B = nn.Linear(rank, B.shape[0], bias=False, device=B.device, dtype=B.dtype)
-    with torch.no_grad():
-        lora_A.weight.copy_(A[:rank])
-        lora_B.weight.copy_(B[:, :rank])
-    return LoraAdapted(module.base, lora_A, lora_B)
+    return _wrap(module.base, B[:, :rank], A[:rank], A.device, A.dtype)
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
