@@ -70,7 +70,7 @@ def main() -> None:
             result = compress(model, rec, out, tokenizer=tok, device="cpu")
             wall = round(time.time() - t, 1)
             with torch.no_grad():
-                reference = {"ids": ids, "logits": compressor.load(out)(ids).logits.float()}
+                reference = {"ids": ids, "logits": compressor.load(out, adapter=False)(ids).logits.float()}
                 if (out / "adapter").is_dir():
                     reference["adapted"] = result.model(ids).logits.float()
             save_file(reference, str(out / "reference.safetensors"))

@@ -10,6 +10,8 @@ capped at --limit windows per task so the run fits a CPU. Writes benchmarks/resu
 One calibration walk serves every GPTQ row: the eora stage runs with `sequential: false`, so the
 quantised base is exactly what the gptq stage alone produces, and the rank-r adapters are the
 top-r components of the rank-128 ones (the same truncated SVD of the same dW and H).
+`--weighting loss` uses the eora stage's loss-weighted adapters; `--adapter-bits 4` replaces the
+float-adapter walk by one walk per rank with 4-bit adapters stored in the checkpoint.
 The demo model's weights were stored at 4-6 bits in its GGUF, so absolute 4-bit numbers are
 somewhat confounded; compare rows with each other.
 """
@@ -77,8 +79,16 @@ def main() -> None:
     ap.add_argument("--allocate", action="store_true", help="also rows with the eora stage's rank_allocation: per-type (same adapter parameters "
                     "as each uniform rank below the largest, moved between layers by output error removed per parameter)")
     ap.add_argument("--act-order", action="store_true", help="GPTQ with activation order (desc_act)")
+    ap.add_argument("--weighting", choices=["output", "loss"], default="output", help="the eora stage's weighting (loss: output channels weighted by the "
+                    "calibration loss's squared gradient; adds one forward and backward pass per calibration window)")
     ap.add_argument("--gram-dtype", default="float32", help="Gram accumulation dtype (float32 is GPTQ's usual; float64 is slower)")
+    ap.add_argument("--adapter-bits", type=int, help="instead of the float-adapter walk, one walk per rank in --ranks with the eora stage's "
+                    "bits (adapters quantised with GPTQ, group --group-size, stored in the checkpoint)")
     args = ap.parse_args()
+    if args.allocate and args.weighting != "output":
+        # the per-type rows re-derive each component's energy from B's column norms, which only
+        # holds for unweighted adapters
+        ap.error("--allocate works with --weighting output only")
     tasks = [t for t in args.tasks.split(",") if t]
     limit = args.limit or None
     torch.manual_seed(0)
@@ -86,7 +96,7 @@ def main() -> None:
 
     start = time.time()
     dense, tok = load_model(args.model)
-    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype},
+    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype},
                "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
@@ -124,29 +134,40 @@ def main() -> None:
         record("RTN w4 g128", rtn.model, weights_bytes(work / "rtn"), round(time.time() - t, 1), bits_per_dense_weight=rtn.report["bits_per_dense_weight"])
         del rtn
 
-    top = max(args.ranks)
-    t = time.time()
-    res = compress(dense, recipe_for([{"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}, {"method": "eora", "rank": top, "sequential": args.sequential}]), work / "gptq-eora", tokenizer=tok, device="cpu")
-    wall = round(time.time() - t, 1)
-    model, base_bytes = res.model, weights_bytes(work / "gptq-eora") - weights_bytes(work / "gptq-eora" / "adapter")
-    full = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
-    note = f"one walk computes GPTQ and rank-{top} EoRA ({wall} s); lower ranks are truncations"
-    truncate_adapters(model, full, None)
     label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" (EoRA-sequential walk)" if args.sequential else "")
-    record(f"{label} (ours)", model, base_bytes, wall, bits_per_dense_weight=res.report["bits_per_dense_weight"], note=note)
-    for r in sorted(args.ranks):
-        truncate_adapters(model, full, r)
-        adapter_dir = work / f"adapter-{r}"
-        export.save_adapter(export._adapted(model), adapter_dir)
-        record(f"{label} + EoRA r{r}", model, base_bytes + weights_bytes(adapter_dir), wall, adapter_bytes=weights_bytes(adapter_dir), note=note)
-        if args.allocate and r < top:
-            pattern = allocate(full, r)
-            truncate_adapters(model, full, pattern)
-            adapter_dir = work / f"adapter-{r}-per-type"
+    eora_label = "EoRA" + (", loss-weighted" if args.weighting == "loss" else "")
+    gptq_stage = {"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}
+    if args.adapter_bits:
+        for r in sorted(args.ranks):
+            model = dense if r == max(args.ranks) else copy.deepcopy(dense)
+            t = time.time()
+            eora = {"method": "eora", "rank": r, "sequential": args.sequential, "weighting": args.weighting, "bits": args.adapter_bits, "group_size": args.group_size}
+            res = compress(model, recipe_for([gptq_stage, eora]), work / f"q{r}", tokenizer=tok, device="cpu")
+            record(f"{label} + {eora_label} r{r}, {args.adapter_bits}-bit adapters", res.model, weights_bytes(work / f"q{r}"), round(time.time() - t, 1),
+                   bits_per_dense_weight=res.report["bits_per_dense_weight"])
+    else:
+        top = max(args.ranks)
+        t = time.time()
+        res = compress(dense, recipe_for([gptq_stage, {"method": "eora", "rank": top, "sequential": args.sequential, "weighting": args.weighting}]), work / "gptq-eora", tokenizer=tok, device="cpu")
+        wall = round(time.time() - t, 1)
+        model, base_bytes = res.model, weights_bytes(work / "gptq-eora") - weights_bytes(work / "gptq-eora" / "adapter")
+        full = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
+        note = f"one walk computes GPTQ and rank-{top} EoRA ({wall} s); lower ranks are truncations"
+        truncate_adapters(model, full, None)
+        record(f"{label} (ours)", model, base_bytes, wall, bits_per_dense_weight=res.report["bits_per_dense_weight"], note=note)
+        for r in sorted(args.ranks):
+            truncate_adapters(model, full, r)
+            adapter_dir = work / f"adapter-{r}"
             export.save_adapter(export._adapted(model), adapter_dir)
-            spread = sorted(pattern.values())
-            record(f"{label} + EoRA r{r} per-type", model, base_bytes + weights_bytes(adapter_dir), wall,
-                   adapter_bytes=weights_bytes(adapter_dir), rank_min_median_max=[spread[0], spread[len(spread) // 2], spread[-1]], note=note)
+            record(f"{label} + {eora_label} r{r}", model, base_bytes + weights_bytes(adapter_dir), wall, adapter_bytes=weights_bytes(adapter_dir), note=note)
+            if args.allocate and r < top:
+                pattern = allocate(full, r)
+                truncate_adapters(model, full, pattern)
+                adapter_dir = work / f"adapter-{r}-per-type"
+                export.save_adapter(export._adapted(model), adapter_dir)
+                spread = sorted(pattern.values())
+                record(f"{label} + EoRA r{r} per-type", model, base_bytes + weights_bytes(adapter_dir), wall,
+                       adapter_bytes=weights_bytes(adapter_dir), rank_min_median_max=[spread[0], spread[len(spread) // 2], spread[-1]], note=note)
     shutil.rmtree(work)
     results["total_seconds"] = round(time.time() - start, 1)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

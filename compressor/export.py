@@ -74,10 +74,12 @@ def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, re
     Adapters wrapped around compressed layers (modules.LoraAdapted) go to `out/adapter`.
     """
     base = base_class(model.config)
-    adapted = _adapted(model)
+    adapted = _adapted(model, peft_only=True)
     compression = {"format_version": FORMAT_VERSION, **record, "modules": module_specs}
     if adapted:
         compression["adapter"] = {"path": ADAPTER_DIR, "format": "peft-lora", "ranks": {n: m.lora_A.out_features for n, m in adapted.items()}}
+    elif any("adapter" in spec for spec in module_specs.values()):
+        compression["adapter"] = {"path": None, "format": "quantized-in-checkpoint", "ranks": {n: spec["adapter"]["rank"] for n, spec in module_specs.items() if "adapter" in spec}}
     model.config.compression = compression
     model.config.auto_map = {"AutoModelForCausalLM": f"{SHIM_NAME}.CompressedForCausalLM"}
     with atomic_dir(out, overwrite) as tmp, _without_adapters(model, adapted):
@@ -99,8 +101,11 @@ def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, re
     return Path(out)
 
 
-def _adapted(model) -> dict:
-    return {name: m for name, m in model.named_modules() if isinstance(m, modules.LoraAdapted)}
+def _adapted(model, peft_only: bool = False) -> dict:
+    """Name -> LoraAdapted; peft_only: just those with float adapters (quantised ones stay in the
+    checkpoint)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, modules.LoraAdapted) and not (peft_only and isinstance(m.lora_A, modules.QuantLinear))}
 
 
 @contextlib.contextmanager
@@ -158,7 +163,7 @@ def gptq_format(model, recipe, specs: dict) -> dict | None:
     there. Decoder linears left unquantised are excluded with gptqmodel's `dynamic` negative rules.
     """
     quant = next((s for s in recipe.stages if s.kind == "quant"), None)
-    if quant is None or any(spec["type"] != "quant" for spec in specs.values()):
+    if quant is None or not all(_gptq_only(spec) for spec in specs.values()):
         return None
     skipped = [name for name, _, _ in models.iter_linears_any(model) if name not in specs]
     fmt = quant.format()
@@ -177,10 +182,17 @@ def gptq_format(model, recipe, specs: dict) -> dict | None:
     }
 
 
+def _gptq_only(spec: dict) -> bool:
+    """A quantised dense layer, stored under its own name (no in-checkpoint adapter around it)."""
+    return spec["type"] == "quant" and "adapter" not in spec
+
+
 def stored_bits(module) -> float:
-    """Bits a decoder linear occupies on disk (quantised codes with their scales, zeros, g_idx)."""
+    """Bits a decoder linear occupies in the checkpoint (quantised codes with their scales, zeros,
+    g_idx); float adapters go to the PEFT folder, quantised ones count."""
     if isinstance(module, modules.LoraAdapted):
-        module = module.base
+        kept = isinstance(module.lora_A, modules.QuantLinear)
+        return stored_bits(module.base) + (stored_bits(module.lora_A) + stored_bits(module.lora_B) if kept else 0)
     if isinstance(module, modules.QuantLinear):
         return sum(t.numel() * t.element_size() * 8 for t in module.buffers())
     if isinstance(module, modules.LowRankLinear) or not list(module.children()):
@@ -200,7 +212,8 @@ def quant_report(model, recipe, outcome) -> dict:
     bits = sum(stored_bits(m) for _, _, m in linears)
     if quant is not None:
         c = quant.config
-        qlayers = [q for _, _, m in linears for q in m.modules() if isinstance(q, modules.QuantLinear)]
+        bases = [m.base if isinstance(m, modules.LoraAdapted) else m for _, _, m in linears]
+        qlayers = [q for m in bases for q in m.modules() if isinstance(q, modules.QuantLinear)]
         report["quantization"] = {
             "method": quant.name,
             **quant.format(),
@@ -209,19 +222,22 @@ def quant_report(model, recipe, outcome) -> dict:
             "damp": c.damp,
             # Per quantised weight, as GPTQ papers count it (codes + fp16 scale and zero per group).
             "effective_bits": None if not qlayers else sum(effective_bits(c.bits, c.group_size, q.in_features, q.out_features) * q.in_features * q.out_features for q in qlayers) / sum(q.in_features * q.out_features for q in qlayers),
-            "gptq_checkpoint": all(spec["type"] == "quant" for spec in outcome.specs.values()),
+            "gptq_checkpoint": all(_gptq_only(spec) for spec in outcome.specs.values()),
         }
     # Everything the decoder linears store (biases and low-rank factors included), per weight of
     # the dense model: the number that compares rank reduction, quantisation and both.
     report["bits_per_dense_weight"] = bits / dense_weights
     if outcome.adapters or outcome.merged:
         adapted = _adapted(model)
+        stage = next(s for s in recipe.stages if s.kind == "adapter")
+        quantized = bool(adapted) and not _adapted(model, peft_only=True)
         report["adapters"] = {
-            "method": next(s.name for s in recipe.stages if s.kind == "adapter"),
+            "method": stage.name,
             "merged": bool(outcome.merged),
             "ranks": outcome.merged or outcome.adapters,
-            "params": sum(p.numel() for m in adapted.values() for p in (*m.lora_A.parameters(), *m.lora_B.parameters())),
-            "path": None if outcome.merged else ADAPTER_DIR,
+            "params": sum(m.lora_A.in_features * m.lora_A.out_features + m.lora_B.in_features * m.lora_B.out_features for m in adapted.values()),
+            "bits": stage.config.bits if quantized else None,
+            "path": None if outcome.merged or quantized else ADAPTER_DIR,
             # Squared output error on the calibration data, per module: how much of it rank r removes.
             "error_removed": {n: round(v, 4) for n, v in outcome.removed.items()},
             "error_removed_mean": round(sum(outcome.removed.values()) / len(outcome.removed), 4) if outcome.removed else None,
@@ -229,8 +245,12 @@ def quant_report(model, recipe, outcome) -> dict:
     return report
 
 
-def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """Load any folder this toolkit wrote (or an ordinary checkpoint) without remote code."""
+def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu", adapter: bool = True):
+    """Load any folder this toolkit wrote (or an ordinary checkpoint) without remote code.
+
+    adapter: apply the folder's PEFT adapter (`adapter/`), as the compression left the model;
+    False gives the base alone, e.g. to put the adapter on with peft itself. Quantised adapters are
+    part of the checkpoint and always load."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CompressorError(f"{path} is not a model folder (no config.json); pass the -o folder of `compressor compress`")
@@ -242,4 +262,28 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     cls = modules.compressed_class(base_class(config))
-    return cls.from_pretrained(path, config=config, dtype=dtype).to(device).eval()
+    model = cls.from_pretrained(path, config=config, dtype=dtype)
+    folder = (config.compression.get("adapter") or {}).get("path")
+    if adapter and folder:
+        attach_adapter(model, path / folder)
+    return model.to(device).eval()
+
+
+def attach_adapter(model, folder: Path) -> None:
+    """Wrap each layer a PEFT LoRA folder written by save_adapter targets (scale 1) in LoraAdapted:
+    the same arithmetic as peft, without peft, and the model keeps its own class."""
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise CompressorError(f"cannot read the adapter in {folder} ({e}); pass adapter=False to load the base alone") from None
+    if config.get("lora_alpha") != config.get("r") or config.get("alpha_pattern") != config.get("rank_pattern"):
+        raise CompressorError(f"{folder} is not a scale-1 adapter as compressor writes them; load the base with adapter=False and apply it with peft")
+    for name in config["target_modules"]:
+        A, B = (tensors[f"base_model.model.{name}.lora_{k}.weight"] for k in "AB")
+        base = model.get_submodule(name)
+        like = next(base.parameters(), None)
+        dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
+        model.set_submodule(name, modules.LoraAdapted.from_factors(base, B, A, dtype=dtype))

@@ -151,10 +151,11 @@ class QuantLinear(nn.Linear):
 
 
 class LoraAdapted(nn.Module):
-    """base(x) + B(A(x)): a compressed layer with its compensation adapter (EoRA), in memory.
+    """base(x) + B(A(x)): a compressed layer with its compensation adapter (EoRA).
 
-    Exports write `base` into the checkpoint and A, B into a PEFT LoRA folder (scale 1), which
-    peft applies with exactly this arithmetic.
+    Float adapters live in memory only: exports write `base` into the checkpoint and A, B into a
+    PEFT LoRA folder (scale 1), which peft applies with exactly this arithmetic. Quantised adapters
+    (A, B QuantLinear) have no PEFT form and stay in the checkpoint, under base. / lora_A. / lora_B.
     """
 
     def __init__(self, base, lora_A, lora_B):
@@ -169,6 +170,16 @@ class LoraAdapted(nn.Module):
     def out_features(self):
         return self.base.out_features
 
+    @classmethod
+    def from_factors(cls, base, B, A, device=None, dtype=None):
+        """base(x) + B (A x) with A (r x in), B (out x r) copied into fresh linears."""
+        lora_A = nn.Linear(A.shape[1], A.shape[0], bias=False, device=device, dtype=dtype)
+        lora_B = nn.Linear(B.shape[1], B.shape[0], bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            lora_A.weight.copy_(A)
+            lora_B.weight.copy_(B)
+        return cls(base, lora_A, lora_B)
+
     def forward(self, x):
         return self.base(x) + self.lora_B(self.lora_A(x))
 
@@ -179,9 +190,7 @@ def _quant_factor(in_features, out_features, quant, bias, like):
     return QuantLinear(in_features, out_features, quant["bits"], quant["group_size"], bias=bias, dtype=like.dtype, device=like.device)
 
 
-def build_module(spec, like):
-    """A compressed module for `spec` (from config.compression["modules"]), placed like `like`."""
-    weight = like.weight if getattr(like, "weight", None) is not None else next(like.parameters())
+def _build_base(spec, weight):
     kwargs = dict(bias=spec["bias"], device=weight.device, dtype=weight.dtype)
     if spec["type"] == "quant":
         return QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], **kwargs)
@@ -195,6 +204,19 @@ def build_module(spec, like):
         module.down = _quant_factor(spec["in"], spec["rank"], spec["quant"], False, weight)
         module.up = _quant_factor(spec["rank"], spec["out"], spec["quant"], spec["bias"], weight)
     return module
+
+
+def build_module(spec, like):
+    """A compressed module for `spec` (from config.compression["modules"]), placed like `like`;
+    with a quantised adapter in the checkpoint when the spec has one."""
+    weight = like.weight if getattr(like, "weight", None) is not None else next(like.parameters())
+    module = _build_base(spec, weight)
+    adapter = spec.get("adapter")
+    if adapter is None:
+        return module
+    lora_A = _quant_factor(spec["in"], adapter["rank"], adapter, False, weight)
+    lora_B = _quant_factor(adapter["rank"], spec["out"], adapter, False, weight)
+    return LoraAdapted(module, lora_A, lora_B)
 
 
 def swap_modules(model, module_specs):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor import eora, models, pipeline
+from compressor import eora, models, pipeline, sensitivity
 from compressor.methods import eora as eora_stage
 from compressor.errors import CompressorError
 from compressor.recipe import Recipe
@@ -57,6 +57,8 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
     if quant is not None:
         shapes = pipeline.target_shapes(model, quant)
         quant.check(shapes, {n for n, r in ranks.items() if r is not None})
+    # Measured on the dense model, before any stage changes it.
+    weights = sensitivity.output_sensitivity(model, windows, device, adapted_names(model, adapter)) if adapter is not None and adapter.config.weighting == "loss" else {}
     outcome = Outcome()
     deferred: list[tuple[nn.Module, str, str, nn.Module]] = []
     fitted: dict[str, tuple] = {}  # full name -> (component energies, nominal rank, shape)
@@ -76,9 +78,9 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
                 outcome.specs[full] = spec
             if adapter is None or full not in outcome.specs or not adapter.targets(name):
                 continue
-            B, A, energies = adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name))
+            B, A, energies = adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full))
             fitted[full] = (energies, min(adapter.rank_for(name), energies.numel()), tuple(dense[name].shape))
-            module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full])
+            module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full], H)
             (outcome.merged if adapter.config.merge else outcome.adapters)[full] = A.shape[0]
             if adapter.config.sequential or adapter.config.merge:
                 _replace(layer, name, module)
@@ -100,6 +102,11 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
         _replace(layer, name, module.to(home))
     outcome.removed = {n: eora.removed_share(e, final[n]) for n, (e, _, _) in fitted.items()}
     return outcome
+
+
+def adapted_names(model: nn.Module, adapter) -> set[str]:
+    """Full names of the linears the adapter stage may fit (before knowing which get compressed)."""
+    return {full for full, name, _ in models.iter_linears(model) if adapter.targets(name)}
 
 
 def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:

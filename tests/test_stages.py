@@ -50,14 +50,16 @@ def test_compress_export_reload(arch, name, tokenizer, tmp_path):
     result = compress(tiny_model(arch), shipped(name), out, tokenizer=tokenizer, **CALIB)
     expected = logits(result.model)
     assert torch.isfinite(expected).all()
-    ours = compressor.load(out)
+    # compressor.load applies the PEFT adapter itself; the remote-code class loads the base
+    assert (logits(compressor.load(out)) - expected).abs().max() <= 1e-4
+    ours = compressor.load(out, adapter=False)
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert (logits(remote) - logits(ours)).abs().max() <= 1e-5
     if "eora" in name:
         from peft import PeftModel
 
         # fp32 throughout, the same arithmetic as our own forward: equal to rounding.
-        peft_model = PeftModel.from_pretrained(compressor.load(out), out / "adapter").eval()
+        peft_model = PeftModel.from_pretrained(compressor.load(out, adapter=False), out / "adapter").eval()
         assert (logits(peft_model) - expected).abs().max() <= 1e-4
         expected = logits(without_adapters(result.model))
     assert (logits(ours) - expected).abs().max() <= 1e-4
@@ -150,8 +152,64 @@ def test_per_type_allocation_keeps_the_budget_and_exports(tokenizer, tmp_path):
 
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(got)
-    reloaded = PeftModel.from_pretrained(compressor.load(out), out / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(compressor.load(out, adapter=False), out / "adapter").eval()
     assert (logits(reloaded) - logits(result.model)).abs().max() <= 1e-4
+
+
+def test_loss_weighting_end_to_end(tokenizer, tmp_path):
+    """weighting: loss changes the adapters (not the GPTQ base), is recorded, and PEFT loads them."""
+    plain = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform", weighting="output"), tokenizer=tokenizer, **CALIB).model
+    out = tmp_path / "out"
+    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform", weighting="loss"), out, tokenizer=tokenizer, **CALIB)
+    name, weighted = next((n, m) for n, _, m in models.iter_linears_any(result.model))
+    unweighted = plain.get_submodule(name)
+    assert torch.equal(weighted.base.qweight, unweighted.base.qweight)
+    assert not torch.allclose(weighted.lora_B.weight, unweighted.lora_B.weight, atol=1e-3)
+    assert result.report["recipe"]["stages"][1]["weighting"] == "loss"
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(compressor.load(out, adapter=False), out / "adapter").eval()
+    assert (logits(reloaded) - logits(result.model)).abs().max() <= 1e-4
+
+
+def test_load_refuses_an_adapter_it_cannot_apply_exactly(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform"), out, tokenizer=tokenizer, **CALIB)
+    cfg_path = out / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "lora_alpha": 2 * cfg["r"]}))
+    with pytest.raises(CompressorError, match="not a scale-1 adapter as compressor writes them; load the base with adapter=False"):
+        compressor.load(out)
+    assert not any(isinstance(m, modules.LoraAdapted) for m in compressor.load(out, adapter=False).modules())
+
+
+def test_quantised_adapters_stay_in_the_checkpoint(tokenizer, tmp_path):
+    """bits: 4 quantises A and B (GPTQ with their own Grams); they are written into the model's
+    safetensors (no PEFT folder, no GPTQ v1 claim) and every loader gives the in-memory logits."""
+    rec = shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform", bits=4)
+    ids = calibration_windows(rec, tokenizer, None, samples=4, seq_len=32)
+    run = lambda m: m(ids).logits.detach()  # noqa: E731
+    dense = run(tiny_model("qwen2"))
+    float_adapters = compress(tiny_model("qwen2"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB).model
+    out = tmp_path / "out"
+    result = compress(tiny_model("qwen2"), rec, out, tokenizer=tokenizer, **CALIB)
+    base_err = (run(without_adapters(compress(tiny_model("qwen2"), shipped("gptq4"), tokenizer=tokenizer, **CALIB).model)) - dense).norm()
+    err = (run(result.model) - dense).norm()
+    # still compensates, and 4-bit adapters cost little of what float ones remove
+    assert err < 0.9 * base_err and err < 1.1 * (run(float_adapters) - dense).norm()
+
+    assert not (out / "adapter").exists() and not (out / "quantize_config.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["compression"]["adapter"]["format"] == "quantized-in-checkpoint"
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.0.self_attn.q_proj.lora_A.qweight"].dtype == torch.int32
+    assert tuple(tensors["model.layers.0.self_attn.q_proj.lora_B.qweight"].shape) == (8 * 4 // 32, 64)  # rank 4 padded to 8
+    adapters = result.report["adapters"]
+    assert adapters["bits"] == 4 and adapters["path"] is None and set(adapters["ranks"].values()) == {4}
+    assert result.report["quantization"]["gptq_checkpoint"] is False
+    want = logits(result.model)
+    assert torch.equal(logits(compressor.load(out)), want)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)), want)
 
 
 def test_merge_into_lowrank_is_exact(tokenizer, tmp_path):
@@ -176,6 +234,9 @@ def test_merge_into_lowrank_is_exact(tokenizer, tmp_path):
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank": 0}], "ranks must be positive"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "per-type"}], "needs sequential: false"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "best"}], "unknown rank_allocation 'best'"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "weighting": "fisher"}], "unknown weighting 'fisher'"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 5}], "bits must be 2, 3, 4 or 8"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 4, "sequential": False, "rank_allocation": "per-type"}], "bits quantises adapters as they are fitted"),
 ])
 def test_bad_input_is_one_line(stages, message, tokenizer):
     with pytest.raises(CompressorError, match=message) as err:

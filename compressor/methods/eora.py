@@ -16,6 +16,18 @@ the layers of each matrix type (q_proj of every layer, ...) or across all module
 with rank 0 (no adapter). It needs `sequential: false`, since ranks are chosen once every layer's
 error is known.
 
+`weighting: loss` weighs each output channel's error by how much the calibration loss cares about it
+(the mean squared loss gradient there, compressor/sensitivity.py): the adapters solve
+min ||W_d (dW - B A) X|| with W_d = diag(sqrt(D)), i.e. the same truncated SVD of W_d dW Q L^1/2,
+with B divided by the weights afterwards. It costs one forward and backward pass of the dense model
+per calibration window before the walk.
+
+`bits: 4` (2, 3, 4 or 8) quantises the adapters themselves with GPTQ, as the gptq stage does a
+low-rank factor: A with the layer's input Gram H, then B with A_hat H A_hat^T, the Gram of what B
+really receives. PEFT has no quantised LoRA, so such adapters stay inside the checkpoint
+(modules.LoraAdapted under the layer's name; compressor.load and trust_remote_code read them) and the
+model is then no GPTQ v1 checkpoint for other loaders.
+
 `sequential: false` keeps the adapters out of the calibration walk (later layers are calibrated on
 the compressed model without them, as in post-quantisation adapter generation); the compressed base
 is then identical to a run without this stage, and one run serves every lower rank by truncation.
@@ -24,6 +36,7 @@ Recipe:
     - method: eora
       rank: 32
       rank_pattern: {"mlp.*": 64}
+      weighting: loss
 """
 
 from __future__ import annotations
@@ -38,7 +51,9 @@ from compressor import eora, models, ranks
 from compressor.errors import CompressorError
 from compressor.methods import register
 from compressor.methods.base import Method
-from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear
+from compressor.methods.gptq import Gptq, GptqConfig
+from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear, pack_chunk
+from compressor.sensitivity import row_weights
 
 
 @dataclass
@@ -47,7 +62,11 @@ class EoraConfig:
     wins over `rank`. targets: which compressed linears get adapters. merge: fold into unquantised
     low-rank weights. sequential: adapters feed the next layers' calibration inputs.
     rank_allocation: uniform (each module its rank), per-type or global (same total parameters,
-    ranks moved by output error removed per parameter; needs sequential: false)."""
+    ranks moved by output error removed per parameter; needs sequential: false).
+    weighting: output (plain EoRA: every output channel's error counts alike) or loss (weighted
+    by the calibration loss's squared gradient at that channel).
+    bits: quantise the adapters (2, 3, 4 or 8; none: float, written as PEFT LoRA), with
+    group_size input columns per scale (-1: one per row)."""
 
     rank: int = 32
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -55,9 +74,13 @@ class EoraConfig:
     merge: bool = False
     sequential: bool = True
     rank_allocation: str = "uniform"
+    weighting: str = "output"
+    bits: int | None = None
+    group_size: int = 128
 
 
 ALLOCATIONS = ("uniform", "per-type", "global")
+WEIGHTINGS = ("output", "loss")
 CAP = 4  # with a non-uniform allocation, a module's adapter can grow to CAP x its nominal rank
 
 
@@ -74,8 +97,15 @@ class Eora(Method):
                 raise CompressorError(f"eora: ranks must be positive integers, got {r}")
         if config.rank_allocation not in ALLOCATIONS:
             raise CompressorError(f"eora: unknown rank_allocation '{config.rank_allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
+        if config.weighting not in WEIGHTINGS:
+            raise CompressorError(f"eora: unknown weighting '{config.weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
         if config.rank_allocation != "uniform" and (config.sequential or config.merge):
             raise CompressorError(f"eora: rank_allocation: {config.rank_allocation} needs sequential: false and no merge (ranks are chosen after every layer is fitted)")
+        self.quantizer = None
+        if config.bits is not None:
+            if config.merge or config.rank_allocation != "uniform":
+                raise CompressorError("eora: bits quantises adapters as they are fitted, so it needs rank_allocation: uniform and no merge")
+            self.quantizer = Gptq(GptqConfig(bits=config.bits, group_size=config.group_size))
         super().__init__(config)
 
     def rank_for(self, linear_name: str) -> int:
@@ -86,23 +116,44 @@ class Eora(Method):
         r = self.rank_for(linear_name)
         return r if self.config.rank_allocation == "uniform" else CAP * r
 
-    def adapters(self, original: torch.Tensor, module: nn.Module, H: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def adapters(self, original: torch.Tensor, module: nn.Module, H: torch.Tensor, rank: int, sensitivity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B (out x r), A (r x in)) for the error of `module` against `original`, and the energies
-        of all its components (eora.eora_fit)."""
+        of all its components (eora.eora_fit). sensitivity: the module's D (out,) when weighting by
+        the loss; the energies are then loss-weighted too."""
         dW = original.to(torch.float64) - effective_weight(module).to(device=original.device, dtype=torch.float64)
         # q/k/v (and gate/up) share one Gram object: decompose it once.
         if getattr(self, "_eigen_of", None) is not H:
             self._eigen_of, self._eigen = H, eora.gram_eigen(H.to(original.device))
-        return eora.eora_fit(dW, H, rank, eigen=self._eigen)
+        if sensitivity is None:
+            return eora.eora_fit(dW, H, rank, eigen=self._eigen)
+        w = row_weights(sensitivity).to(dW.device)[:, None]
+        B, A, energies = eora.eora_fit(w * dW, H, rank, eigen=self._eigen)
+        return (B.to(torch.float64) / w).to(B.dtype), A, energies
 
-    def attach(self, module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict) -> tuple[nn.Module, dict]:
-        """The module with its adapters: merged (spec's rank grows) or wrapped."""
+    def attach(self, module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict, H: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+        """The module with its adapters: merged (spec's rank grows), wrapped, or quantised (with
+        the layer's input Gram H) and wrapped."""
         like = next(iter(module.parameters()), None)
         dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
         if self.config.merge:
             return _merge(module, B.to(dtype), A.to(dtype), spec)
         device = B.device if like is None else like.device
-        return _wrap(module, B, A, device, dtype), spec
+        wrapped = LoraAdapted.from_factors(module, B, A, device, dtype)
+        if self.quantizer is None:
+            return wrapped, spec
+        return self._quantize(wrapped, H, spec)
+
+    def _quantize(self, wrapped: LoraAdapted, H: torch.Tensor, spec: dict) -> tuple[LoraAdapted, dict]:
+        out_f, in_f = wrapped.out_features, wrapped.in_features
+        per = pack_chunk(self.config.bits)[0]
+        if in_f % per or out_f % per:
+            raise CompressorError(f"eora: {self.config.bits}-bit adapters need the layer's in and out features divisible by {per}, got {out_f} x {in_f}; drop 'bits' or leave the layer out of 'targets'")
+        pair = LowRankLinear(in_f, out_f, wrapped.lora_A.out_features)
+        pair.down, pair.up = wrapped.lora_A, wrapped.lora_B
+        pair, factors = self.quantizer.quantize_module(pair, H, {})
+        # the rank may have grown by zero rows to the packing unit
+        adapter = {"rank": factors["rank"], **factors["quant"]}
+        return LoraAdapted(wrapped.base, pair.down, pair.up), {**spec, "adapter": adapter}
 
     def allocate(self, fitted: dict[str, tuple[torch.Tensor, int, tuple[int, int]]]) -> dict[str, int]:
         """Per full module name, its final adapter rank; fitted: name -> (energies, nominal rank, (out, in))."""
@@ -113,22 +164,12 @@ class Eora(Method):
                                    {n: r for n, (_, r, _) in fitted.items()}, pools, {n: CAP * r for n, (_, r, _) in fitted.items()})
 
 
-def _wrap(base: nn.Module, B: torch.Tensor, A: torch.Tensor, device, dtype) -> LoraAdapted:
-    """base(x) + B (A x) with A, B copied into fresh linears of `dtype` on `device`."""
-    lora_A = nn.Linear(A.shape[1], A.shape[0], bias=False, device=device, dtype=dtype)
-    lora_B = nn.Linear(B.shape[1], B.shape[0], bias=False, device=device, dtype=dtype)
-    with torch.no_grad():
-        lora_A.weight.copy_(A)
-        lora_B.weight.copy_(B)
-    return LoraAdapted(base, lora_A, lora_B)
-
-
 def truncate(module: LoraAdapted, rank: int) -> nn.Module:
     """The adapted module with its top `rank` adapter components (the base alone for rank 0)."""
     if rank == 0:
         return module.base
     A, B = module.lora_A.weight, module.lora_B.weight
-    return _wrap(module.base, B[:, :rank], A[:rank], A.device, A.dtype)
+    return LoraAdapted.from_factors(module.base, B[:, :rank], A[:rank], A.device, A.dtype)
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -53,3 +55,34 @@ def test_merge_refuses_quantised():
 def test_rank_pattern_first_match():
     stage = Eora(EoraConfig(rank=8, rank_pattern={"mlp.*": 16, "*": 4}))
     assert stage.rank_for("mlp.up_proj") == 16 and stage.rank_for("self_attn.q_proj") == 4
+
+
+def test_loss_weighting_is_optimal_for_the_weighted_error():
+    """With output weights D, B A minimises ||diag(sqrt D) (dW - B A) X||: checked against the
+    float64 optimum (the tail of the singular values of diag(sqrt D) dW X^T) and against the
+    unweighted fit, which must do worse on that objective."""
+    gen = torch.Generator().manual_seed(3)
+    # well conditioned, so no eigenvalue of H falls under the truncation eps
+    X = torch.randn(400, 48, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3, 48, dtype=torch.float64)
+    H = X.T @ X / X.shape[0]
+    W = torch.randn(40, 48, generator=gen, dtype=torch.float64)
+    m = torch.nn.Linear(48, 40, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        # effective_weight reads modules in float32: give it values float32 holds exactly
+        m.weight.copy_(torch.randn(40, 48, generator=gen).double())
+    D = torch.rand(40, generator=gen, dtype=torch.float64) ** 4  # a few channels dominate
+    w = D.sqrt()[:, None]
+    stage = Eora(EoraConfig(rank=6, weighting="loss"))
+    dW = W - m.weight.detach()
+    err = lambda B, A: (w * (dW - B @ A) @ X.T).norm().item()  # noqa: E731
+    B, A, energies = stage.adapters(W, m, H, 6, D)
+    S = torch.linalg.svdvals(w * dW @ X.T)
+    assert math.isclose(err(B, A), S[6:].square().sum().sqrt().item(), rel_tol=1e-8)
+    assert torch.allclose(energies, S.square() / X.shape[0], rtol=1e-8, atol=1e-10 * energies[0].item())
+    Bu, Au, _ = stage.adapters(W, m, H, 6)
+    assert err(B, A) < 0.95 * err(Bu, Au)
+
+
+def test_unknown_weighting_is_refused():
+    with pytest.raises(CompressorError, match="unknown weighting 'fisher'; choose one of: output, loss"):
+        Eora(EoraConfig(weighting="fisher"))

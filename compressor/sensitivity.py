@@ -1,0 +1,80 @@
+"""How much the calibration loss cares about each output channel of each linear.
+
+For a small change dy of a linear's output, a second-order expansion of the next-token loss with
+the Fisher (gradient outer-product) approximation gives dL ~ 1/2 sum_t (g_t . dy_t)^2, g_t the loss
+gradient at that output for token t. Keeping only its diagonal and averaging the gradients over
+tokens gives dL ~ N/2 sum_i D_i ||dy_i||^2 / N with D_i = mean_t g_{t,i}^2: an output error in
+channel i costs D_i per unit of squared error. These are the row weights of Fisher-weighted SVD
+(FWSVD, Hsu et al., arXiv 2207.00112); the eora stage's `weighting: loss` uses them so that
+adapters remove the error the loss notices, and so that error energies of different modules (q_proj
+of layer 0, down_proj of layer 17) are comparable in one pool.
+
+One forward and backward pass per calibration window through the dense model, with no weight
+gradients (only activation gradients are kept), so memory is the model plus one window's
+activations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor import models
+from compressor.errors import CompressorError
+
+
+def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.device, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full linear name -> D (out_features,), float64 on CPU: the mean over calibration tokens of
+    the squared gradient of the summed next-token cross-entropy with respect to that output.
+
+    names: the linears to measure (default: every decoder linear)."""
+    targets = {name: module for name, _, module in models.iter_linears(model) if names is None or name in names}
+    if not targets:
+        raise CompressorError("loss weighting found no decoder linears to measure")
+    sums: dict[str, torch.Tensor] = {}
+
+    def watch(name):
+        def on_forward(module, args, out):
+            def on_grad(g):
+                sq = g.detach().to(torch.float64).square().reshape(-1, g.shape[-1]).sum(0)
+                sums[name] = sq if name not in sums else sums[name] + sq
+            out.register_hook(on_grad)
+        return on_forward
+
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    embed = model.get_input_embeddings()
+    hooks = [m.register_forward_hook(watch(n)) for n, m in targets.items()]
+    # Weights stay frozen; gradients start at the embedding output instead, so no weight gradient
+    # is ever allocated.
+    hooks.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    home = next(model.parameters()).device
+    tokens = 0
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        model.to(device)
+        for window in tqdm(windows.split(1), desc="loss sensitivity", unit="window", disable=None):
+            ids = window.to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            # half-precision logits are upcast for the softmax; float64 ones stay float64
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            loss.backward()
+            tokens += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.to(home)
+    missing = sorted(set(targets) - set(sums))
+    if missing:
+        raise CompressorError(f"loss weighting: no gradient reached {missing[0]} (and {len(missing) - 1} more); the loss does not depend on it")
+    return {name: (s / tokens).cpu() for name, s in sums.items()}
+
+
+def row_weights(D: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """sqrt(D) with channels the loss ignores raised to floor * mean(D), so dividing by it is safe."""
+    D = D.to(torch.float64)
+    return D.clamp_min(floor * D.mean().clamp_min(torch.finfo(torch.float64).tiny)).sqrt()

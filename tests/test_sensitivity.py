@@ -1,0 +1,54 @@
+import pytest
+import torch
+from torch import nn
+
+from compressor import models
+from compressor.errors import CompressorError
+from compressor.sensitivity import output_sensitivity, row_weights
+
+from conftest import tiny_model
+
+WINDOWS = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
+
+
+def reference(model, windows):
+    """Per linear, sum over windows and tokens of (dL/dy)^2 / tokens, by autograd in float64."""
+    model = model.double()
+    outs, sums = {}, {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: outs.__setitem__(n, out)) for n, _, m in models.iter_linears(model)]
+    for window in windows:
+        ids = window[None]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        grads = torch.autograd.grad(loss, list(outs.values()))
+        for n, g in zip(outs, grads):
+            sums[n] = sums.get(n, 0) + g.square().reshape(-1, g.shape[-1]).sum(0)
+    for h in hooks:
+        h.remove()
+    return {n: s / windows.numel() for n, s in sums.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_matches_float64_autograd(arch):
+    model = tiny_model(arch).double()
+    want = reference(tiny_model(arch), WINDOWS)
+    got = output_sensitivity(model, WINDOWS, torch.device("cpu"))
+    assert set(got) == set(want) and len(got) == sum(1 for _ in models.iter_linears(model))
+    for n in want:
+        assert got[n].dtype == torch.float64 and got[n].shape == want[n].shape
+        assert torch.allclose(got[n], want[n], rtol=1e-8, atol=1e-14), n
+    # no weight gradient was kept, and the weights' flags are as they were
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_selected_names_only():
+    model = tiny_model("llama")
+    names = {n for n, _, _ in models.iter_linears(model) if n.endswith("down_proj")}
+    assert set(output_sensitivity(model, WINDOWS[:1], torch.device("cpu"), names)) == names
+    with pytest.raises(CompressorError, match="found no decoder linears"):
+        output_sensitivity(model, WINDOWS[:1], torch.device("cpu"), {"nope"})
+
+
+def test_row_weights_are_safe_to_divide_by():
+    w = row_weights(torch.tensor([4.0, 0.0, 1.0]))
+    assert w.dtype == torch.float64 and (w > 0).all() and torch.allclose(w[[0, 2]], torch.tensor([2.0, 1.0], dtype=torch.float64))
