@@ -100,6 +100,7 @@ def _eval_options(f):
         click.option("--num-fewshot", type=int, help="lm-eval few-shot examples (default: the task's own)."),
         click.option("--device", type=DEVICES, default="auto", show_default=True),
         click.option("--dtype", type=DTYPES, default="float32", show_default=True),
+        click.option("--adapter/--no-adapter", default=True, show_default=True, help="Apply the PEFT adapter a compressed folder carries (out/adapter); --no-adapter evaluates the base alone."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -116,7 +117,7 @@ def _run_options(kw: dict) -> dict:
     if kw["timeout"] <= 0:
         raise CompressorError(f"--timeout must be positive, got {kw['timeout']}")
     opts = {k: kw[k] for k in ("seq_len", "limit", "device", "dtype", "batch_size", "max_new_tokens", "samples_per_task",
-                               "temperature", "top_p", "workers", "timeout", "seed", "include_path", "num_fewshot")}
+                               "temperature", "top_p", "workers", "timeout", "seed", "include_path", "num_fewshot", "adapter")}
     opts["pass_k"] = _ints(kw["pass_k"])
     return opts
 

@@ -188,8 +188,9 @@ def _humaneval(model, tokenizer, limit, device, batch_size, max_new_tokens, samp
     )
 
 
-def load_any(model: str, dtype: str = "float32", device: str = "cpu"):
-    """A folder written by compressor (or any HF folder) via export.load; else the loader's specs."""
+def load_any(model: str, dtype: str = "float32", device: str = "cpu", adapter: bool = True):
+    """A folder written by compressor (or any HF folder) via export.load, with its PEFT adapter
+    unless adapter=False; else the loader's specs."""
     from transformers import AutoTokenizer
 
     from compressor import export
@@ -201,7 +202,7 @@ def load_any(model: str, dtype: str = "float32", device: str = "cpu"):
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise CompressorError(f"{path} has no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); save one beside the model") from None
-        return export.load(path, dtype=dtype, device=device), tokenizer
+        return export.load(path, dtype=dtype, device=device, adapter=adapter), tokenizer
     loaded, tokenizer = load_model(model, dtype=dtype)
     return loaded.to(device).eval(), tokenizer
 
@@ -248,9 +249,11 @@ def evaluate_model(
     limit: int | None = None,
     device: str = "auto",
     dtype: str = "float32",
+    adapter: bool = True,
     **options,
 ) -> dict:
-    """Load `model` (anything compressor wrote, a folder, a .gguf, 'demo', a hub id) and run `tasks`.
+    """Load `model` (anything compressor wrote, a folder, a .gguf, 'demo', a hub id) and run `tasks`;
+    adapter=False leaves a compressed folder's PEFT adapter off.
 
     `options` are `run_tasks`' keyword arguments (batch_size, max_new_tokens, samples_per_task, ...).
     """
@@ -259,10 +262,13 @@ def evaluate_model(
     check_tasks(tasks)
     dev = resolve_device(device)
     start = time.time()
-    loaded, tokenizer = load_any(model, dtype, str(dev))
+    loaded, tokenizer = load_any(model, dtype, str(dev), adapter)
     load_seconds = round(time.time() - start, 3)
     results = evaluate_loaded(loaded, tokenizer, tasks, seq_len, limit, dev, name=str(model), **options)
-    results.update(dtype=dtype, load_seconds=load_seconds, wall_seconds=round(time.time() - start, 3))
+    from compressor.modules import LoraAdapted
+
+    adapted = any(isinstance(m, LoraAdapted) for m in loaded.modules())
+    results.update(dtype=dtype, adapters_applied=adapted, load_seconds=load_seconds, wall_seconds=round(time.time() - start, 3))
     return results
 
 

@@ -69,6 +69,27 @@ def test_eval_every_builtin_task(monkeypatch, capsys, compressed, tmp_path):
     assert "humaneval: pass@1 0.000 (2 problems x 1 samples, greedy)" in stdout
 
 
+def test_eval_applies_the_adapter_unless_told_not_to(monkeypatch, capsys, dense, tmp_path):
+    """An EoRA folder is evaluated as compressed (base + out/adapter), the same perplexity as the
+    model compress returned; --no-adapter gives the base's."""
+    from compressor import recipe
+    from compressor.api import compress
+    from compressor.evaluate import run_tasks
+
+    rec = recipe.from_dict({"stages": [{"method": "gptq", "group_size": 32}, {"method": "eora", "rank": 4, "sequential": False}]})
+    out = tmp_path / "eora"
+    model = compress(str(dense), rec, out, samples=4, seq_len=32, device="cpu").model
+    want = run_tasks(model, byte_tokenizer(), ["code_ppl"], 32, 2, "cpu")["code_ppl"]["ppl"]
+    got = {}
+    for flag in ("--adapter", "--no-adapter"):
+        code, _, err = run(monkeypatch, capsys, "eval", out, "--tasks", "code_ppl", "--limit", "2", "--seq-len", "32", "--device", "cpu", flag, "-o", tmp_path / f"{flag}.json")
+        assert code == 0, err
+        got[flag] = json.loads((tmp_path / f"{flag}.json").read_text())
+    assert got["--adapter"]["adapters_applied"] and not got["--no-adapter"]["adapters_applied"]
+    assert abs(got["--adapter"]["tasks"]["code_ppl"]["ppl"] - want) <= 1e-4 * want
+    assert got["--no-adapter"]["tasks"]["code_ppl"]["ppl"] != got["--adapter"]["tasks"]["code_ppl"]["ppl"]
+
+
 def test_self_check_on_a_subset(monkeypatch, capsys, tmp_path):
     out = tmp_path / "check.json"
     code, stdout, err = run(monkeypatch, capsys, "eval", "--self-check", "--limit", "6", "-o", out)
