@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import platform
 import shutil
 import tempfile
 import time
@@ -63,6 +64,13 @@ def allocate(full: dict, rank: int) -> dict[str, int]:
     return stage.allocate(fitted)
 
 
+def host() -> dict:
+    """What ran this: GPTQ's rounding decisions differ with the CPU's float paths, and the
+    perplexities with them (15.34 vs 15.74 for the same GPTQ run on two machines, README)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "") if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu or platform.processor() or "unknown", "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo", help="model spec for compressor.loading.load_model")
@@ -79,7 +87,7 @@ def main() -> None:
     ap.add_argument("--allocate", action="store_true", help="also rows with the eora stage's rank_allocation: per-type (same adapter parameters "
                     "as each uniform rank below the largest, moved between layers by output error removed per parameter)")
     ap.add_argument("--act-order", action="store_true", help="GPTQ with activation order (desc_act)")
-    ap.add_argument("--weighting", choices=["output", "loss"], default="output", help="the eora stage's weighting (loss: output channels weighted by the "
+    ap.add_argument("--weighting", choices=["output", "loss", "loss-full"], default="output", help="the eora stage's weighting (loss: output channels weighted by the "
                     "calibration loss's squared gradient; adds one forward and backward pass per calibration window)")
     ap.add_argument("--gram-dtype", default="float32", help="Gram accumulation dtype (float32 is GPTQ's usual; float64 is slower)")
     ap.add_argument("--adapter-bits", type=int, help="instead of the float-adapter walk, one walk per rank in --ranks with the eora stage's "
@@ -97,7 +105,7 @@ def main() -> None:
     start = time.time()
     dense, tok = load_model(args.model)
     results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype},
-               "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "load_seconds": round(time.time() - start, 1), "rows": []}
+               "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "host": host(), "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
     if args.resume and args.out.exists():
@@ -135,7 +143,7 @@ def main() -> None:
         del rtn
 
     label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" (EoRA-sequential walk)" if args.sequential else "")
-    eora_label = "EoRA" + (", loss-weighted" if args.weighting == "loss" else "")
+    eora_label = "EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting]
     gptq_stage = {"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}
     if args.adapter_bits:
         for r in sorted(args.ranks):

@@ -58,7 +58,9 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
         shapes = pipeline.target_shapes(model, quant)
         quant.check(shapes, {n for n, r in ranks.items() if r is not None})
     # Measured on the dense model, before any stage changes it.
-    weights = sensitivity.output_sensitivity(model, windows, device, adapted_names(model, adapter)) if adapter is not None and adapter.config.weighting == "loss" else {}
+    weights = {}
+    if adapter is not None and adapter.config.weighting != "output":
+        weights = sensitivity.output_sensitivity(model, windows, device, adapted_names(model, adapter), full=adapter.config.weighting == "loss-full")
     outcome = Outcome()
     deferred: list[tuple[nn.Module, str, str, nn.Module]] = []
     fitted: dict[str, tuple] = {}  # full name -> (component energies, nominal rank, shape)

@@ -156,16 +156,18 @@ def test_per_type_allocation_keeps_the_budget_and_exports(tokenizer, tmp_path):
     assert (logits(reloaded) - logits(result.model)).abs().max() <= 1e-4
 
 
-def test_loss_weighting_end_to_end(tokenizer, tmp_path):
-    """weighting: loss changes the adapters (not the GPTQ base), is recorded, and PEFT loads them."""
+@pytest.mark.parametrize("weighting", ["loss", "loss-full"])
+def test_loss_weighting_end_to_end(tokenizer, tmp_path, weighting):
+    """weighting: loss (or loss-full) changes the adapters (not the GPTQ base), is recorded, and
+    PEFT loads them."""
     plain = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform", weighting="output"), tokenizer=tokenizer, **CALIB).model
     out = tmp_path / "out"
-    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform", weighting="loss"), out, tokenizer=tokenizer, **CALIB)
+    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform", weighting=weighting), out, tokenizer=tokenizer, **CALIB)
     name, weighted = next((n, m) for n, _, m in models.iter_linears_any(result.model))
     unweighted = plain.get_submodule(name)
     assert torch.equal(weighted.base.qweight, unweighted.base.qweight)
     assert not torch.allclose(weighted.lora_B.weight, unweighted.lora_B.weight, atol=1e-3)
-    assert result.report["recipe"]["stages"][1]["weighting"] == "loss"
+    assert result.report["recipe"]["stages"][1]["weighting"] == weighting
     from peft import PeftModel
 
     reloaded = PeftModel.from_pretrained(compressor.load(out, adapter=False), out / "adapter").eval()

@@ -19,8 +19,11 @@ error is known.
 `weighting: loss` weighs each output channel's error by how much the calibration loss cares about it
 (the mean squared loss gradient there, compressor/sensitivity.py): the adapters solve
 min ||W_d (dW - B A) X|| with W_d = diag(sqrt(D)), i.e. the same truncated SVD of W_d dW Q L^1/2,
-with B divided by the weights afterwards. It costs one forward and backward pass of the dense model
-per calibration window before the walk.
+with B divided by the weights afterwards. `weighting: loss-full` keeps the whole matrix
+G = mean g g^T of those gradients instead of its diagonal (the output side of a Kronecker-factored
+Fisher): min ||G^1/2 (dW - B A) X||, the SVD of G^1/2 dW Q L^1/2, with B multiplied by G^-1/2
+afterwards. Either costs one forward and backward pass of the dense model per calibration window
+before the walk; loss-full also keeps an out x out float64 matrix per adapted linear.
 
 `bits: 4` (2, 3, 4 or 8) quantises the adapters themselves with GPTQ, as the gptq stage does a
 low-rank factor: A with the layer's input Gram H, then B with A_hat H A_hat^T, the Gram of what B
@@ -53,7 +56,7 @@ from compressor.methods import register
 from compressor.methods.base import Method
 from compressor.methods.gptq import Gptq, GptqConfig
 from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear, pack_chunk
-from compressor.sensitivity import row_weights
+from compressor.sensitivity import output_roots, row_weights
 
 
 @dataclass
@@ -63,8 +66,9 @@ class EoraConfig:
     low-rank weights. sequential: adapters feed the next layers' calibration inputs.
     rank_allocation: uniform (each module its rank), per-type or global (same total parameters,
     ranks moved by output error removed per parameter; needs sequential: false).
-    weighting: output (plain EoRA: every output channel's error counts alike) or loss (weighted
-    by the calibration loss's squared gradient at that channel).
+    weighting: output (plain EoRA: every output channel's error counts alike), loss (weighted
+    by the calibration loss's squared gradient at that channel) or loss-full (by the covariance
+    of those gradients across channels).
     bits: quantise the adapters (2, 3, 4 or 8; none: float, written as PEFT LoRA), with
     group_size input columns per scale (-1: one per row)."""
 
@@ -80,7 +84,7 @@ class EoraConfig:
 
 
 ALLOCATIONS = ("uniform", "per-type", "global")
-WEIGHTINGS = ("output", "loss")
+WEIGHTINGS = ("output", "loss", "loss-full")
 CAP = 4  # with a non-uniform allocation, a module's adapter can grow to CAP x its nominal rank
 
 
@@ -126,9 +130,13 @@ class Eora(Method):
             self._eigen_of, self._eigen = H, eora.gram_eigen(H.to(original.device))
         if sensitivity is None:
             return eora.eora_fit(dW, H, rank, eigen=self._eigen)
-        w = row_weights(sensitivity).to(dW.device)[:, None]
-        B, A, energies = eora.eora_fit(w * dW, H, rank, eigen=self._eigen)
-        return (B.to(torch.float64) / w).to(B.dtype), A, energies
+        if sensitivity.dim() == 1:
+            w = row_weights(sensitivity).to(dW.device)[:, None]
+            B, A, energies = eora.eora_fit(w * dW, H, rank, eigen=self._eigen)
+            return (B.to(torch.float64) / w).to(B.dtype), A, energies
+        root, inv_root = (m.to(dW.device) for m in output_roots(sensitivity))
+        B, A, energies = eora.eora_fit(root @ dW, H, rank, eigen=self._eigen)
+        return (inv_root @ B.to(torch.float64)).to(B.dtype), A, energies
 
     def attach(self, module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict, H: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
         """The module with its adapters: merged (spec's rank grows), wrapped, or quantised (with

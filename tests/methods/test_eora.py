@@ -57,10 +57,26 @@ def test_rank_pattern_first_match():
     assert stage.rank_for("mlp.up_proj") == 16 and stage.rank_for("self_attn.q_proj") == 4
 
 
-def test_loss_weighting_is_optimal_for_the_weighted_error():
-    """With output weights D, B A minimises ||diag(sqrt D) (dW - B A) X||: checked against the
-    float64 optimum (the tail of the singular values of diag(sqrt D) dW X^T) and against the
-    unweighted fit, which must do worse on that objective."""
+def _output_weights(weighting, gen):
+    """(what the stage is given, the left factor L of its objective ||L (dW - B A) X||, and a
+    rival weighting that must do worse on that objective)."""
+    if weighting == "loss":
+        D = torch.rand(40, generator=gen, dtype=torch.float64) ** 4  # a few channels dominate
+        return D, torch.diag(D.sqrt()), None
+    # loss gradients that share a few directions: strongly correlated output channels
+    grads = torch.randn(300, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 40, generator=gen, dtype=torch.float64)
+    grads += 0.05 * torch.randn(300, 40, generator=gen, dtype=torch.float64)
+    G = grads.T @ grads / grads.shape[0]
+    lam, P = torch.linalg.eigh(G)
+    return G, (P * lam.clamp_min(0).sqrt()) @ P.T, G.diagonal()
+
+
+@pytest.mark.parametrize("weighting", ["loss", "loss-full"])
+def test_loss_weighting_is_optimal_for_the_weighted_error(weighting):
+    """loss: output weights D, objective ||diag(sqrt D) (dW - B A) X||, rival the unweighted fit;
+    loss-full: output Gram G, objective ||G^1/2 (dW - B A) X||, rival the fit on G's diagonal.
+    Checked against the float64 optimum (the tail of the singular values of L dW X^T) and the
+    rival, which must do worse on that objective."""
     gen = torch.Generator().manual_seed(3)
     # well conditioned, so no eigenvalue of H falls under the truncation eps
     X = torch.randn(400, 48, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3, 48, dtype=torch.float64)
@@ -70,19 +86,18 @@ def test_loss_weighting_is_optimal_for_the_weighted_error():
     with torch.no_grad():
         # effective_weight reads modules in float32: give it values float32 holds exactly
         m.weight.copy_(torch.randn(40, 48, generator=gen).double())
-    D = torch.rand(40, generator=gen, dtype=torch.float64) ** 4  # a few channels dominate
-    w = D.sqrt()[:, None]
-    stage = Eora(EoraConfig(rank=6, weighting="loss"))
+    given, L, rival = _output_weights(weighting, gen)
+    stage = Eora(EoraConfig(rank=6, weighting=weighting))
     dW = W - m.weight.detach()
-    err = lambda B, A: (w * (dW - B @ A) @ X.T).norm().item()  # noqa: E731
-    B, A, energies = stage.adapters(W, m, H, 6, D)
-    S = torch.linalg.svdvals(w * dW @ X.T)
+    err = lambda B, A: (L @ (dW - B @ A) @ X.T).norm().item()  # noqa: E731
+    B, A, energies = stage.adapters(W, m, H, 6, given)
+    S = torch.linalg.svdvals(L @ dW @ X.T)
     assert math.isclose(err(B, A), S[6:].square().sum().sqrt().item(), rel_tol=1e-8)
     assert torch.allclose(energies, S.square() / X.shape[0], rtol=1e-8, atol=1e-10 * energies[0].item())
-    Bu, Au, _ = stage.adapters(W, m, H, 6)
-    assert err(B, A) < 0.95 * err(Bu, Au)
+    Br, Ar, _ = stage.adapters(W, m, H, 6, rival)
+    assert err(B, A) < 0.95 * err(Br, Ar)
 
 
 def test_unknown_weighting_is_refused():
-    with pytest.raises(CompressorError, match="unknown weighting 'fisher'; choose one of: output, loss"):
+    with pytest.raises(CompressorError, match="unknown weighting 'fisher'; choose one of: output, loss, loss-full"):
         Eora(EoraConfig(weighting="fisher"))
