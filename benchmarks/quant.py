@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--act-order", action="store_true", help="GPTQ with activation order (desc_act)")
     ap.add_argument("--weighting", choices=["output", "loss", "loss-full"], default="output", help="the eora stage's weighting (loss: output channels weighted by the "
                     "calibration loss's squared gradient; adds one forward and backward pass per calibration window)")
+    ap.add_argument("--seed", type=int, default=0, help="calibration seed (which windows of the code text GPTQ and EoRA see)")
     ap.add_argument("--gram-dtype", default="float32", help="Gram accumulation dtype (float32 is GPTQ's usual; float64 is slower)")
     ap.add_argument("--adapter-bits", type=int, help="instead of the float-adapter walk, one walk per rank in --ranks with the eora stage's "
                     "bits (adapters quantised with GPTQ, group --group-size, stored in the checkpoint)")
@@ -104,7 +105,7 @@ def main() -> None:
 
     start = time.time()
     dense, tok = load_model(args.model)
-    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype},
+    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype},
                "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "host": host(), "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
@@ -132,7 +133,7 @@ def main() -> None:
     record("dense fp32", dense, None if "dense fp32" in previous else weights_bytes(work / "dense"), 0.0)
 
     def recipe_for(stages):
-        return recipe.from_dict({"name": "bench", "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "gram_dtype": args.gram_dtype}, "stages": stages})
+        return recipe.from_dict({"name": "bench", "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype}, "stages": stages})
 
     t = time.time()
     if "RTN w4 g128" in previous:
