@@ -43,8 +43,8 @@ def without_adapters(model):
     return model
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "mistral", "qwen3"])
-@pytest.mark.parametrize("name", ["gptq4", "gptq4-eora32", "welore30-gptq4-eora"])
+@pytest.mark.parametrize("arch,name", [(a, n) for n in ("gptq4", "gptq4-eora32", "welore30-gptq4-eora") for a in ("gpt2", "mistral", "qwen3")]
+                         + [("qwen3", "whiten30-gptq4-eora")])
 def test_compress_export_reload(arch, name, tokenizer, tmp_path):
     out = tmp_path / "out"
     result = compress(tiny_model(arch), shipped(name), out, tokenizer=tokenizer, **CALIB)
@@ -71,7 +71,7 @@ def test_compress_export_reload(arch, name, tokenizer, tmp_path):
         removed = report["adapters"]["error_removed"]
         assert set(removed) == set(report["adapters"]["ranks"]) and all(0 < v <= 1 for v in removed.values())
     assert config["compression"]["modules"]
-    if name == "welore30-gptq4-eora":
+    if name.startswith(("welore30", "whiten30")):
         assert "quantization_config" not in config  # low-rank layers are not a GPTQ layout
         assert any(spec["type"] == "lowrank" and spec["quant"]["bits"] == 4 for spec in config["compression"]["modules"].values())
     else:
