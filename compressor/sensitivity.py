@@ -101,7 +101,7 @@ def host_memory() -> int:
 
 
 def _check_room(need: int) -> None:
-    # Grows as out^2 per linear: 1.4 GiB for Gemma 3 270M, 78 GiB for a 7B Llama (the diagonal: 2 MB).
+    # Grows as out^2 per linear: 1.4 GiB for Gemma 3 270M, 78 GiB for a 7B Llama (the diagonal: 11 MB).
     total = host_memory()
     if total and need > total // 2:
         raise CompressorError(f"weighting: loss-full keeps an out x out float64 matrix per adapted linear, {need / 2**30:.1f} GiB here, "
