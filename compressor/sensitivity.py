@@ -108,10 +108,15 @@ def _check_room(need: int) -> None:
                               f"more than half of this machine's {total / 2**30:.0f} GiB; use weighting: loss, or fewer eora targets")
 
 
+def _floored(values: torch.Tensor, floor: float) -> torch.Tensor:
+    """values raised to at least floor * their (non-negative) mean, so roots of them are safe to
+    divide by."""
+    return values.clamp_min(floor * values.clamp_min(0).mean().clamp_min(torch.finfo(torch.float64).tiny))
+
+
 def row_weights(D: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
     """sqrt(D) with channels the loss ignores raised to floor * mean(D), so dividing by it is safe."""
-    D = D.to(torch.float64)
-    return D.clamp_min(floor * D.mean().clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+    return _floored(D.to(torch.float64), floor).sqrt()
 
 
 def output_roots(G: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,5 +124,5 @@ def output_roots(G: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, to
     floor * their mean first, so the inverse is safe (the full-matrix row_weights)."""
     G = G.to(torch.float64)
     lam, P = torch.linalg.eigh((G + G.T) / 2)
-    lam = lam.clamp_min(floor * lam.clamp_min(0).mean().clamp_min(torch.finfo(torch.float64).tiny))
+    lam = _floored(lam, floor)
     return (P * lam.sqrt()) @ P.T, (P * lam.rsqrt()) @ P.T
