@@ -89,6 +89,9 @@ def main() -> None:
     ap.add_argument("--act-order", action="store_true", help="GPTQ with activation order (desc_act)")
     ap.add_argument("--weighting", choices=["output", "loss", "loss-full"], default="output", help="the eora stage's weighting (loss: output channels weighted by the "
                     "calibration loss's squared gradient; adds one forward and backward pass per calibration window)")
+    ap.add_argument("--propagation", type=float, default=0.0, help="the eora stage's propagation (share of the error inherited from earlier "
+                    "compressed layers the adapters also correct; needs --sequential, and then use one rank per run: lower ranks are truncations)")
+    ap.add_argument("--propagation-damp", type=float, default=0.0, help="the eora stage's propagation_damp (ridge on the propagation correction, share of the mean eigenvalue of H)")
     ap.add_argument("--seed", type=int, default=0, help="calibration seed (which windows of the code text GPTQ and EoRA see)")
     ap.add_argument("--gram-dtype", default="float32", help="Gram accumulation dtype (float32 is GPTQ's usual; float64 is slower)")
     ap.add_argument("--adapter-bits", type=int, help="instead of the float-adapter walk, one walk per rank in --ranks with the eora stage's "
@@ -98,6 +101,8 @@ def main() -> None:
         # the per-type rows re-derive each component's energy from B's column norms, which only
         # holds for unweighted adapters
         ap.error("--allocate works with --weighting output only")
+    if args.propagation and not args.sequential:
+        ap.error("--propagation needs --sequential (the eora stage refuses it otherwise)")
     tasks = [t for t in args.tasks.split(",") if t]
     limit = args.limit or None
     torch.manual_seed(0)
@@ -105,7 +110,7 @@ def main() -> None:
 
     start = time.time()
     dense, tok = load_model(args.model)
-    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype},
+    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "eora_propagation": args.propagation, "eora_propagation_damp": args.propagation_damp, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype},
                "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "host": host(), "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
@@ -144,20 +149,20 @@ def main() -> None:
         del rtn
 
     label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" (EoRA-sequential walk)" if args.sequential else "")
-    eora_label = "EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting]
+    eora_label = "EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting] + (f", propagation {args.propagation:g}" if args.propagation else "") + (f" damp {args.propagation_damp:g}" if args.propagation_damp else "")
     gptq_stage = {"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}
     if args.adapter_bits:
         for r in sorted(args.ranks):
             model = dense if r == max(args.ranks) else copy.deepcopy(dense)
             t = time.time()
-            eora = {"method": "eora", "rank": r, "sequential": args.sequential, "weighting": args.weighting, "bits": args.adapter_bits, "group_size": args.group_size}
+            eora = {"method": "eora", "rank": r, "sequential": args.sequential, "weighting": args.weighting, "propagation": args.propagation, "propagation_damp": args.propagation_damp, "bits": args.adapter_bits, "group_size": args.group_size}
             res = compress(model, recipe_for([gptq_stage, eora]), work / f"q{r}", tokenizer=tok, device="cpu")
             record(f"{label} + {eora_label} r{r}, {args.adapter_bits}-bit adapters", res.model, weights_bytes(work / f"q{r}"), round(time.time() - t, 1),
                    bits_per_dense_weight=res.report["bits_per_dense_weight"])
     else:
         top = max(args.ranks)
         t = time.time()
-        res = compress(dense, recipe_for([gptq_stage, {"method": "eora", "rank": top, "sequential": args.sequential, "weighting": args.weighting}]), work / "gptq-eora", tokenizer=tok, device="cpu")
+        res = compress(dense, recipe_for([gptq_stage, {"method": "eora", "rank": top, "sequential": args.sequential, "weighting": args.weighting, "propagation": args.propagation}]), work / "gptq-eora", tokenizer=tok, device="cpu")
         wall = round(time.time() - t, 1)
         model, base_bytes = res.model, weights_bytes(work / "gptq-eora") - weights_bytes(work / "gptq-eora" / "adapter")
         full = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}

@@ -70,3 +70,39 @@ class GramCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+class DriftCollector(GramCollector):
+    """GramCollector that also accumulates K = X_d^T X / N, the dense model's inputs against the
+    compressed model's, token by token, for the eora stage's `propagation`.
+
+    Each batch runs through the (still dense) layer twice: first on the dense model's hidden
+    states with `recording` set, which keeps every group's input, then on the compressed model's,
+    which adds H and pairs with what was kept. So K needs no more memory than one batch's inputs.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], groups: dict[str, str], dtype: torch.dtype = torch.float64):
+        super().__init__(linears, groups, dtype)
+        self.recording = False
+        self.kept: dict[str, torch.Tensor] = {}
+        self.cross_sums: dict[str, torch.Tensor] = {}
+
+    def _hook(self, group: str):
+        accumulate = super()._hook(group)
+
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            if self.recording:
+                self.kept[group] = x
+                return
+            dense = self.kept.pop(group, None)
+            if dense is None or dense.shape != x.shape:
+                raise CompressorError("propagation: the dense and compressed passes of a layer saw different inputs; run the dense pass first")
+            accumulate(module, args, output)
+            pair = dense.to(self.dtype).T @ x.to(self.dtype)
+            self.cross_sums[group] = pair if group not in self.cross_sums else self.cross_sums[group] + pair
+
+        return hook
+
+    def crosses(self) -> dict[str, torch.Tensor]:
+        return {g: s / self.counts[g] for g, s in self.cross_sums.items()}

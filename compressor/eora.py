@@ -10,6 +10,17 @@ Eigenvalues at or below eps are directions the data never visits: they are zeroe
 and L^-1/2 (a truncated pseudo-inverse, as GPTQModel does), which makes dW Q L^1/2 zero there, so
 V_r has no component there and nothing is lost. The optimal error is then
 ||(dW - B A) X||_F = sqrt(N * sum_{i > r} S_i^2).
+
+Propagation (after QEP, Arai and Ichikawa, arXiv 2504.09629): when earlier layers were compressed
+too, this layer's input X differs from the dense model's X_d, and the output the model should
+produce is X_d W^T, not X W^T. Minimising ||X_d W^T - X W_hat^T - X (B A)^T||_F over B A expands,
+with K = X_d^T X / N, to the same truncated SVD of a shifted target,
+dW Q L^1/2 + W (K - H) Q L^-1/2, so `drift` = alpha W (K - H) adds that second term (alpha in
+[0, 1]: how much of the inherited error to correct; 0 is plain EoRA). Dividing by sqrt(l_i) stays
+bounded on the calibration data (W (K - H) q_i is at most ||W (X_d - X)^T||_2 sqrt(l_i / N)), but in
+directions the data barely visits it fits noise that does not recur on other text. `damp` d
+replaces L^-1/2 there by L^1/2 (L + d mean(L))^-1, i.e. the drift correction becomes the ridge
+estimate W (K - H) (H + d mean(L) I)^-1 (GPTQ's and QEP's damping of H) before the same SVD.
 """
 
 from __future__ import annotations
@@ -35,8 +46,9 @@ def gram_eigen(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam, Q
 
 
-def eora_spectrum(dW: torch.Tensor, H: torch.Tensor, eps: float | None = None, eigen=None):
-    """(U, S, Vh, inv_root, Q) of dW Q L^1/2, float64, with eigenvalues <= eps truncated."""
+def eora_spectrum(dW: torch.Tensor, H: torch.Tensor, eps: float | None = None, eigen=None, drift: torch.Tensor | None = None, damp: float = 0.0):
+    """(U, S, Vh, inv_root, Q) of dW Q L^1/2 (+ drift Q L^1/2 (L + d)^-1, d = damp * mean(L)),
+    float64, with eigenvalues <= eps truncated."""
     in_f = dW.shape[1]
     if tuple(H.shape) != (in_f, in_f):
         raise CompressorError(f"input Gram has shape {tuple(H.shape)} but the weight has {in_f} input features")
@@ -46,16 +58,24 @@ def eora_spectrum(dW: torch.Tensor, H: torch.Tensor, eps: float | None = None, e
     keep = lam > eps
     root = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
     inv_root = torch.where(keep, 1 / root.where(keep, torch.ones_like(root)), torch.zeros_like(lam))
-    (U, S, Vh), = linalg.svd([dW.to(torch.float64) @ (Q * root)], dtype=torch.float64)
+    target = dW.to(torch.float64) @ (Q * root)
+    if drift is not None:
+        if drift.shape != dW.shape:
+            raise CompressorError(f"drift has shape {tuple(drift.shape)} but the weight error has {tuple(dW.shape)}")
+        gain = inv_root if not damp else root / (lam.clamp_min(0) + damp * lam.clamp_min(0).mean())
+        target = target + (drift.to(device=dW.device, dtype=torch.float64) @ Q) * gain
+    (U, S, Vh), = linalg.svd([target], dtype=torch.float64)
     return U, S, Vh, inv_root, Q
 
 
-def eora_fit(dW: torch.Tensor, H: torch.Tensor, rank: int, eps: float | None = None, eigen=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def eora_fit(dW: torch.Tensor, H: torch.Tensor, rank: int, eps: float | None = None, eigen=None, drift: torch.Tensor | None = None,
+             damp: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """eora_adapters plus the energies S_i^2 of every component (float64, CPU, descending):
-    component i removes S_i^2 of the squared calibration output error ||dW X||^2 / N, so the
-    top-k truncation of B and A is the optimal rank-k adapter for every k <= r."""
+    component i removes S_i^2 of the squared calibration output error ||dW X||^2 / N (with
+    `drift`, of the part of the error against the dense model's output that X can explain), so
+    the top-k truncation of B and A is the optimal rank-k adapter for every k <= r."""
     r = _check(dW, rank)
-    U, S, Vh, inv_root, Q = eora_spectrum(dW, H, eps, eigen)
+    U, S, Vh, inv_root, Q = eora_spectrum(dW, H, eps, eigen, drift, damp)
     B, A = linalg.split_factors(U, S, Vh, r)
     A = (A * inv_root) @ Q.T
     dtype = dW.dtype if dW.is_floating_point() else torch.float32

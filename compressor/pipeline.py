@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor import models
-from compressor.calibration import GramCollector
+from compressor.calibration import DriftCollector, GramCollector
 from compressor.errors import CompressorError
 from compressor.linalg import check_finite
 from compressor.methods.base import RankMethod
@@ -100,40 +100,68 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int, device: to
 
 
 def run_layer(layer: nn.Module, acts: Activations, index: int) -> list[torch.Tensor]:
-    outputs = []
+    return [_forward(layer, hidden, call) for hidden, call in zip(acts.hidden, acts.calls[index])]
+
+
+def _forward(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
+    args, kwargs = call
     with torch.no_grad():
-        for hidden, (args, kwargs) in zip(acts.hidden, acts.calls[index]):
-            out = layer(hidden, *args, **kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+        out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _paired_pass(layer: nn.Module, acts: Activations, dense: list[torch.Tensor], index: int, collector: DriftCollector) -> list[torch.Tensor]:
+    """Per batch, the dense layer on the dense model's hidden states (kept by the collector), then
+    on the compressed model's (paired with them). Returns the dense model's next hidden states."""
+    outputs = []
+    for d, hidden, call in zip(dense, acts.hidden, acts.calls[index]):
+        collector.recording = True
+        outputs.append(_forward(layer, d, call))
+        collector.recording = False
+        _forward(layer, hidden, call)
     return outputs
 
 
 def walk(
     model: nn.Module,
     device: torch.device,
-    visit: Callable[[int, nn.Module, dict | None], None],
+    visit: Callable[..., None],
     windows: torch.Tensor | None = None,
     batch_size: int = 8,
     gram_dtype: torch.dtype = torch.float64,
     desc: str = "layers",
+    dense_stream: bool = False,
 ) -> None:
-    """Visit every decoder layer on `device`, with its input Grams when `windows` are given."""
+    """Visit every decoder layer on `device`, with its input Grams when `windows` are given.
+
+    dense_stream: also carry the dense model's hidden states through the walk and call
+    visit(i, layer, grams, crosses), crosses[group] = X_d^T X / N of the dense model's inputs
+    against the compressed model's (what the eora stage's `propagation` corrects for).
+    """
     arch = models.arch_for(model)
     layers = models.decoder_layers(model)
     home = next(model.parameters()).device
     acts = capture(model, windows, batch_size, device) if windows is not None else None
+    dense = list(acts.hidden) if acts is not None and dense_stream else None
     try:
         for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=None)):
             layer.to(device)
-            grams = None
-            if acts is not None:
+            if acts is None:
+                visit(i, layer, None)
+            elif dense is not None:
+                collector = DriftCollector(models.layer_linears(model, layer), arch.linears, gram_dtype)
+                try:
+                    dense = _paired_pass(layer, acts, dense, i, collector)
+                finally:
+                    collector.close()
+                visit(i, layer, collector.grams(), collector.crosses())
+            else:
                 collector = GramCollector(models.layer_linears(model, layer), arch.linears, gram_dtype)
                 try:
                     run_layer(layer, acts, i)
                 finally:
                     collector.close()
-                grams = collector.grams()
-            visit(i, layer, grams)
+                visit(i, layer, collector.grams())
             if acts is not None and i + 1 < len(layers):
                 acts.hidden = run_layer(layer, acts, i)
             layer.to(home)

@@ -65,7 +65,7 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
     deferred: list[tuple[nn.Module, str, str, nn.Module]] = []
     fitted: dict[str, tuple] = {}  # full name -> (component energies, nominal rank, shape)
 
-    def visit(i, layer, grams):
+    def visit(i, layer, grams, crosses=None):
         prefix = models.layer_prefix(model, i)
         dense = {n: models.weight_of(m).detach().clone() for n, m in models.layer_linears(model, layer).items()} if adapter else {}
         if rank is not None:
@@ -80,7 +80,8 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
                 outcome.specs[full] = spec
             if adapter is None or full not in outcome.specs or not adapter.targets(name):
                 continue
-            B, A, energies = adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full))
+            cross = crosses[arch.linears[name]] if crosses is not None else None
+            B, A, energies = adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full), cross)
             fitted[full] = (energies, min(adapter.rank_for(name), energies.numel()), tuple(dense[name].shape))
             module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full], H)
             (outcome.merged if adapter.config.merge else outcome.adapters)[full] = A.shape[0]
@@ -91,7 +92,8 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
 
     needs_gram = any(s.needs_gram for s in stages.values())
     names = "+".join(s.name for s in recipe.stages)
-    pipeline.walk(model, device, visit, windows if needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({names})")
+    propagate = adapter is not None and adapter.config.propagation > 0
+    pipeline.walk(model, device, visit, windows if needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({names})", dense_stream=propagate)
     home = next(model.parameters()).device
     final = adapter.allocate(fitted) if adapter is not None else {}
     for layer, name, full, module in deferred:

@@ -122,3 +122,65 @@ def test_rejects_bad_rank(case):
         eora_adapters(dW, gram(X), 0)
     with pytest.raises(CompressorError, match="input Gram has shape"):
         eora_adapters(dW, torch.eye(10, dtype=torch.float64), 4)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 32])
+def test_propagation_fits_the_dense_output_as_a_float64_regression(case, rank):
+    """With drift = W (K - H), the adapters minimise ||X_d W^T - X W_hat^T - X (B A)^T||: their
+    error equals the optimum of that reduced-rank regression (projection onto X's columns,
+    truncated SVD), and beats plain EoRA's on it."""
+    dW, X = case
+    gen = torch.Generator().manual_seed(3)
+    X = X.double()
+    Xd = X + 0.3 * correlated(X.shape[0], X.shape[1]).double() @ torch.randn(X.shape[1], X.shape[1], generator=gen).double() / 16
+    W = torch.randn(dW.shape, generator=gen, dtype=torch.float64) / 16
+    W_hat = W - dW.double()
+    N = X.shape[0]
+    H, K = X.T @ X / N, Xd.T @ X / N
+    Y = Xd @ W.T - X @ W_hat.T  # what the adapters should add, token by token
+
+    def err(B, A):
+        return (Y - X @ (B.double() @ A.double()).T).norm().item() / math.sqrt(N)
+
+    # float64 reference: the best rank-r map from X's column space, via X's thin SVD
+    U, s, _ = torch.linalg.svd(X, full_matrices=False)
+    sv = torch.linalg.svdvals(U.T @ Y)
+    P = Y - U @ (U.T @ Y)  # part of Y no map of X can reach
+    best = math.sqrt((P.norm().item() ** 2 + sv[rank:].square().sum().item()) / N)
+
+    B, A, energies = eora_fit(dW.double(), H, rank, drift=W @ (K - H))
+    assert math.isclose(err(B, A), best, rel_tol=1e-6)
+    # X's smallest eigen-directions (below max * in * eps_float32) are truncated: agreement to ~1e-6
+    assert torch.allclose(energies, sv.square() / N, rtol=1e-5, atol=1e-5 * energies[0].item())
+    Bp, Ap = eora_adapters(dW.double(), H, rank)
+    assert err(B, A) < err(Bp, Ap)
+
+
+def test_zero_drift_is_plain_eora(case):
+    dW, X = case
+    H = gram(X)
+    B, A, e = eora_fit(dW, H, 8, drift=torch.zeros_like(dW))
+    B0, A0, e0 = eora_fit(dW, H, 8)
+    assert torch.allclose(B @ A, B0 @ A0, atol=1e-7) and torch.allclose(e, e0)
+    with pytest.raises(CompressorError, match="drift has shape"):
+        eora_fit(dW, H, 8, drift=dW.T)
+
+
+def test_damped_drift_is_eora_of_the_ridge_correction(case):
+    """damp d: the fit equals plain EoRA of dW + drift (H + d mean(L) I)^-1, the ridge estimate
+    of the correction, and shrinks toward plain EoRA as d grows."""
+    dW, X = case
+    H = gram(X)
+    drift = torch.randn(dW.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.01
+    lam = torch.linalg.eigvalsh(H)
+    ridge = drift @ torch.linalg.inv(H + 0.1 * lam.mean() * torch.eye(H.shape[0], dtype=torch.float64))
+    B, A, e = eora_fit(dW.double(), H, 8, drift=drift, damp=0.1)
+    Br, Ar, er = eora_fit(dW.double() + ridge, H, 8)
+    assert torch.allclose(B @ A, Br @ Ar, rtol=1e-8, atol=1e-10) and torch.allclose(e, er, rtol=1e-8)
+    B0, A0 = eora_adapters(dW.double(), H, 8)
+    def fitted(d):
+        B, A, _ = eora_fit(dW.double(), H, 8, drift=drift, damp=d)
+        return B @ A
+
+    gaps = [(fitted(d) - B0 @ A0).norm().item() for d in (0.01, 1.0, 100.0)]
+    assert gaps[0] > gaps[1] > gaps[2]

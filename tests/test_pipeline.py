@@ -133,3 +133,38 @@ def test_sequential_calibration_sees_compressed_layers(tokenizer):
     finally:
         pipeline.walk = real_walk
     assert not torch.allclose(seen[1], dense_gram, rtol=1e-3)
+
+
+def test_dense_stream_pairs_the_dense_models_inputs_with_the_compressed_ones():
+    """walk(dense_stream=True): crosses[group] = X_d^T X / N, X_d a linear's input in the dense
+    model and X in the compressed one, token by token; the Grams stay X^T X / N."""
+    from compressor import pipeline
+
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
+    model, dense = tiny_model("llama"), tiny_model("llama")
+    seen = {}
+
+    def visit(i, layer, grams, crosses):
+        seen[i] = (grams["attn_in"].clone(), crosses["attn_in"].clone())
+        with torch.no_grad():  # "compress": halve every linear of the layer
+            for m in models.layer_linears(model, layer).values():
+                m.weight.mul_(0.5)
+
+    pipeline.walk(model, torch.device("cpu"), visit, windows, batch_size=2, dense_stream=True)
+
+    def q_input(m):
+        kept = []
+        hook = models.decoder_layers(m)[1].self_attn.q_proj.register_forward_hook(lambda mod, a, o: kept.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+        with torch.no_grad():
+            m(input_ids=windows, use_cache=False)
+        hook.remove()
+        return kept[0]
+
+    # halving only linears leaves layer 1's q_proj input as the walk saw it
+    X, Xd = q_input(model), q_input(dense)
+    gram0, cross0 = seen[0]
+    assert torch.allclose(cross0, gram0, rtol=1e-10)  # layer 0: nothing compressed before it
+    gram1, cross1 = seen[1]
+    assert torch.allclose(gram1, X.T @ X / X.shape[0], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(cross1, Xd.T @ X / X.shape[0], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(cross1, gram1, rtol=1e-2)

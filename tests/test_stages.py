@@ -118,7 +118,7 @@ def test_gptq_beats_rtn_end_to_end(tokenizer):
 
 
 def test_eora_reduces_error_and_non_sequential_keeps_gptq_base(tokenizer, tmp_path):
-    rec = shipped("gptq4-eora32", rank=16, sequential=False, rank_pattern={"mlp.*": 24}, rank_allocation="uniform")
+    rec = shipped("gptq4-eora32", rank=16, sequential=False, propagation=0, rank_pattern={"mlp.*": 24}, rank_allocation="uniform")
     # EoRA fits the calibration distribution, so it is judged on calibration-like text.
     ids = calibration_windows(rec, tokenizer, None, samples=4, seq_len=32)
     run = lambda m: m(ids).logits.detach()  # noqa: E731
@@ -140,9 +140,9 @@ def test_eora_reduces_error_and_non_sequential_keeps_gptq_base(tokenizer, tmp_pa
 
 
 def test_per_type_allocation_keeps_the_budget_and_exports(tokenizer, tmp_path):
-    uniform = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB)
+    uniform = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB)
     out = tmp_path / "out"
-    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="per-type"), out, tokenizer=tokenizer, **CALIB)
+    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="per-type"), out, tokenizer=tokenizer, **CALIB)
     params = lambda r: r.report["adapters"]["params"]  # noqa: E731
     got = result.report["adapters"]["ranks"]
     assert params(result) <= params(uniform) and len(set(got.values())) > 1 and max(got.values()) <= 16
@@ -160,9 +160,9 @@ def test_per_type_allocation_keeps_the_budget_and_exports(tokenizer, tmp_path):
 def test_loss_weighting_end_to_end(tokenizer, tmp_path, weighting):
     """weighting: loss (or loss-full) changes the adapters (not the GPTQ base), is recorded, and
     PEFT loads them."""
-    plain = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform", weighting="output"), tokenizer=tokenizer, **CALIB).model
+    plain = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform", weighting="output"), tokenizer=tokenizer, **CALIB).model
     out = tmp_path / "out"
-    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform", weighting=weighting), out, tokenizer=tokenizer, **CALIB)
+    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform", weighting=weighting), out, tokenizer=tokenizer, **CALIB)
     name, weighted = next((n, m) for n, _, m in models.iter_linears_any(result.model))
     unweighted = plain.get_submodule(name)
     assert torch.equal(weighted.base.qweight, unweighted.base.qweight)
@@ -174,9 +174,31 @@ def test_loss_weighting_end_to_end(tokenizer, tmp_path, weighting):
     assert (logits(reloaded) - logits(result.model)).abs().max() <= 1e-4
 
 
+def test_propagation_brings_the_output_closer_to_the_dense_model(tokenizer, tmp_path):
+    """propagation: 1 aims each layer's adapters at the dense model's output, so on calibration
+    text the adapted model ends closer to the dense one than with plain (per-layer) EoRA; the
+    adapters still export as PEFT LoRA."""
+    def run(propagation, out=None):
+        rec = shipped("gptq4-eora32", rank=4, sequential=True, rank_allocation="uniform", propagation=propagation)
+        return compress(tiny_model("llama"), rec, out, tokenizer=tokenizer, **CALIB)
+
+    ids = calibration_windows(shipped("gptq4-eora32"), tokenizer, None, samples=4, seq_len=32)
+    outputs = lambda m: m(ids).logits.detach()  # noqa: E731
+    dense = outputs(tiny_model("llama"))
+    out = tmp_path / "out"
+    plain, propagated = run(0.0), run(1.0, out)
+    err = {k: (outputs(r.model) - dense).norm().item() for k, r in (("plain", plain), ("propagated", propagated))}
+    assert err["propagated"] < 0.95 * err["plain"], err  # 0.084 vs 0.095 when written
+    assert propagated.report["recipe"]["stages"][1]["propagation"] == 1.0
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(compressor.load(out, adapter=False), out / "adapter").eval()
+    assert (logits(reloaded) - logits(propagated.model)).abs().max() <= 1e-4
+
+
 def test_load_refuses_an_adapter_it_cannot_apply_exactly(tokenizer, tmp_path):
     out = tmp_path / "out"
-    compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform"), out, tokenizer=tokenizer, **CALIB)
+    compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform"), out, tokenizer=tokenizer, **CALIB)
     cfg_path = out / "adapter" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "lora_alpha": 2 * cfg["r"]}))
@@ -188,11 +210,11 @@ def test_load_refuses_an_adapter_it_cannot_apply_exactly(tokenizer, tmp_path):
 def test_quantised_adapters_stay_in_the_checkpoint(tokenizer, tmp_path):
     """bits: 4 quantises A and B (GPTQ with their own Grams); they are written into the model's
     safetensors (no PEFT folder, no GPTQ v1 claim) and every loader gives the in-memory logits."""
-    rec = shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform", bits=4)
+    rec = shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform", bits=4)
     ids = calibration_windows(rec, tokenizer, None, samples=4, seq_len=32)
     run = lambda m: m(ids).logits.detach()  # noqa: E731
     dense = run(tiny_model("qwen2"))
-    float_adapters = compress(tiny_model("qwen2"), shipped("gptq4-eora32", rank=4, sequential=False, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB).model
+    float_adapters = compress(tiny_model("qwen2"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB).model
     out = tmp_path / "out"
     result = compress(tiny_model("qwen2"), rec, out, tokenizer=tokenizer, **CALIB)
     base_err = (run(without_adapters(compress(tiny_model("qwen2"), shipped("gptq4"), tokenizer=tokenizer, **CALIB).model)) - dense).norm()
@@ -238,6 +260,9 @@ def test_merge_into_lowrank_is_exact(tokenizer, tmp_path):
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "best"}], "unknown rank_allocation 'best'"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "weighting": "fisher"}], "unknown weighting 'fisher'"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 5}], "bits must be 2, 3, 4 or 8"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1.5}], "propagation is the share of inherited error to correct, between 0 and 1"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "sequential": False}], "propagation corrects the inputs .* needs sequential: true"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "propagation_damp": -0.1}], "propagation_damp must be >= 0"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 4, "sequential": False, "rank_allocation": "per-type"}], "bits quantises adapters as they are fitted"),
 ])
 def test_bad_input_is_one_line(stages, message, tokenizer):

@@ -25,6 +25,14 @@ Fisher): min ||G^1/2 (dW - B A) X||, the SVD of G^1/2 dW Q L^1/2, with B multipl
 afterwards. Either costs one forward and backward pass of the dense model per calibration window
 before the walk; loss-full also keeps an out x out float64 matrix per adapted linear.
 
+`propagation: 1` also corrects what earlier layers' compression did to this layer's input: the
+adapters then aim at the dense model's output X_d W^T instead of X W^T (compressor/eora.py; after
+QEP, arXiv 2504.09629). The walk carries the dense model's hidden states beside the compressed
+ones (one more layer forward per batch, and one more in x in Gram per input). Values between 0
+and 1 correct that share of the inherited error; it needs `sequential: true`, since the inputs it
+corrects must be the ones the adapted model really sees. `propagation_damp` ridges the correction
+(compressor/eora.py): without it, directions the calibration inputs barely visit are fitted to noise.
+
 `bits: 4` (2, 3, 4 or 8) quantises the adapters themselves with GPTQ, as the gptq stage does a
 low-rank factor: A with the layer's input Gram H, then B with A_hat H A_hat^T, the Gram of what B
 really receives. PEFT has no quantised LoRA, so such adapters stay inside the checkpoint
@@ -69,6 +77,9 @@ class EoraConfig:
     weighting: output (plain EoRA: every output channel's error counts alike), loss (weighted
     by the calibration loss's squared gradient at that channel) or loss-full (by the covariance
     of those gradients across channels).
+    propagation: share (0 to 1) of the error inherited from earlier compressed layers that the
+    adapters also correct (0: each layer's own error only, as plain EoRA). propagation_damp: ridge
+    on that correction, as a share of the input Gram's mean eigenvalue (GPTQ's damp).
     bits: quantise the adapters (2, 3, 4 or 8; none: float, written as PEFT LoRA), with
     group_size input columns per scale (-1: one per row)."""
 
@@ -79,6 +90,8 @@ class EoraConfig:
     sequential: bool = True
     rank_allocation: str = "uniform"
     weighting: str = "output"
+    propagation: float = 0.0
+    propagation_damp: float = 0.0
     bits: int | None = None
     group_size: int = 128
 
@@ -105,6 +118,12 @@ class Eora(Method):
             raise CompressorError(f"eora: unknown weighting '{config.weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
         if config.rank_allocation != "uniform" and (config.sequential or config.merge):
             raise CompressorError(f"eora: rank_allocation: {config.rank_allocation} needs sequential: false and no merge (ranks are chosen after every layer is fitted)")
+        if not 0 <= config.propagation <= 1:
+            raise CompressorError(f"eora: propagation is the share of inherited error to correct, between 0 and 1; got {config.propagation}")
+        if config.propagation_damp < 0:
+            raise CompressorError(f"eora: propagation_damp must be >= 0 (a share of the input Gram's mean eigenvalue), got {config.propagation_damp}")
+        if config.propagation and not config.sequential:
+            raise CompressorError("eora: propagation corrects the inputs the adapted model really sees, so it needs sequential: true")
         self.quantizer = None
         if config.bits is not None:
             if config.merge or config.rank_allocation != "uniform":
@@ -120,23 +139,30 @@ class Eora(Method):
         r = self.rank_for(linear_name)
         return r if self.config.rank_allocation == "uniform" else CAP * r
 
-    def adapters(self, original: torch.Tensor, module: nn.Module, H: torch.Tensor, rank: int, sensitivity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def adapters(self, original: torch.Tensor, module: nn.Module, H: torch.Tensor, rank: int, sensitivity: torch.Tensor | None = None,
+                 cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B (out x r), A (r x in)) for the error of `module` against `original`, and the energies
-        of all its components (eora.eora_fit). sensitivity: the module's D (out,) when weighting by
-        the loss; the energies are then loss-weighted too."""
+        of all its components (eora.eora_fit). sensitivity: the module's D (out,) or G (out x out)
+        when weighting by the loss; the energies are then loss-weighted too. cross: K = X_d^T X / N
+        for `propagation` (the dense model's inputs against this layer's)."""
         dW = original.to(torch.float64) - effective_weight(module).to(device=original.device, dtype=torch.float64)
+        drift = None
+        if cross is not None and self.config.propagation:
+            drift = self.config.propagation * (original.to(torch.float64) @ (cross.to(original.device, torch.float64) - H.to(original.device, torch.float64)))
         # q/k/v (and gate/up) share one Gram object: decompose it once.
         if getattr(self, "_eigen_of", None) is not H:
             self._eigen_of, self._eigen = H, eora.gram_eigen(H.to(original.device))
         if sensitivity is None:
-            return eora.eora_fit(dW, H, rank, eigen=self._eigen)
+            return eora.eora_fit(dW, H, rank, eigen=self._eigen, drift=drift, damp=self.config.propagation_damp)
+        # Weighting the output side: fit weight @ error, then undo the weight on B.
         if sensitivity.dim() == 1:
             w = row_weights(sensitivity).to(dW.device)[:, None]
-            B, A, energies = eora.eora_fit(w * dW, H, rank, eigen=self._eigen)
-            return (B.to(torch.float64) / w).to(B.dtype), A, energies
-        root, inv_root = (m.to(dW.device) for m in output_roots(sensitivity))
-        B, A, energies = eora.eora_fit(root @ dW, H, rank, eigen=self._eigen)
-        return (inv_root @ B.to(torch.float64)).to(B.dtype), A, energies
+            weigh, unweigh = (lambda M: w * M), (lambda B: B / w)
+        else:
+            root, inv_root = (m.to(dW.device) for m in output_roots(sensitivity))
+            weigh, unweigh = (lambda M: root @ M), (lambda B: inv_root @ B)
+        B, A, energies = eora.eora_fit(weigh(dW), H, rank, eigen=self._eigen, drift=None if drift is None else weigh(drift), damp=self.config.propagation_damp)
+        return unweigh(B.to(torch.float64)).to(B.dtype), A, energies
 
     def attach(self, module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict, H: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
         """The module with its adapters: merged (spec's rank grows), wrapped, or quantised (with

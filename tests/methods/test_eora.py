@@ -101,3 +101,36 @@ def test_loss_weighting_is_optimal_for_the_weighted_error(weighting):
 def test_unknown_weighting_is_refused():
     with pytest.raises(CompressorError, match="unknown weighting 'fisher'; choose one of: output, loss, loss-full"):
         Eora(EoraConfig(weighting="fisher"))
+
+
+@pytest.mark.parametrize("weighting", ["output", "loss", "loss-full"])
+def test_propagation_is_optimal_for_the_blended_target(weighting):
+    """With propagation a and K = X_d^T X / N, the stage fits L (a X_d W^T + (1 - a) X W^T -
+    X W_hat^T) with X (B A)^T: its error equals the float64 optimum of that weighted reduced-rank
+    regression (projection onto X's columns, then the singular-value tail), and the fit without
+    propagation (which ignores K) does worse on it."""
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(400, 48, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3, 48, dtype=torch.float64)
+    Xd = X + 0.3 * torch.randn(400, 48, generator=gen, dtype=torch.float64) @ torch.randn(48, 48, generator=gen, dtype=torch.float64) / 7
+    N = X.shape[0]
+    H, K = X.T @ X / N, Xd.T @ X / N
+    W = torch.randn(40, 48, generator=gen, dtype=torch.float64)
+    m = torch.nn.Linear(48, 40, bias=False, dtype=torch.float64)
+    with torch.no_grad():  # a small error, in values float32 holds exactly
+        m.weight.copy_((W + 0.1 * torch.randn(40, 48, generator=gen, dtype=torch.float64)).float().double())
+    given, L, _ = _output_weights(weighting, gen) if weighting != "output" else (None, torch.eye(40, dtype=torch.float64), None)
+    Y = (0.5 * Xd + 0.5 * X) @ W.T - X @ m.weight.detach().T
+    err = lambda B, A: (L @ (Y - X @ (B @ A).T).T).norm().item()  # noqa: E731
+    U, _, _ = torch.linalg.svd(X, full_matrices=False)
+    T = L @ Y.T  # out x N
+    S = torch.linalg.svdvals(T @ U)
+    unreachable = (T - T @ U @ U.T).norm().item()  # no map of X produces this part
+    best = math.sqrt(unreachable ** 2 + S[6:].square().sum().item())
+    reachable = lambda B, A: math.sqrt(err(B, A) ** 2 - unreachable ** 2)  # noqa: E731
+
+    half = Eora(EoraConfig(rank=6, weighting=weighting, propagation=0.5))
+    B, A, energies = half.adapters(W, m, H, 6, given, K)
+    assert math.isclose(err(B, A), best, rel_tol=1e-8)
+    assert torch.allclose(energies, S.square() / N, rtol=1e-8, atol=1e-10 * energies[0].item())
+    B0, A0, _ = Eora(EoraConfig(rank=6, weighting=weighting)).adapters(W, m, H, 6, given, K)  # propagation 0 ignores K
+    assert reachable(B, A) < 0.99 * reachable(B0, A0)
