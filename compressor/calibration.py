@@ -54,14 +54,16 @@ class GramCollector:
 
     def _hook(self, group: str):
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(self.dtype)
-            if group in self.sums:
-                self.sums[group].addmm_(x.T, x)
-            else:
-                self.sums[group] = x.T @ x
-            self.counts[group] = self.counts.get(group, 0) + x.shape[0]
+            self._add(group, args[0].detach().reshape(-1, args[0].shape[-1]).to(self.dtype))
 
         return hook
+
+    def _add(self, group: str, x: torch.Tensor) -> None:
+        if group in self.sums:
+            self.sums[group].addmm_(x.T, x)
+        else:
+            self.sums[group] = x.T @ x
+        self.counts[group] = self.counts.get(group, 0) + x.shape[0]
 
     def grams(self) -> dict[str, torch.Tensor]:
         return {g: s / self.counts[g] for g, s in self.sums.items()}
@@ -88,8 +90,6 @@ class DriftCollector(GramCollector):
         self.cross_sums: dict[str, torch.Tensor] = {}
 
     def _hook(self, group: str):
-        accumulate = super()._hook(group)
-
         def hook(module, args, output):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             if self.recording:
@@ -98,8 +98,9 @@ class DriftCollector(GramCollector):
             dense = self.kept.pop(group, None)
             if dense is None or dense.shape != x.shape:
                 raise CompressorError("propagation: the dense and compressed passes of a layer saw different inputs; run the dense pass first")
-            accumulate(module, args, output)
-            pair = dense.to(self.dtype).T @ x.to(self.dtype)
+            x = x.to(self.dtype)
+            self._add(group, x)
+            pair = dense.to(self.dtype).T @ x
             self.cross_sums[group] = pair if group not in self.cross_sums else self.cross_sums[group] + pair
 
         return hook

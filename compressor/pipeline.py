@@ -148,20 +148,16 @@ def walk(
             layer.to(device)
             if acts is None:
                 visit(i, layer, None)
-            elif dense is not None:
-                collector = DriftCollector(models.layer_linears(model, layer), arch.linears, gram_dtype)
-                try:
-                    dense = _paired_pass(layer, acts, dense, i, collector)
-                finally:
-                    collector.close()
-                visit(i, layer, collector.grams(), collector.crosses())
             else:
-                collector = GramCollector(models.layer_linears(model, layer), arch.linears, gram_dtype)
+                collector = (GramCollector if dense is None else DriftCollector)(models.layer_linears(model, layer), arch.linears, gram_dtype)
                 try:
-                    run_layer(layer, acts, i)
+                    if dense is None:
+                        run_layer(layer, acts, i)
+                    else:
+                        dense = _paired_pass(layer, acts, dense, i, collector)
                 finally:
                     collector.close()
-                visit(i, layer, collector.grams())
+                visit(i, layer, collector.grams(), *(() if dense is None else (collector.crosses(),)))
             if acts is not None and i + 1 < len(layers):
                 acts.hidden = run_layer(layer, acts, i)
             layer.to(home)
