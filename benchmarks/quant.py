@@ -151,18 +151,24 @@ def main() -> None:
     label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" (EoRA-sequential walk)" if args.sequential else "")
     eora_label = "EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting] + (f", propagation {args.propagation:g}" if args.propagation else "") + (f" damp {args.propagation_damp:g}" if args.propagation_damp else "")
     gptq_stage = {"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}
+
+    def eora_stage_at(rank, **extra):
+        # one description for both walks below, so no option reaches one walk and not the other
+        return {"method": "eora", "rank": rank, "sequential": args.sequential, "weighting": args.weighting,
+                "propagation": args.propagation, "propagation_damp": args.propagation_damp, **extra}
+
     if args.adapter_bits:
         for r in sorted(args.ranks):
             model = dense if r == max(args.ranks) else copy.deepcopy(dense)
             t = time.time()
-            eora = {"method": "eora", "rank": r, "sequential": args.sequential, "weighting": args.weighting, "propagation": args.propagation, "propagation_damp": args.propagation_damp, "bits": args.adapter_bits, "group_size": args.group_size}
+            eora = eora_stage_at(r, bits=args.adapter_bits, group_size=args.group_size)
             res = compress(model, recipe_for([gptq_stage, eora]), work / f"q{r}", tokenizer=tok, device="cpu")
             record(f"{label} + {eora_label} r{r}, {args.adapter_bits}-bit adapters", res.model, weights_bytes(work / f"q{r}"), round(time.time() - t, 1),
                    bits_per_dense_weight=res.report["bits_per_dense_weight"])
     else:
         top = max(args.ranks)
         t = time.time()
-        res = compress(dense, recipe_for([gptq_stage, {"method": "eora", "rank": top, "sequential": args.sequential, "weighting": args.weighting, "propagation": args.propagation}]), work / "gptq-eora", tokenizer=tok, device="cpu")
+        res = compress(dense, recipe_for([gptq_stage, eora_stage_at(top)]), work / "gptq-eora", tokenizer=tok, device="cpu")
         wall = round(time.time() - t, 1)
         model, base_bytes = res.model, weights_bytes(work / "gptq-eora") - weights_bytes(work / "gptq-eora" / "adapter")
         full = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
