@@ -93,6 +93,8 @@ def main() -> None:
                     "compressed layers the adapters also correct; needs --sequential, and then use one rank per run: lower ranks are truncations)")
     ap.add_argument("--propagation-damp", type=float, default=0.0, help="the eora stage's propagation_damp (ridge on the propagation correction, share of the mean eigenvalue of H)")
     ap.add_argument("--seed", type=int, default=0, help="calibration seed (which windows of the code text GPTQ and EoRA see)")
+    ap.add_argument("--true-sequential", action="store_true", help="calibration.true_sequential: inside each layer, o_proj calibrated on the "
+                    "compressed q/k/v's output and down_proj on the compressed gate/up's (applies to the GPTQ and EoRA walks)")
     ap.add_argument("--gram-dtype", default="float32", help="Gram accumulation dtype (float32 is GPTQ's usual; float64 is slower)")
     ap.add_argument("--adapter-bits", type=int, help="instead of the float-adapter walk, one walk per rank in --ranks with the eora stage's "
                     "bits (adapters quantised with GPTQ, group --group-size, stored in the checkpoint)")
@@ -110,7 +112,8 @@ def main() -> None:
 
     start = time.time()
     dense, tok = load_model(args.model)
-    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "eora_propagation": args.propagation, "eora_propagation_damp": args.propagation_damp, "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype},
+    calibration = {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype, "true_sequential": args.true_sequential}
+    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "eora_propagation": args.propagation, "eora_propagation_damp": args.propagation_damp, "calibration": calibration,
                "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "host": host(), "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
@@ -138,7 +141,7 @@ def main() -> None:
     record("dense fp32", dense, None if "dense fp32" in previous else weights_bytes(work / "dense"), 0.0)
 
     def recipe_for(stages):
-        return recipe.from_dict({"name": "bench", "calibration": {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype}, "stages": stages})
+        return recipe.from_dict({"name": "bench", "calibration": calibration, "stages": stages})
 
     t = time.time()
     if "RTN w4 g128" in previous:
@@ -148,7 +151,7 @@ def main() -> None:
         record("RTN w4 g128", rtn.model, weights_bytes(work / "rtn"), round(time.time() - t, 1), bits_per_dense_weight=rtn.report["bits_per_dense_weight"])
         del rtn
 
-    label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" (EoRA-sequential walk)" if args.sequential else "")
+    label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" true-sequential" if args.true_sequential else "") + (" (EoRA-sequential walk)" if args.sequential else "")
     eora_label = "EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting] + (f", propagation {args.propagation:g}" if args.propagation else "") + (f" damp {args.propagation_damp:g}" if args.propagation_damp else "")
     gptq_stage = {"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}
 

@@ -44,13 +44,7 @@ class GramCollector:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.dtype = dtype
-        self._handles = []
-        hooked = set()
-        for name, module in linears.items():
-            group = groups[name]
-            if group not in hooked:
-                hooked.add(group)
-                self._handles.append(module.register_forward_hook(self._hook(group)))
+        self._handles = [module.register_forward_hook(self._hook(group)) for group, module in _one_per_group(linears, groups).items()]
 
     def _hook(self, group: str):
         def hook(module, args, output):
@@ -74,27 +68,46 @@ class GramCollector:
         self._handles.clear()
 
 
+def _one_per_group(linears: dict[str, nn.Module], groups: dict[str, str]) -> dict[str, nn.Module]:
+    """Per input group, the first of `linears` that reads it (hooking one is enough)."""
+    first: dict[str, nn.Module] = {}
+    for name, module in linears.items():
+        first.setdefault(groups[name], module)
+    return first
+
+
 class DriftCollector(GramCollector):
     """GramCollector that also accumulates K = X_d^T X / N, the dense model's inputs against the
     compressed model's, token by token, for the eora stage's `propagation`.
 
-    Each batch runs through the (still dense) layer twice: first on the dense model's hidden
-    states with `recording` set, which keeps every group's input, then on the compressed model's,
-    which adds H and pairs with what was kept. So K needs no more memory than one batch's inputs.
+    Each batch runs through the layer twice: first the dense layer on the dense model's hidden
+    states with `recording` set, which keeps every group's input, then the layer on the compressed
+    model's, which adds H and pairs with what was kept. So K needs no more memory than one batch's
+    inputs. dense_linears: the dense layer's linears, when it is a separate copy (true_sequential
+    compresses the layer between passes); by default the dense pass runs through `linears` too.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], groups: dict[str, str], dtype: torch.dtype = torch.float64):
+    def __init__(self, linears: dict[str, nn.Module], groups: dict[str, str], dtype: torch.dtype = torch.float64,
+                 dense_linears: dict[str, nn.Module] | None = None):
         super().__init__(linears, groups, dtype)
         self.recording = False
         self.kept: dict[str, torch.Tensor] = {}
         self.cross_sums: dict[str, torch.Tensor] = {}
+        dense_linears = linears if dense_linears is None else {n: m for n, m in dense_linears.items() if n in linears}
+        self._handles += [module.register_forward_hook(self._keep(group)) for group, module in _one_per_group(dense_linears, groups).items()]
+
+    def _keep(self, group: str):
+        def hook(module, args, output):
+            if self.recording:
+                self.kept[group] = args[0].detach().reshape(-1, args[0].shape[-1])
+
+        return hook
 
     def _hook(self, group: str):
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
             if self.recording:
-                self.kept[group] = x
                 return
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
             dense = self.kept.pop(group, None)
             if dense is None or dense.shape != x.shape:
                 raise CompressorError("propagation: the dense and compressed passes of a layer saw different inputs; run the dense pass first")

@@ -88,10 +88,13 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
-def layer_linears(model: nn.Module, layer: nn.Module) -> dict[str, nn.Module]:
-    """Linear name -> module for one decoder layer, in the adapter's order."""
+def layer_linears(model: nn.Module, layer: nn.Module, names=None) -> dict[str, nn.Module]:
+    """Linear name -> module for one decoder layer, in the adapter's order; `names`: only those
+    (the others may be compressed already)."""
     found = {}
     for name in arch_for(model).linears:
+        if names is not None and name not in names:
+            continue
         module = layer.get_submodule(name)
         # Compressed modules subclass nn.Linear (for peft) but carry no dense weight.
         if getattr(module, "is_compressed", False) or not (isinstance(module, nn.Linear) or is_conv1d(module)):

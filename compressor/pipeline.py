@@ -8,6 +8,7 @@ layer i really outputs, and the device holds one layer plus its activations, nev
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,16 +111,48 @@ def _forward(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tenso
     return out[0] if isinstance(out, tuple) else out
 
 
-def _paired_pass(layer: nn.Module, acts: Activations, dense: list[torch.Tensor], index: int, collector: DriftCollector) -> list[torch.Tensor]:
-    """Per batch, the dense layer on the dense model's hidden states (kept by the collector), then
-    on the compressed model's (paired with them). Returns the dense model's next hidden states."""
+def _paired_pass(layer: nn.Module, acts: Activations, dense: list[torch.Tensor], index: int, collector: DriftCollector,
+                 dense_layer: nn.Module | None = None) -> list[torch.Tensor]:
+    """Per batch, the dense layer (`dense_layer`, default `layer` while it is still dense) on the
+    dense model's hidden states (kept by the collector), then `layer` on the compressed model's
+    (paired with them). Returns the dense model's next hidden states."""
     outputs = []
     for d, hidden, call in zip(dense, acts.hidden, acts.calls[index]):
         collector.recording = True
-        outputs.append(_forward(layer, d, call))
+        outputs.append(_forward(layer if dense_layer is None else dense_layer, d, call))
         collector.recording = False
         _forward(layer, hidden, call)
     return outputs
+
+
+def _group_order(model, layer: nn.Module, acts: Activations, index: int) -> list[str]:
+    """The layer's linear input groups in the order a forward pass reaches them (one batch)."""
+    probe = GramCollector(models.layer_linears(model, layer), models.arch_for(model).linears, torch.float32)
+    try:
+        _forward(layer, acts.hidden[0], acts.calls[index][0])
+    finally:
+        probe.close()
+    return list(probe.sums)  # insertion order: the order the hooks fired
+
+
+def _collect(model, layer: nn.Module, acts: Activations, index: int, gram_dtype, dense: list | None, group: str | None = None,
+             dense_layer: nn.Module | None = None):
+    """(grams, crosses or None, the dense stream's next hidden states or None) from one pass of the
+    layer over the calibration batches; `group`: hook only that group's linears."""
+    groups = models.arch_for(model).linears
+    linears = models.layer_linears(model, layer, None if group is None else {n for n, g in groups.items() if g == group})
+    if dense is None:
+        collector = GramCollector(linears, groups, gram_dtype)
+    else:
+        collector = DriftCollector(linears, groups, gram_dtype, None if dense_layer is None else models.layer_linears(model, dense_layer))
+    try:
+        if dense is None:
+            run_layer(layer, acts, index)
+        else:
+            dense = _paired_pass(layer, acts, dense, index, collector, dense_layer)
+    finally:
+        collector.close()
+    return collector.grams(), None if dense is None else collector.crosses(), dense
 
 
 def walk(
@@ -131,12 +164,17 @@ def walk(
     gram_dtype: torch.dtype = torch.float64,
     desc: str = "layers",
     dense_stream: bool = False,
+    true_sequential: bool = False,
 ) -> None:
     """Visit every decoder layer on `device`, with its input Grams when `windows` are given.
 
     dense_stream: also carry the dense model's hidden states through the walk and call
-    visit(i, layer, grams, crosses), crosses[group] = X_d^T X / N of the dense model's inputs
-    against the compressed model's (what the eora stage's `propagation` corrects for).
+    visit(..., crosses=crosses), crosses[group] = X_d^T X / N of the dense model's inputs against
+    the compressed model's (what the eora stage's `propagation` corrects for).
+    true_sequential: visit each layer once per linear input group, in the order the layer runs
+    them, as visit(..., only=names of that group's linears) with that group's Gram collected after
+    the visits before it compressed theirs (so o_proj sees compressed q/k/v). The dense stream
+    then runs through a dense copy of the layer.
     """
     arch = models.arch_for(model)
     layers = models.decoder_layers(model)
@@ -148,16 +186,17 @@ def walk(
             layer.to(device)
             if acts is None:
                 visit(i, layer, None)
+            elif not true_sequential:
+                grams, crosses, dense = _collect(model, layer, acts, i, gram_dtype, dense)
+                visit(i, layer, grams, **({} if dense is None else {"crosses": crosses}))
             else:
-                collector = (GramCollector if dense is None else DriftCollector)(models.layer_linears(model, layer), arch.linears, gram_dtype)
-                try:
-                    if dense is None:
-                        run_layer(layer, acts, i)
-                    else:
-                        dense = _paired_pass(layer, acts, dense, i, collector)
-                finally:
-                    collector.close()
-                visit(i, layer, collector.grams(), *(() if dense is None else (collector.crosses(),)))
+                original = copy.deepcopy(layer) if dense is not None else None
+                following = dense
+                for group in _group_order(model, layer, acts, i):
+                    grams, crosses, following = _collect(model, layer, acts, i, gram_dtype, dense, group, original)
+                    names = {n for n, g in arch.linears.items() if g == group}
+                    visit(i, layer, grams, only=names, **({} if dense is None else {"crosses": crosses}))
+                dense, original = following, None
             if acts is not None and i + 1 < len(layers):
                 acts.hidden = run_layer(layer, acts, i)
             layer.to(home)
@@ -165,8 +204,8 @@ def walk(
         model.to(home)
 
 
-def _targets(model, method: RankMethod, layer: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in models.layer_linears(model, layer).items() if method.targets(n)}
+def _targets(model, method: RankMethod, layer: nn.Module, only: set[str] | None = None) -> dict[str, nn.Module]:
+    return {n: m for n, m in models.layer_linears(model, layer, only).items() if method.targets(n)}
 
 
 def target_shapes(model, method) -> dict[str, tuple[int, int]]:
@@ -208,12 +247,13 @@ def plan_ranks(model, method: RankMethod, device, windows=None, batch_size=8, gr
     return method.allocate(shapes, energies)
 
 
-def compress_layer(model, method: RankMethod, ranks: dict, index: int, layer: nn.Module, grams: dict | None) -> dict:
-    """Replace the targeted linears of one decoder layer by their factorisation; returns their specs."""
+def compress_layer(model, method: RankMethod, ranks: dict, index: int, layer: nn.Module, grams: dict | None, only: set[str] | None = None) -> dict:
+    """Replace the targeted linears of one decoder layer (those named in `only`, if given) by their
+    factorisation; returns their specs."""
     arch = models.arch_for(model)
     prefix = models.layer_prefix(model, index)
     specs: dict[str, dict] = {}
-    todo = {n: m for n, m in _targets(model, method, layer).items() if ranks.get(f"{prefix}.{n}") is not None}
+    todo = {n: m for n, m in _targets(model, method, layer, only).items() if ranks.get(f"{prefix}.{n}") is not None}
     if not todo:
         return specs
     weights = []

@@ -22,7 +22,11 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 @dataclass
 class CalibrationConfig:
-    """dataset: a shipped set name (see calib_data/) or a path; samples x seq_len tokens in total."""
+    """dataset: a shipped set name (see calib_data/) or a path; samples x seq_len tokens in total.
+    true_sequential: inside each decoder layer, collect a linear's input Gram only after the
+    linears that run before it (q/k/v before o, gate/up before down) are compressed, so that
+    every layer-internal linear is calibrated on what it will really receive (GPTQ's
+    true-sequential; one more layer forward per linear group)."""
 
     dataset: str = "code"
     samples: int = 64
@@ -30,6 +34,7 @@ class CalibrationConfig:
     batch_size: int = 8
     seed: int = 0
     gram_dtype: str = "float64"
+    true_sequential: bool = False
 
 
 @dataclass

@@ -65,12 +65,14 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
     deferred: list[tuple[nn.Module, str, str, nn.Module]] = []
     fitted: dict[str, tuple] = {}  # full name -> (component energies, nominal rank, shape)
 
-    def visit(i, layer, grams, crosses=None):
+    def visit(i, layer, grams, crosses=None, only=None):
+        # only: with true_sequential, the linears of one input group (the rest are done or to come)
         prefix = models.layer_prefix(model, i)
-        dense = {n: models.weight_of(m).detach().clone() for n, m in models.layer_linears(model, layer).items()} if adapter else {}
+        todo = [n for n in arch.linears if only is None or n in only]
+        dense = {n: models.weight_of(m).detach().clone() for n, m in models.layer_linears(model, layer, todo).items()} if adapter else {}
         if rank is not None:
-            outcome.specs.update(pipeline.compress_layer(model, rank, ranks, i, layer, grams))
-        for name in arch.linears:
+            outcome.specs.update(pipeline.compress_layer(model, rank, ranks, i, layer, grams, only))
+        for name in todo:
             full = f"{prefix}.{name}"
             H = grams[arch.linears[name]] if grams is not None else None
             module = layer.get_submodule(name)
@@ -93,7 +95,8 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
     needs_gram = any(s.needs_gram for s in stages.values())
     names = "+".join(s.name for s in recipe.stages)
     propagate = adapter is not None and adapter.config.propagation > 0
-    pipeline.walk(model, device, visit, windows if needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({names})", dense_stream=propagate)
+    pipeline.walk(model, device, visit, windows if needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({names})",
+                  dense_stream=propagate, true_sequential=recipe.calibration.true_sequential)
     home = next(model.parameters()).device
     final = adapter.allocate(fitted) if adapter is not None else {}
     for layer, name, full, module in deferred:

@@ -281,6 +281,8 @@ def compress_streaming(
         recipe = recipes.load(recipe, ratio)
     if len(recipe.stages) != 1 or not isinstance(recipe.stages[0], RankMethod):
         raise CompressorError(f"{recipe.source}: streaming supports recipes with one rank-reduction stage; run quantisation or adapter stages without --stream")
+    if recipe.calibration.true_sequential:
+        raise CompressorError(f"{recipe.source}: streaming collects each layer's Grams in one pass; drop calibration.true_sequential or run without --stream")
     method = recipe.stages[0]
     if out.exists() and not overwrite:
         raise CompressorError(f"output folder {out} already exists; pass --overwrite or choose another -o")

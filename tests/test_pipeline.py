@@ -168,3 +168,56 @@ def test_dense_stream_pairs_the_dense_models_inputs_with_the_compressed_ones():
     assert torch.allclose(gram1, X.T @ X / X.shape[0], rtol=1e-5, atol=1e-7)
     assert torch.allclose(cross1, Xd.T @ X / X.shape[0], rtol=1e-5, atol=1e-7)
     assert not torch.allclose(cross1, gram1, rtol=1e-2)
+
+
+def _inputs_of(model, linear: str, windows) -> torch.Tensor:
+    """Layer 1's `linear` input over `windows`, float64 (tokens, in)."""
+    kept = []
+    hook = models.decoder_layers(model)[1].get_submodule(linear).register_forward_hook(lambda mod, a, o: kept.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    hook.remove()
+    return kept[0]
+
+
+def test_true_sequential_visits_each_group_on_what_the_compressed_layer_feeds_it():
+    """walk(true_sequential=True): one visit per input group in forward order, each with only its
+    linears, its Gram (and the dense stream's cross-Gram) taken after the groups before it were
+    "compressed"; o_proj's Gram then differs from the one-pass walk's, which saw dense q/k/v."""
+    from compressor import pipeline
+
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    groups = models.arch_for(tiny_model("llama")).linears
+
+    def run(true_sequential):
+        model = tiny_model("llama")
+        seen = []
+
+        def visit(i, layer, grams, crosses=None, only=None):
+            seen.append((i, sorted(grams), None if only is None else sorted(only), grams, crosses))
+            linears = models.layer_linears(model, layer)
+            with torch.no_grad():  # "compress": halve the visited linears
+                for name in only or linears:
+                    linears[name].weight.mul_(0.5)
+
+        pipeline.walk(model, torch.device("cpu"), visit, windows, batch_size=2, dense_stream=True, true_sequential=true_sequential)
+        return model, seen
+
+    model, seen = run(True)
+    order = ["attn_in", "attn_out", "mlp_in", "mlp_out"]
+    assert [(i, g) for i, g, *_ in seen] == [(i, [g]) for i in range(len(models.decoder_layers(model))) for g in order]
+    assert all(only == sorted(n for n, g in groups.items() if g == gs[0]) for _, gs, only, _, _ in seen)
+
+    dense = tiny_model("llama")
+    X, Xd = _inputs_of(model, "self_attn.o_proj", windows), _inputs_of(dense, "self_attn.o_proj", windows)
+    (_, _, _, grams, crosses), = [s for s in seen if s[0] == 1 and s[1] == ["attn_out"]]
+    assert torch.allclose(grams["attn_out"], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(crosses["attn_out"], Xd.T @ X / X.shape[0], rtol=1e-5, atol=1e-7)
+    X = _inputs_of(model, "mlp.down_proj", windows)
+    (_, _, _, grams, _), = [s for s in seen if s[0] == 1 and s[1] == ["mlp_out"]]
+    assert torch.allclose(grams["mlp_out"], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-7)
+
+    _, one_pass = run(False)
+    assert [only for _, _, only, _, _ in one_pass] == [None] * len(models.decoder_layers(model))
+    assert not torch.allclose(one_pass[1][3]["attn_out"], seen[5][3]["attn_out"], rtol=1e-3)
+    assert torch.allclose(one_pass[1][3]["attn_in"], seen[4][3]["attn_in"], rtol=1e-6)  # q/k/v's inputs are the same either way

@@ -44,10 +44,12 @@ def without_adapters(model):
 
 
 @pytest.mark.parametrize("arch,name", [(a, n) for n in ("gptq4", "gptq4-eora32", "welore30-gptq4-eora") for a in ("gpt2", "mistral", "qwen3")]
-                         + [("qwen3", "whiten30-gptq4-eora")])
+                         + [("qwen3", "whiten30-gptq4-eora"), ("gpt2", "whiten30-gptq4-eora+true_sequential")])
 def test_compress_export_reload(arch, name, tokenizer, tmp_path):
     out = tmp_path / "out"
-    result = compress(tiny_model(arch), shipped(name), out, tokenizer=tokenizer, **CALIB)
+    base, _, option = name.partition("+")
+    rec = shipped(base) if not option else _with_calibration(shipped(base), **{option: True})
+    result = compress(tiny_model(arch), rec, out, tokenizer=tokenizer, **CALIB)
     expected = logits(result.model)
     assert torch.isfinite(expected).all()
     # compressor.load applies the PEFT adapter itself; the remote-code class loads the base
@@ -194,6 +196,46 @@ def test_propagation_brings_the_output_closer_to_the_dense_model(tokenizer, tmp_
 
     reloaded = PeftModel.from_pretrained(compressor.load(out, adapter=False), out / "adapter").eval()
     assert (logits(reloaded) - logits(propagated.model)).abs().max() <= 1e-4
+
+
+def _with_calibration(rec, **options):
+    data = rec.to_dict()
+    data["calibration"].update(options)
+    return recipe.from_dict(data, source=rec.source)
+
+
+def test_true_sequential_quantises_o_proj_for_the_quantised_q_k_v(tokenizer):
+    """calibration.true_sequential: layer 0's q/k/v read the embeddings either way (same codes);
+    its o_proj is GPTQ on the Gram of what the quantised attention really feeds it, which the
+    one-pass walk (dense q/k/v) does not give."""
+    rec = shipped("gptq4")
+    one_pass = compress(tiny_model("llama"), rec, tokenizer=tokenizer, **CALIB).model
+    staged = compress(tiny_model("llama"), _with_calibration(rec, true_sequential=True), tokenizer=tokenizer, **CALIB).model
+    attn = lambda m: models.decoder_layers(m)[0].self_attn  # noqa: E731
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(attn(staged), name).qweight, getattr(attn(one_pass), name).qweight), name
+    assert not torch.equal(attn(staged).o_proj.qweight, attn(one_pass).o_proj.qweight)
+
+    kept = []
+    hook = attn(staged).o_proj.register_forward_hook(lambda mod, a, o: kept.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        staged(calibration_windows(rec, tokenizer, None, samples=4, seq_len=32), use_cache=False)
+    hook.remove()
+    X = kept[0]
+    reference, _ = rec.stages[0].quantize_module(attn(tiny_model("llama")).o_proj, X.T @ X / X.shape[0], None)
+    assert torch.equal(reference.qweight, attn(staged).o_proj.qweight)
+
+
+def test_true_sequential_with_propagation_exports_peft(tokenizer, tmp_path):
+    """The shipped adapter recipe (sequential, propagation 0.25) under true_sequential: the walk
+    carries a dense copy of each layer beside the compressed one; the result reloads through PEFT."""
+    out = tmp_path / "out"
+    result = compress(tiny_model("llama"), _with_calibration(shipped("gptq4-eora32", rank=4), true_sequential=True), out, tokenizer=tokenizer, **CALIB)
+    assert result.report["recipe"]["calibration"]["true_sequential"] is True
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(compressor.load(out, adapter=False), out / "adapter").eval()
+    assert (logits(reloaded) - logits(result.model)).abs().max() <= 1e-4
 
 
 def test_load_refuses_an_adapter_it_cannot_apply_exactly(tokenizer, tmp_path):

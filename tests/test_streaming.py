@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from compressor import api, export, streaming
+from compressor import recipe as recipes
 from compressor.errors import CompressorError
 
 from conftest import byte_tokenizer, tiny_model
@@ -92,6 +93,10 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(CompressorError, match="already exists"):
         streaming.compress_streaming(src, "svd", tmp_path / "exists", device="cpu")
+    staged = recipes.from_dict({"stages": [{"method": "whiten", "ratio": 0.3}], "calibration": {"true_sequential": True}})
+    with pytest.raises(CompressorError, match="true_sequential"):
+        streaming.compress_streaming(src, staged, tmp_path / "o", device="cpu")
+    assert not (tmp_path / "o").exists()
 
 
 _CHILD = textwrap.dedent(
