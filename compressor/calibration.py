@@ -44,7 +44,7 @@ class GramCollector:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.dtype = dtype
-        self._handles = [module.register_forward_hook(self._hook(group)) for group, module in _one_per_group(linears, groups).items()]
+        self._handles = [module.register_forward_hook(self._hook(group)) for group, module in one_per_group(linears, groups).items()]
 
     def _hook(self, group: str):
         def hook(module, args, output):
@@ -68,7 +68,7 @@ class GramCollector:
         self._handles.clear()
 
 
-def _one_per_group(linears: dict[str, nn.Module], groups: dict[str, str]) -> dict[str, nn.Module]:
+def one_per_group(linears: dict[str, nn.Module], groups: dict[str, str]) -> dict[str, nn.Module]:
     """Per input group, the first of `linears` that reads it (hooking one is enough)."""
     first: dict[str, nn.Module] = {}
     for name, module in linears.items():
@@ -94,7 +94,7 @@ class DriftCollector(GramCollector):
         self.kept: dict[str, torch.Tensor] = {}
         self.cross_sums: dict[str, torch.Tensor] = {}
         dense_linears = linears if dense_linears is None else {n: m for n, m in dense_linears.items() if n in linears}
-        self._handles += [module.register_forward_hook(self._keep(group)) for group, module in _one_per_group(dense_linears, groups).items()]
+        self._handles += [module.register_forward_hook(self._keep(group)) for group, module in one_per_group(dense_linears, groups).items()]
 
     def _keep(self, group: str):
         def hook(module, args, output):

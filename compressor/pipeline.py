@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor import models
-from compressor.calibration import DriftCollector, GramCollector
+from compressor.calibration import DriftCollector, GramCollector, one_per_group
 from compressor.errors import CompressorError
 from compressor.linalg import check_finite
 from compressor.methods.base import RankMethod
@@ -127,12 +127,23 @@ def _paired_pass(layer: nn.Module, acts: Activations, dense: list[torch.Tensor],
 
 def _group_order(model, layer: nn.Module, acts: Activations, index: int) -> list[str]:
     """The layer's linear input groups in the order a forward pass reaches them (one batch)."""
-    probe = GramCollector(models.layer_linears(model, layer), models.arch_for(model).linears, torch.float32)
+    order: list[str] = []
+
+    def reached(group):
+        def hook(module, args, output):
+            if group not in order:
+                order.append(group)
+
+        return hook
+
+    first = one_per_group(models.layer_linears(model, layer), models.arch_for(model).linears)
+    handles = [module.register_forward_hook(reached(group)) for group, module in first.items()]
     try:
         _forward(layer, acts.hidden[0], acts.calls[index][0])
     finally:
-        probe.close()
-    return list(probe.sums)  # insertion order: the order the hooks fired
+        for h in handles:
+            h.remove()
+    return order
 
 
 def _collect(model, layer: nn.Module, acts: Activations, index: int, gram_dtype, dense: list | None, group: str | None = None,
