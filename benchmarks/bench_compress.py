@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from compressor import api, models
+from compressor.pipeline import device_name
 from compressor import recipe as recipes
 
 
@@ -127,7 +127,7 @@ def run(args) -> dict:
     heads = max(1, hidden // 128)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=n_layers, num_attention_heads=heads,
                       num_key_value_heads=heads, vocab_size=32000, max_position_embeddings=max(4096, prefill_len + 256))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = device_name(device)
     print(f"device {device} ({name}), {n_layers} layers, hidden {hidden}, intermediate {inter}, {dtype}, "
           f"calibration {samples} x {seq_len} random token ids", flush=True)
     result = {"device": str(device), "device_name": name, "torch": torch.__version__, "hidden": hidden, "intermediate": inter,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from compressor import linalg, models, ranks as rank_policies
+from compressor.pipeline import device_name
 
 # Spectral decay per matrix role; attention projections decay faster than MLP ones in real models.
 ALPHA = {"q_proj": 0.6, "k_proj": 0.6, "v_proj": 0.4, "o_proj": 0.4, "gate_proj": 0.3, "up_proj": 0.3, "down_proj": 0.3}
@@ -162,10 +162,10 @@ def run(args) -> dict:
     scenarios = {f"ratio {args.ratio:g}": rank_policies.uniform(shapes, args.ratio)}
     if args.rank_fraction:
         scenarios[f"rank {args.rank_fraction:g} of min dim"] = {n: max(1, int(args.rank_fraction * min(s))) for n, s in shapes.items()}
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
+    print(f"device {device} ({device_name(device)}), "
           f"{n_layers} layers x {len(shapes)} matrices, hidden {hidden}, intermediate {inter}", flush=True)
 
-    result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    result = {"device": str(device), "device_name": device_name(device),
               "torch": torch.__version__, "hidden": hidden, "intermediate": inter, "layers": n_layers, "matrices": n_layers * len(shapes),
               "naive_layers": naive_layers, "shapes": {n: list(s) for n, s in shapes.items()}}
     if args.probe:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -35,6 +34,7 @@ from compressor.evaluate import run_tasks
 from compressor.loading import load_model
 from compressor.methods import eora as eora_stage
 from compressor.modules import LoraAdapted
+from compressor.pipeline import device_name
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
 TASKS = ["code_ppl", "wikitext2_ppl"]
@@ -66,9 +66,8 @@ def allocate(full: dict, rank: int) -> dict[str, int]:
 
 def host() -> dict:
     """What ran this: GPTQ's rounding decisions differ with the CPU's float paths, and the
-    perplexities with them (15.34 vs 15.74 for the same GPTQ run on two machines, README)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "") if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu or platform.processor() or "unknown", "threads": torch.get_num_threads(), "torch": torch.__version__}
+    perplexities with them."""
+    return {"cpu": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def main() -> None:

@@ -167,6 +167,7 @@ def compress(
         "calibration": None if windows is None else {"dataset": calib or cal.dataset, "samples": windows.shape[0], "seq_len": windows.shape[1]},
         "eval": evaluation or None,
         "device": str(dev),
+        "device_name": pipeline.device_name(dev),
         "versions": versions(),
     }
     report["wall_seconds"] = round(time.time() - start, 3)

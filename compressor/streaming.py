@@ -381,6 +381,7 @@ def compress_streaming(
         "per_module": {n: ranks[n] if ranks[n] is not None else "dense" for n in sorted(shapes)},
         "calibration": None if windows is None else {"dataset": calib or cal.dataset, "samples": windows.shape[0], "seq_len": windows.shape[1]},
         "device": str(dev),
+        "device_name": pipeline.device_name(dev),
         "versions": api.versions(),
     }
     (work / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor import models
+from compressor import models, pipeline
 from compressor import ranks as ranks_mod
 from compressor.api import compress
 from compressor.modules import LowRankLinear
@@ -83,6 +83,7 @@ def test_data_aware_compress_export_reload(arch, recipe, tokenizer, tmp_path):
     result = compress(tiny_model(arch), recipe, out, tokenizer=tokenizer, ratio=0.3, samples=4, seq_len=32, device="cpu")
     report = result.report
     assert report["calibration"] == {"dataset": "code", "samples": 4, "seq_len": 32}
+    assert report["device"] == "cpu" and report["device_name"] == pipeline.device_name(torch.device("cpu")) != ""
     assert any(r != "dense" for r in report["per_module"].values())
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -97,7 +98,6 @@ def test_data_aware_compress_export_reload(arch, recipe, tokenizer, tmp_path):
 
 def test_sequential_calibration_sees_compressed_layers(tokenizer):
     """Layer 1's Gram must come from compressed layer 0's outputs, not the dense model's."""
-    from compressor import pipeline
     from compressor import recipe as recipes
     from compressor.api import calibration_windows
     from compressor.calibration import GramCollector
@@ -138,7 +138,6 @@ def test_sequential_calibration_sees_compressed_layers(tokenizer):
 def test_dense_stream_pairs_the_dense_models_inputs_with_the_compressed_ones():
     """walk(dense_stream=True): crosses[group] = X_d^T X / N, X_d a linear's input in the dense
     model and X in the compressed one, token by token; the Grams stay X^T X / N."""
-    from compressor import pipeline
 
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
     model, dense = tiny_model("llama"), tiny_model("llama")
@@ -184,7 +183,6 @@ def test_true_sequential_visits_each_group_on_what_the_compressed_layer_feeds_it
     """walk(true_sequential=True): one visit per input group in forward order, each with only its
     linears, its Gram (and the dense stream's cross-Gram) taken after the groups before it were
     "compressed"; o_proj's Gram then differs from the one-pass walk's, which saw dense q/k/v."""
-    from compressor import pipeline
 
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
     groups = models.arch_for(tiny_model("llama")).linears

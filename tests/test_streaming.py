@@ -153,7 +153,7 @@ def test_cli_stream_and_resume_flags(tmp_path):
     assert res.exit_code == 0, res.output
     assert "decoder-linear parameters" in res.output
     report = json.loads((out / "compression_report.json").read_text())
-    assert report["streamed"] and report["params_after"] < report["params_before"]
+    assert report["streamed"] and report["params_after"] < report["params_before"] and report["device_name"]
     # --resume on a finished run has nothing to resume: the output exists.
     res = CliRunner().invoke(cli, ["compress", str(src), "-r", "svd", "-o", str(out), "--device", "cpu", "--resume"])
     assert isinstance(res.exception, CompressorError) and "already exists" in str(res.exception)
