@@ -146,12 +146,14 @@ class Eora(Method):
         when weighting by the loss; the energies are then loss-weighted too. cross: K = X_d^T X / N
         for `propagation` (the dense model's inputs against this layer's)."""
         dW = original.to(torch.float64) - effective_weight(module).to(device=original.device, dtype=torch.float64)
-        drift = None
-        if cross is not None and self.config.propagation:
-            drift = self.config.propagation * (original.to(torch.float64) @ (cross.to(original.device, torch.float64) - H.to(original.device, torch.float64)))
-        # q/k/v (and gate/up) share one Gram object: decompose it once.
+        # q/k/v (and gate/up) share one Gram (and cross-Gram) object: decompose it, and form K - H, once.
         if getattr(self, "_eigen_of", None) is not H:
             self._eigen_of, self._eigen = H, eora.gram_eigen(H.to(original.device))
+        drift = None
+        if cross is not None and self.config.propagation:
+            if getattr(self, "_shift_of", None) is not cross:
+                self._shift_of, self._shift = cross, cross.to(original.device, torch.float64) - H.to(original.device, torch.float64)
+            drift = self.config.propagation * (original.to(torch.float64) @ self._shift)
         if sensitivity is None:
             return eora.eora_fit(dW, H, rank, eigen=self._eigen, drift=drift, damp=self.config.propagation_damp)
         # Weighting the output side: fit weight @ error, then undo the weight on B.
