@@ -7,6 +7,7 @@ activation (q/k/v, gate/up) share one Gram matrix in calibration.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,7 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
-def layer_linears(model: nn.Module, layer: nn.Module, names=None) -> dict[str, nn.Module]:
+def layer_linears(model: nn.Module, layer: nn.Module, names: Collection[str] | None = None) -> dict[str, nn.Module]:
     """Linear name -> module for one decoder layer, in the adapter's order; `names`: only those
     (the others may be compressed already)."""
     found = {}
