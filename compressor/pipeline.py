@@ -159,12 +159,12 @@ def _group_order(model, layer: nn.Module, acts: Activations, index: int) -> list
     return order
 
 
-def _collect(model, layer: nn.Module, acts: Activations, index: int, gram_dtype, dense: list | None, group: str | None = None,
-             dense_layer: nn.Module | None = None):
+def collect(model, layer: nn.Module, acts: Activations, index: int, gram_dtype, dense: list | None = None, names: set[str] | None = None,
+            dense_layer: nn.Module | None = None):
     """(grams, crosses or None, the dense stream's next hidden states or None) from one pass of the
-    layer over the calibration batches; `group`: hook only that group's linears."""
+    layer over the calibration batches; `names`: hook only those linears (one input group)."""
     groups = models.arch_for(model).linears
-    linears = models.layer_linears(model, layer, None if group is None else {n for n, g in groups.items() if g == group})
+    linears = models.layer_linears(model, layer, names)
     if dense is None:
         collector = GramCollector(linears, groups, gram_dtype)
     else:
@@ -211,16 +211,17 @@ def walk(
             if acts is None:
                 visit(i, layer, None)
             elif not true_sequential:
-                grams, crosses, dense = _collect(model, layer, acts, i, gram_dtype, dense)
+                grams, crosses, dense = collect(model, layer, acts, i, gram_dtype, dense)
                 visit(i, layer, grams, **({} if dense is None else {"crosses": crosses}))
             else:
                 original = copy.deepcopy(layer) if dense is not None else None
                 following = dense
                 for group in _group_order(model, layer, acts, i):
-                    grams, crosses, following = _collect(model, layer, acts, i, gram_dtype, dense, group, original)
                     names = {n for n, g in arch.linears.items() if g == group}
+                    grams, crosses, following = collect(model, layer, acts, i, gram_dtype, dense, names, original)
                     visit(i, layer, grams, only=names, **({} if dense is None else {"crosses": crosses}))
-                dense, original = following, None
+                dense = following
+                del original
             if acts is not None and i + 1 < len(layers):
                 acts.hidden = run_layer(layer, acts, i)
             layer.to(home)

@@ -34,7 +34,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor import export, models, pipeline
 from compressor import recipe as recipes
-from compressor.calibration import GramCollector
 from compressor.errors import CompressorError
 from compressor.methods.base import RankMethod
 
@@ -217,7 +216,6 @@ def _stream_walk(model, ckpt, device, dtype, visit, windows, batch_size, gram_dt
     Layers before `start` are already done: `finished(i)` returns them (compressed) only so that
     their forward pass regenerates the calibration inputs of the next layers.
     """
-    arch = models.arch_for(model)
     layers = models.decoder_layers(model)
     acts = None
     if windows is not None:
@@ -231,14 +229,7 @@ def _stream_walk(model, ckpt, device, dtype, visit, windows, batch_size, gram_dt
                 layers[i] = layer.to("meta")
             continue
         layer = _load_layer(model, ckpt, i, dtype, device)
-        grams = None
-        if acts is not None:
-            collector = GramCollector(models.layer_linears(model, layer), arch.linears, gram_dtype)
-            try:
-                pipeline.run_layer(layer, acts, i)
-            finally:
-                collector.close()
-            grams = collector.grams()
+        grams = pipeline.collect(model, layer, acts, i, gram_dtype)[0] if acts is not None else None
         visit(i, layer, grams)
         del grams
         if acts is not None and i + 1 < len(layers):
