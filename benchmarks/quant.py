@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--propagation", type=float, default=0.0, help="the eora stage's propagation (share of the error inherited from earlier "
                     "compressed layers the adapters also correct; needs --sequential, and then use one rank per run: lower ranks are truncations)")
     ap.add_argument("--propagation-damp", type=float, default=0.0, help="the eora stage's propagation_damp (ridge on the propagation correction, share of the mean eigenvalue of H)")
+    ap.add_argument("--refine", type=int, default=0, help="the eora stage's refine (rounds of re-quantising W - B A and refitting B A; "
+                    "the base row is then that walk's base without its adapters, and use one rank per run)")
     ap.add_argument("--seed", type=int, default=0, help="calibration seed (which windows of the code text GPTQ and EoRA see)")
     ap.add_argument("--true-sequential", action="store_true", help="calibration.true_sequential: inside each layer, o_proj calibrated on the "
                     "compressed q/k/v's output and down_proj on the compressed gate/up's (applies to the GPTQ and EoRA walks)")
@@ -104,6 +106,8 @@ def main() -> None:
         ap.error("--allocate works with --weighting output only")
     if args.propagation and not args.sequential:
         ap.error("--propagation needs --sequential (the eora stage refuses it otherwise)")
+    if args.refine and len(args.ranks) > 1:
+        ap.error("--refine fits the base to each rank's adapters, so lower ranks are no truncations: pass one --ranks value")
     tasks = [t for t in args.tasks.split(",") if t]
     limit = args.limit or None
     torch.manual_seed(0)
@@ -112,7 +116,7 @@ def main() -> None:
     start = time.time()
     dense, tok = load_model(args.model)
     calibration = {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype, "true_sequential": args.true_sequential}
-    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "eora_propagation": args.propagation, "eora_propagation_damp": args.propagation_damp, "calibration": calibration,
+    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "eora_propagation": args.propagation, "eora_propagation_damp": args.propagation_damp, "eora_refine": args.refine, "calibration": calibration,
                "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "host": host(), "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
@@ -150,14 +154,14 @@ def main() -> None:
         record("RTN w4 g128", rtn.model, weights_bytes(work / "rtn"), round(time.time() - t, 1), bits_per_dense_weight=rtn.report["bits_per_dense_weight"])
         del rtn
 
-    label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" true-sequential" if args.true_sequential else "") + (" (EoRA-sequential walk)" if args.sequential else "")
-    eora_label = "EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting] + (f", propagation {args.propagation:g}" if args.propagation else "") + (f" damp {args.propagation_damp:g}" if args.propagation_damp else "")
+    label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" true-sequential" if args.true_sequential else "") + (" (EoRA-sequential walk)" if args.sequential else "") + (f" (base of the refine {args.refine} walk)" if args.refine else "")
+    eora_label = "EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting] + (f", propagation {args.propagation:g}" if args.propagation else "") + (f" damp {args.propagation_damp:g}" if args.propagation_damp else "") + (f", refine {args.refine}" if args.refine else "")
     gptq_stage = {"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}
 
     def eora_stage_at(rank, **extra):
         # one description for both walks below, so no option reaches one walk and not the other
         return {"method": "eora", "rank": rank, "sequential": args.sequential, "weighting": args.weighting,
-                "propagation": args.propagation, "propagation_damp": args.propagation_damp, **extra}
+                "propagation": args.propagation, "propagation_damp": args.propagation_damp, "refine": args.refine, **extra}
 
     if args.adapter_bits:
         for r in sorted(args.ranks):

@@ -44,6 +44,8 @@ def plan(recipe: Recipe) -> dict:
     if "adapter" in by_kind and len(by_kind) == 1:
         raise CompressorError(f"{recipe.source}: '{by_kind['adapter'].name}' compensates a compression error, so it needs a rank-reduction or quantisation stage before it")
     adapter, quant = by_kind.get("adapter"), by_kind.get("quant")
+    if adapter is not None and adapter.config.refine and (quant is None or "rank" in by_kind):
+        raise CompressorError(f"{recipe.source}: eora refine re-quantises W - B A for dense linears, so it needs a quantisation stage and no rank-reduction stage; drop 'refine'")
     if adapter is not None and adapter.config.merge and quant is not None:
         raise CompressorError(f"{recipe.source}: eora merge: true cannot fold adapters into quantised weights; drop 'merge' to keep them as a PEFT adapter")
     return by_kind
@@ -76,14 +78,23 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
             full = f"{prefix}.{name}"
             H = grams[arch.linears[name]] if grams is not None else None
             module = layer.get_submodule(name)
-            if quant is not None and quant.targets(name):
+            cross = crosses[arch.linears[name]] if crosses is not None else None
+            refine = quant is not None and quant.targets(name) and adapter is not None and adapter.config.refine and adapter.targets(name)
+            if refine:
+                # the base is quantised inside the adapter fit, from W - B A
+                def quantize(w, like=module):
+                    return quant.quantize_module(_linear_like(like, w), H, None)
+                module, spec, B, A, energies = adapter.refined(dense[name].to(H.device), quantize, H, adapter.fit_rank(name), weights.get(full), cross)
+                _replace(layer, name, module)
+                outcome.specs[full] = spec
+            elif quant is not None and quant.targets(name):
                 module, spec = quant.quantize_module(module, H, outcome.specs.get(full))
                 _replace(layer, name, module)
                 outcome.specs[full] = spec
             if adapter is None or full not in outcome.specs or not adapter.targets(name):
                 continue
-            cross = crosses[arch.linears[name]] if crosses is not None else None
-            B, A, energies = adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full), cross)
+            if not refine:
+                B, A, energies = adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full), cross)
             fitted[full] = (energies, min(adapter.rank_for(name), energies.numel()), tuple(dense[name].shape))
             module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full], H)
             (outcome.merged if adapter.config.merge else outcome.adapters)[full] = A.shape[0]
@@ -114,6 +125,18 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
 def adapted_names(model: nn.Module, adapter) -> set[str]:
     """Full names of the linears the adapter stage may fit (before knowing which get compressed)."""
     return {full for full, name, _ in models.iter_linears(model) if adapter.targets(name)}
+
+
+def _linear_like(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A plain linear with `module`'s bias and the given (out, in) weight (Conv1D included)."""
+    out_f, in_f = weight.shape
+    bias = getattr(module, "bias", None)
+    new = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
 
 
 def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:

@@ -198,6 +198,24 @@ def test_propagation_brings_the_output_closer_to_the_dense_model(tokenizer, tmp_
     assert (logits(reloaded) - logits(propagated.model)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_refine_requantises_the_base_and_exports_peft(arch, tokenizer, tmp_path):
+    """refine: the base is GPTQ of W - B A, not of W (so it differs from the plain run's codes),
+    the recipe records it, and PEFT puts the adapters on the exported base with the same logits
+    (GPT-2's Conv1D weights included)."""
+    rec = shipped("gptq4-eora32", rank=4, refine=2)
+    plain = compress(tiny_model(arch), shipped("gptq4-eora32", rank=4), tokenizer=tokenizer, **CALIB).model
+    out = tmp_path / "out"
+    result = compress(tiny_model(arch), rec, out, tokenizer=tokenizer, **CALIB)
+    name, refined = next((n, m) for n, _, m in models.iter_linears_any(result.model))
+    assert not torch.equal(refined.base.qweight, plain.get_submodule(name).base.qweight)
+    assert result.report["recipe"]["stages"][1]["refine"] == 2
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(compressor.load(out, adapter=False), out / "adapter").eval()
+    assert (logits(reloaded) - logits(result.model)).abs().max() <= 1e-4
+
+
 def _with_calibration(rec, **options):
     data = rec.to_dict()
     data["calibration"].update(options)
@@ -306,6 +324,9 @@ def test_merge_into_lowrank_is_exact(tokenizer, tmp_path):
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "sequential": False}], "propagation corrects the inputs .* needs sequential: true"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "propagation_damp": -0.1}], "propagation_damp must be >= 0"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 4, "sequential": False, "rank_allocation": "per-type"}], "bits quantises adapters as they are fitted"),
+    ([{"method": "svd", "ratio": 0.3}, {"method": "gptq", "group_size": 32}, {"method": "eora", "refine": 2}], "eora refine re-quantises W - B A for dense linears"),
+    ([{"method": "svd", "ratio": 0.3}, {"method": "eora", "refine": 2}], "eora refine re-quantises W - B A for dense linears"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "refine": -1}], "refine is a number of rounds"),
 ])
 def test_bad_input_is_one_line(stages, message, tokenizer):
     with pytest.raises(CompressorError, match=message) as err:

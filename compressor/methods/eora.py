@@ -39,6 +39,16 @@ really receives. PEFT has no quantised LoRA, so such adapters stay inside the ch
 (modules.LoraAdapted under the layer's name; compressor.load and trust_remote_code read them) and the
 model is then no GPTQ v1 checkpoint for other loaders.
 
+`refine: N` fits the quantised base and the adapters to each other instead of the adapters to a
+fixed base (alternating minimisation of the one output error, as CALDERA, arXiv 2405.18886, and
+LoftQ, arXiv 2310.08659, do): B A starts as the rank-r fit to W itself, then N times the gptq stage
+quantises W - B A and B A is refitted to W - Q. The grid then only has to hold what the adapters
+cannot, so the same rank removes more of the error, at N GPTQ runs per linear instead of one. The
+base alone is then no longer a model on its own: it is W minus its top components, rounded, so it
+needs `sequential: true` (later layers are calibrated on base plus adapters), a quantisation stage
+and no rank stage (it re-quantises dense linears), and uniform ranks. `propagation` enters the
+last fit only.
+
 `sequential: false` keeps the adapters out of the calibration walk (later layers are calibrated on
 the compressed model without them, as in post-quantisation adapter generation); the compressed base
 is then identical to a run without this stage, and one run serves every lower rank by truncation.
@@ -81,7 +91,10 @@ class EoraConfig:
     adapters also correct (0: each layer's own error only, as plain EoRA). propagation_damp: ridge
     on that correction, as a share of the input Gram's mean eigenvalue (GPTQ's damp).
     bits: quantise the adapters (2, 3, 4 or 8; none: float, written as PEFT LoRA), with
-    group_size input columns per scale (-1: one per row)."""
+    group_size input columns per scale (-1: one per row).
+    refine: rounds of fitting the quantised base and the adapters to each other (0: quantise
+    W, then fit the adapters to its error; N: start from the adapters' fit to W itself, then N
+    times quantise W - B A and refit B A; the base then needs its adapters)."""
 
     rank: int = 32
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -94,6 +107,7 @@ class EoraConfig:
     propagation_damp: float = 0.0
     bits: int | None = None
     group_size: int = 128
+    refine: int = 0
 
 
 ALLOCATIONS = ("uniform", "per-type", "global")
@@ -122,6 +136,11 @@ class Eora(Method):
             raise CompressorError(f"eora: propagation is the share of inherited error to correct, between 0 and 1; got {config.propagation}")
         if config.propagation_damp < 0:
             raise CompressorError(f"eora: propagation_damp must be >= 0 (a share of the input Gram's mean eigenvalue), got {config.propagation_damp}")
+        if not isinstance(config.refine, int) or config.refine < 0:
+            raise CompressorError(f"eora: refine is a number of rounds (0: off), got {config.refine!r}")
+        if config.refine and (config.merge or config.rank_allocation != "uniform" or not config.sequential):
+            raise CompressorError("eora: refine fits the base to each module's final adapters, so it needs rank_allocation: uniform, sequential: true and no merge "
+                                  "(the base alone is no model to calibrate later layers on)")
         if config.propagation and not config.sequential:
             raise CompressorError("eora: propagation corrects the inputs the adapted model really sees, so it needs sequential: true")
         self.quantizer = None
@@ -146,6 +165,27 @@ class Eora(Method):
         when weighting by the loss; the energies are then loss-weighted too. cross: K = X_d^T X / N
         for `propagation` (the dense model's inputs against this layer's)."""
         dW = original.to(torch.float64) - effective_weight(module).to(device=original.device, dtype=torch.float64)
+        return self._fit(dW, original, H, rank, sensitivity, cross)
+
+    def refined(self, original: torch.Tensor, quantize, H: torch.Tensor, rank: int, sensitivity: torch.Tensor | None = None,
+                cross: torch.Tensor | None = None):
+        """`refine` rounds of alternating minimisation of the same output error over the quantised
+        base Q and the adapters B A (as CALDERA, arXiv 2405.18886, does with LDLQ): B A starts as
+        the adapters' best rank-r fit to W itself, then each round quantises W - B A
+        (quantize: weight -> (module, spec)) and refits B A to W - Q. Starting from W's own top
+        components, rather than from the plain GPTQ error, lets the low-rank part hold the weight
+        structure the grid would round worst. With `propagation`, the final fit also aims at the dense
+        model's output (cross), once. Returns (module, spec, B, A, energies)."""
+        # The propagation target enters the last fit only: were it in every fit, each round's base
+        # would round away the correction the adapters made for it, and the next fit would add it again.
+        B, A, _ = self._fit(original.to(torch.float64), original, H, rank, sensitivity, None)
+        for round_ in range(1, self.config.refine + 1):
+            shifted = original.to(torch.float64) - B.to(torch.float64) @ A.to(torch.float64)
+            module, spec = quantize(shifted.to(original.dtype))
+            B, A, energies = self.adapters(original, module, H, rank, sensitivity, cross if round_ == self.config.refine else None)
+        return module, spec, B, A, energies
+
+    def _fit(self, dW: torch.Tensor, original: torch.Tensor, H: torch.Tensor, rank: int, sensitivity, cross):
         # q/k/v (and gate/up) share one Gram (and cross-Gram) object: decompose it, and form K - H, once.
         if getattr(self, "_eigen_of", None) is not H:
             self._eigen_of, self._eigen = H, eora.gram_eigen(H.to(original.device))

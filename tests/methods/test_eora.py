@@ -134,3 +134,77 @@ def test_propagation_is_optimal_for_the_blended_target(weighting):
     assert torch.allclose(energies, S.square() / N, rtol=1e-8, atol=1e-10 * energies[0].item())
     B0, A0, _ = Eora(EoraConfig(rank=6, weighting=weighting)).adapters(W, m, H, 6, given, K)  # propagation 0 ignores K
     assert reachable(B, A) < 0.99 * reachable(B0, A0)
+
+
+def test_refine_fits_base_and_adapters_to_each_other():
+    """refine alternates GPTQ of W - B A with the adapters' fit to W - Q. On a weight whose large
+    low-rank part dominates the grid's range, plain EoRA (GPTQ of W, then the fit) leaves most of
+    the error, while refining lets B A hold that part and the grid the small rest. Each round's
+    base is GPTQ of the previous round's W - B A, and the returned adapters are the fit to the
+    returned base's error."""
+    from compressor.quant import gptq_quantize
+
+    gen = torch.Generator().manual_seed(7)
+    X = torch.randn(600, 64, generator=gen) @ torch.randn(64, 64, generator=gen) / 8  # correlated inputs
+    H = X.T.double() @ X.double() / X.shape[0]
+    W = 3 * torch.randn(64, 4, generator=gen) @ torch.randn(4, 64, generator=gen) + 0.05 * torch.randn(64, 64, generator=gen)
+    cfg = QuantConfig(bits=3, group_size=32)
+    seen = []
+
+    def quantize(w):
+        seen.append(w.clone())
+        return QuantLinear.from_result(gptq_quantize(w, H, cfg), 32), {"type": "quant"}
+
+    err = lambda M: torch.trace(M @ H @ M.T).item()  # noqa: E731
+    stage = Eora(EoraConfig(rank=4, refine=3))
+    module, spec, B, A, energies = stage.refined(W, quantize, H, 4)
+    assert len(seen) == 3 and spec == {"type": "quant"}
+    plain_q, _ = quantize(W)
+    B0, A0, _ = stage.adapters(W, plain_q, H, 4)
+    refined_err = err(W.double() - effective_weight(module).double() - (B @ A).double())
+    plain_err = err(W.double() - effective_weight(plain_q).double() - (B0 @ A0).double())
+    assert refined_err < 0.2 * plain_err, (refined_err, plain_err)
+    B_ref, A_ref, e_ref = stage.adapters(W, module, H, 4)
+    assert torch.allclose(B @ A, B_ref @ A_ref) and torch.allclose(energies, e_ref)
+    # the first base quantises W minus the adapters' fit to W itself
+    B1, A1, _ = eora.eora_fit(W.double(), H, 4)
+    assert torch.allclose(seen[0], (W.double() - B1.double() @ A1.double()).float(), atol=1e-5)
+
+
+def test_refine_applies_propagation_once():
+    """With propagation, the bases are those of the run without it (the earlier fits ignore the
+    dense model's inputs) and only the last fit aims at the dense output: were the correction in
+    every fit, each base would round it away and the next fit add it again."""
+    from compressor.quant import gptq_quantize
+
+    gen = torch.Generator().manual_seed(8)
+    X = torch.randn(500, 64, generator=gen, dtype=torch.float64) * torch.linspace(0.3, 2, 64, dtype=torch.float64)
+    Xd = X + 0.2 * torch.randn(500, 64, generator=gen, dtype=torch.float64)
+    H, K = X.T @ X / 500, Xd.T @ X / 500
+    W = torch.randn(64, 64, generator=gen)
+    cfg = QuantConfig(bits=4, group_size=32)
+
+    def run(stage, cross):
+        seen = []
+
+        def quantize(w):
+            seen.append(w.clone())
+            return QuantLinear.from_result(gptq_quantize(w, H, cfg), 32), {}
+
+        module, _, B, A, _ = stage.refined(W, quantize, H, 4, None, cross)
+        return seen, module, B, A
+
+    propagated = Eora(EoraConfig(rank=4, refine=2, propagation=0.5))
+    seen, module, B, A = run(propagated, K)
+    seen0, _, B0, A0 = run(Eora(EoraConfig(rank=4, refine=2)), None)
+    assert all(torch.equal(a, b) for a, b in zip(seen, seen0)) and len(seen) == 2
+    B_ref, A_ref, _ = propagated.adapters(W, module, H, 4, None, K)
+    assert torch.allclose(B @ A, B_ref @ A_ref) and not torch.allclose(B @ A, B0 @ A0, atol=1e-3)
+
+
+def test_refine_must_be_a_round_count():
+    with pytest.raises(CompressorError, match="refine is a number of rounds"):
+        Eora(EoraConfig(refine=-1))
+    for bad in ({"sequential": False}, {"sequential": False, "rank_allocation": "per-type"}):
+        with pytest.raises(CompressorError, match="refine fits the base to each module's final adapters"):
+            Eora(EoraConfig(refine=2, **bad))
