@@ -21,6 +21,7 @@ import math
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, re
     compression = {"format_version": FORMAT_VERSION, **record, "modules": module_specs}
     if adapted:
         compression["adapter"] = {"path": ADAPTER_DIR, "format": "peft-lora", "ranks": {n: m.lora_A.out_features for n, m in adapted.items()}}
+        # eora refine quantised W - B A: the base is then no model without its adapter
+        compression["adapter"]["required"] = any(st.get("refine") for st in (record.get("recipe") or {}).get("stages", []))
     elif any("adapter" in spec for spec in module_specs.values()):
         compression["adapter"] = {"path": None, "format": "quantized-in-checkpoint", "ranks": {n: spec["adapter"]["rank"] for n, spec in module_specs.items() if "adapter" in spec}}
     model.config.compression = compression
@@ -263,9 +266,11 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "
         del config.quantization_config
     cls = modules.compressed_class(base_class(config))
     model = cls.from_pretrained(path, config=config, dtype=dtype)
-    folder = (config.compression.get("adapter") or {}).get("path")
-    if adapter and folder:
-        attach_adapter(model, path / folder)
+    found = config.compression.get("adapter") or {}
+    if adapter and found.get("path"):
+        attach_adapter(model, path / found["path"])
+    elif found.get("required"):
+        warnings.warn(f"{path}: the base was quantised to go with its adapter (eora refine) and gives nonsense alone; load with adapter=True", stacklevel=2)
     return model.to(device).eval()
 
 

@@ -120,7 +120,7 @@ def test_gptq_beats_rtn_end_to_end(tokenizer):
 
 
 def test_eora_reduces_error_and_non_sequential_keeps_gptq_base(tokenizer, tmp_path):
-    rec = shipped("gptq4-eora32", rank=16, sequential=False, propagation=0, rank_pattern={"mlp.*": 24}, rank_allocation="uniform")
+    rec = shipped("gptq4-eora32", rank=16, sequential=False, propagation=0, refine=0, rank_pattern={"mlp.*": 24}, rank_allocation="uniform")
     # EoRA fits the calibration distribution, so it is judged on calibration-like text.
     ids = calibration_windows(rec, tokenizer, None, samples=4, seq_len=32)
     run = lambda m: m(ids).logits.detach()  # noqa: E731
@@ -142,9 +142,9 @@ def test_eora_reduces_error_and_non_sequential_keeps_gptq_base(tokenizer, tmp_pa
 
 
 def test_per_type_allocation_keeps_the_budget_and_exports(tokenizer, tmp_path):
-    uniform = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB)
+    uniform = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB)
     out = tmp_path / "out"
-    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="per-type"), out, tokenizer=tokenizer, **CALIB)
+    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="per-type"), out, tokenizer=tokenizer, **CALIB)
     params = lambda r: r.report["adapters"]["params"]  # noqa: E731
     got = result.report["adapters"]["ranks"]
     assert params(result) <= params(uniform) and len(set(got.values())) > 1 and max(got.values()) <= 16
@@ -162,9 +162,9 @@ def test_per_type_allocation_keeps_the_budget_and_exports(tokenizer, tmp_path):
 def test_loss_weighting_end_to_end(tokenizer, tmp_path, weighting):
     """weighting: loss (or loss-full) changes the adapters (not the GPTQ base), is recorded, and
     PEFT loads them."""
-    plain = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform", weighting="output"), tokenizer=tokenizer, **CALIB).model
+    plain = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform", weighting="output"), tokenizer=tokenizer, **CALIB).model
     out = tmp_path / "out"
-    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform", weighting=weighting), out, tokenizer=tokenizer, **CALIB)
+    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform", weighting=weighting), out, tokenizer=tokenizer, **CALIB)
     name, weighted = next((n, m) for n, _, m in models.iter_linears_any(result.model))
     unweighted = plain.get_submodule(name)
     assert torch.equal(weighted.base.qweight, unweighted.base.qweight)
@@ -181,7 +181,7 @@ def test_propagation_brings_the_output_closer_to_the_dense_model(tokenizer, tmp_
     text the adapted model ends closer to the dense one than with plain (per-layer) EoRA; the
     adapters still export as PEFT LoRA."""
     def run(propagation, out=None):
-        rec = shipped("gptq4-eora32", rank=4, sequential=True, rank_allocation="uniform", propagation=propagation)
+        rec = shipped("gptq4-eora32", rank=4, sequential=True, rank_allocation="uniform", propagation=propagation, refine=0)
         return compress(tiny_model("llama"), rec, out, tokenizer=tokenizer, **CALIB)
 
     ids = calibration_windows(shipped("gptq4-eora32"), tokenizer, None, samples=4, seq_len=32)
@@ -204,7 +204,7 @@ def test_refine_requantises_the_base_and_exports_peft(arch, tokenizer, tmp_path)
     the recipe records it, and PEFT puts the adapters on the exported base with the same logits
     (GPT-2's Conv1D weights included)."""
     rec = shipped("gptq4-eora32", rank=4, refine=2)
-    plain = compress(tiny_model(arch), shipped("gptq4-eora32", rank=4), tokenizer=tokenizer, **CALIB).model
+    plain = compress(tiny_model(arch), shipped("gptq4-eora32", rank=4, refine=0), tokenizer=tokenizer, **CALIB).model
     out = tmp_path / "out"
     result = compress(tiny_model(arch), rec, out, tokenizer=tokenizer, **CALIB)
     name, refined = next((n, m) for n, _, m in models.iter_linears_any(result.model))
@@ -212,7 +212,10 @@ def test_refine_requantises_the_base_and_exports_peft(arch, tokenizer, tmp_path)
     assert result.report["recipe"]["stages"][1]["refine"] == 2
     from peft import PeftModel
 
-    reloaded = PeftModel.from_pretrained(compressor.load(out, adapter=False), out / "adapter").eval()
+    with pytest.warns(UserWarning, match="quantised to go with its adapter"):
+        base = compressor.load(out, adapter=False)
+    assert json.loads((out / "config.json").read_text())["compression"]["adapter"]["required"] is True
+    reloaded = PeftModel.from_pretrained(base, out / "adapter").eval()
     assert (logits(reloaded) - logits(result.model)).abs().max() <= 1e-4
 
 
@@ -258,7 +261,7 @@ def test_true_sequential_with_propagation_exports_peft(tokenizer, tmp_path):
 
 def test_load_refuses_an_adapter_it_cannot_apply_exactly(tokenizer, tmp_path):
     out = tmp_path / "out"
-    compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform"), out, tokenizer=tokenizer, **CALIB)
+    compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform"), out, tokenizer=tokenizer, **CALIB)
     cfg_path = out / "adapter" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "lora_alpha": 2 * cfg["r"]}))
@@ -270,11 +273,11 @@ def test_load_refuses_an_adapter_it_cannot_apply_exactly(tokenizer, tmp_path):
 def test_quantised_adapters_stay_in_the_checkpoint(tokenizer, tmp_path):
     """bits: 4 quantises A and B (GPTQ with their own Grams); they are written into the model's
     safetensors (no PEFT folder, no GPTQ v1 claim) and every loader gives the in-memory logits."""
-    rec = shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform", bits=4)
+    rec = shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform", bits=4)
     ids = calibration_windows(rec, tokenizer, None, samples=4, seq_len=32)
     run = lambda m: m(ids).logits.detach()  # noqa: E731
     dense = run(tiny_model("qwen2"))
-    float_adapters = compress(tiny_model("qwen2"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB).model
+    float_adapters = compress(tiny_model("qwen2"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB).model
     out = tmp_path / "out"
     result = compress(tiny_model("qwen2"), rec, out, tokenizer=tokenizer, **CALIB)
     base_err = (run(without_adapters(compress(tiny_model("qwen2"), shipped("gptq4"), tokenizer=tokenizer, **CALIB).model)) - dense).norm()
