@@ -176,6 +176,8 @@ class Eora(Method):
         components, rather than from the plain GPTQ error, lets the low-rank part hold the weight
         structure the grid would round worst. With `propagation`, the final fit also aims at the dense
         model's output (cross), once. Returns (module, spec, B, A, energies)."""
+        if self.config.refine < 1:
+            raise CompressorError("eora: refined() runs the refine rounds; with refine: 0 quantise first and call adapters()")
         # The propagation target enters the last fit only: were it in every fit, each round's base
         # would round away the correction the adapters made for it, and the next fit would add it again.
         B, A, _ = self._fit(original.to(torch.float64), original, H, rank, sensitivity, None)
