@@ -150,6 +150,18 @@ class QuantLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None, device=None, dtype=None) -> nn.Linear:
+    """A fresh nn.Linear holding copies of `weight` (out, in) and `bias`, on weight's device and in
+    its dtype unless given."""
+    out_f, in_f = weight.shape
+    new = nn.Linear(in_f, out_f, bias=bias is not None, device=device or weight.device, dtype=dtype or weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
 class LoraAdapted(nn.Module):
     """base(x) + B(A(x)): a compressed layer with its compensation adapter (EoRA).
 
@@ -173,12 +185,7 @@ class LoraAdapted(nn.Module):
     @classmethod
     def from_factors(cls, base, B, A, device=None, dtype=None):
         """base(x) + B (A x) with A (r x in), B (out x r) copied into fresh linears."""
-        lora_A = nn.Linear(A.shape[1], A.shape[0], bias=False, device=device, dtype=dtype)
-        lora_B = nn.Linear(B.shape[1], B.shape[0], bias=False, device=device, dtype=dtype)
-        with torch.no_grad():
-            lora_A.weight.copy_(A)
-            lora_B.weight.copy_(B)
-        return cls(base, lora_A, lora_B)
+        return cls(base, linear_from(A, device=device, dtype=dtype), linear_from(B, device=device, dtype=dtype))
 
     def forward(self, x):
         return self.base(x) + self.lora_B(self.lora_A(x))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor import eora, models, pipeline, sensitivity
+from compressor import eora, models, modules, pipeline, sensitivity
 from compressor.methods import eora as eora_stage
 from compressor.errors import CompressorError
 from compressor.recipe import Recipe
@@ -82,8 +82,8 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
             refine = quant is not None and quant.targets(name) and adapter is not None and adapter.config.refine and adapter.targets(name)
             if refine:
                 # the base is quantised inside the adapter fit, from W - B A
-                def quantize(w, like=module):
-                    return quant.quantize_module(_linear_like(like, w), H, None)
+                def quantize(w, bias=module.bias):  # Conv1D's bias is (out,) too
+                    return quant.quantize_module(modules.linear_from(w, None if bias is None else bias.detach()), H, None)
                 module, spec, B, A, energies = adapter.refined(dense[name].to(H.device), quantize, H, adapter.fit_rank(name), weights.get(full), cross)
                 _replace(layer, name, module)
                 outcome.specs[full] = spec
@@ -125,18 +125,6 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
 def adapted_names(model: nn.Module, adapter) -> set[str]:
     """Full names of the linears the adapter stage may fit (before knowing which get compressed)."""
     return {full for full, name, _ in models.iter_linears(model) if adapter.targets(name)}
-
-
-def _linear_like(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """A plain linear with `module`'s bias and the given (out, in) weight (Conv1D included)."""
-    out_f, in_f = weight.shape
-    bias = getattr(module, "bias", None)
-    new = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
 
 
 def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:

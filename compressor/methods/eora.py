@@ -73,7 +73,7 @@ from compressor.errors import CompressorError
 from compressor.methods import register
 from compressor.methods.base import Method
 from compressor.methods.gptq import Gptq, GptqConfig
-from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear, pack_chunk
+from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear, linear_from, pack_chunk
 from compressor.sensitivity import output_roots, row_weights
 
 
@@ -266,14 +266,7 @@ def _merge(module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict):
     if not isinstance(module, LowRankLinear) or isinstance(module.down, QuantLinear):
         raise CompressorError("eora: merge: true folds adapters into unquantised low-rank weights only; drop 'merge' to keep them as a PEFT adapter")
     with torch.no_grad():
-        down = torch.cat([module.down.weight, A])
-        up = torch.cat([module.up.weight, B], dim=1)
-        module.down = nn.Linear(down.shape[1], down.shape[0], bias=False, device=down.device, dtype=down.dtype)
-        module.down.weight.copy_(down)
-        bias = module.up.bias
-        module.up = nn.Linear(up.shape[1], up.shape[0], bias=bias is not None, device=up.device, dtype=up.dtype)
-        module.up.weight.copy_(up)
-        if bias is not None:
-            module.up.bias.copy_(bias)
-    module.rank = down.shape[0]
+        module.down = linear_from(torch.cat([module.down.weight, A]))
+        module.up = linear_from(torch.cat([module.up.weight, B], dim=1), module.up.bias)
+    module.rank = module.down.out_features
     return module, {**spec, "rank": module.rank}

@@ -136,25 +136,30 @@ def test_propagation_is_optimal_for_the_blended_target(weighting):
     assert reachable(B, A) < 0.99 * reachable(B0, A0)
 
 
+def _recording_gptq(H, cfg):
+    """A refine `quantize` callable (GPTQ against H) and the list of weights it was given."""
+    from compressor.quant import gptq_quantize
+
+    seen = []
+
+    def quantize(w):
+        seen.append(w.clone())
+        return QuantLinear.from_result(gptq_quantize(w, H, cfg), cfg.group_size), {"type": "quant"}
+
+    return quantize, seen
+
+
 def test_refine_fits_base_and_adapters_to_each_other():
     """refine alternates GPTQ of W - B A with the adapters' fit to W - Q. On a weight whose large
     low-rank part dominates the grid's range, plain EoRA (GPTQ of W, then the fit) leaves most of
     the error, while refining lets B A hold that part and the grid the small rest. Each round's
     base is GPTQ of the previous round's W - B A, and the returned adapters are the fit to the
     returned base's error."""
-    from compressor.quant import gptq_quantize
-
     gen = torch.Generator().manual_seed(7)
     X = torch.randn(600, 64, generator=gen) @ torch.randn(64, 64, generator=gen) / 8  # correlated inputs
     H = X.T.double() @ X.double() / X.shape[0]
     W = 3 * torch.randn(64, 4, generator=gen) @ torch.randn(4, 64, generator=gen) + 0.05 * torch.randn(64, 64, generator=gen)
-    cfg = QuantConfig(bits=3, group_size=32)
-    seen = []
-
-    def quantize(w):
-        seen.append(w.clone())
-        return QuantLinear.from_result(gptq_quantize(w, H, cfg), 32), {"type": "quant"}
-
+    quantize, seen = _recording_gptq(H, QuantConfig(bits=3, group_size=32))
     err = lambda M: torch.trace(M @ H @ M.T).item()  # noqa: E731
     stage = Eora(EoraConfig(rank=4, refine=3))
     module, spec, B, A, energies = stage.refined(W, quantize, H, 4)
@@ -175,22 +180,14 @@ def test_refine_applies_propagation_once():
     """With propagation, the bases are those of the run without it (the earlier fits ignore the
     dense model's inputs) and only the last fit aims at the dense output: were the correction in
     every fit, each base would round it away and the next fit add it again."""
-    from compressor.quant import gptq_quantize
-
     gen = torch.Generator().manual_seed(8)
     X = torch.randn(500, 64, generator=gen, dtype=torch.float64) * torch.linspace(0.3, 2, 64, dtype=torch.float64)
     Xd = X + 0.2 * torch.randn(500, 64, generator=gen, dtype=torch.float64)
     H, K = X.T @ X / 500, Xd.T @ X / 500
     W = torch.randn(64, 64, generator=gen)
-    cfg = QuantConfig(bits=4, group_size=32)
 
     def run(stage, cross):
-        seen = []
-
-        def quantize(w):
-            seen.append(w.clone())
-            return QuantLinear.from_result(gptq_quantize(w, H, cfg), 32), {}
-
+        quantize, seen = _recording_gptq(H, QuantConfig(bits=4, group_size=32))
         module, _, B, A, _ = stage.refined(W, quantize, H, 4, None, cross)
         return seen, module, B, A
 
