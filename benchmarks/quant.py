@@ -34,7 +34,7 @@ from compressor.evaluate import run_tasks
 from compressor.loading import load_model
 from compressor.methods import eora as eora_stage
 from compressor.modules import LoraAdapted
-from compressor.pipeline import device_name
+from compressor.pipeline import device_name, resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
 TASKS = ["code_ppl", "wikitext2_ppl"]
@@ -64,10 +64,11 @@ def allocate(full: dict, rank: int) -> dict[str, int]:
     return stage.allocate(fitted)
 
 
-def host() -> dict:
-    """What ran this: GPTQ's rounding decisions differ with the CPU's float paths, and the
+def host(device: torch.device) -> dict:
+    """What ran this: GPTQ's rounding decisions differ with the device's float paths, and the
     perplexities with them."""
-    return {"cpu": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    found = {"cpu": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return found if device.type == "cpu" else {**found, "device": device_name(device)}
 
 
 def main() -> None:
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--limit", type=int, default=4, help="evaluation windows per task (0: every window of the text)")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated perplexity tasks")
+    ap.add_argument("--device", default="cpu", help="where calibration, GPTQ, EoRA and evaluation run: cpu, cuda[:N] or auto "
+                    "(GPTQ's codes, and so the perplexities, differ between devices: compare rows from one device)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -110,6 +113,7 @@ def main() -> None:
         ap.error("--refine fits the base to each rank's adapters, so lower ranks are no truncations: pass one --ranks value")
     tasks = [t for t in args.tasks.split(",") if t]
     limit = args.limit or None
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     print(f"evaluation: {tasks}, seq_len 512, " + (f"first {limit} windows per task" if limit else "every window"), flush=True)
 
@@ -117,12 +121,13 @@ def main() -> None:
     dense, tok = load_model(args.model)
     calibration = {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype, "true_sequential": args.true_sequential}
     results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "eora_propagation": args.propagation, "eora_propagation_damp": args.propagation_damp, "eora_refine": args.refine, "calibration": calibration,
-               "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "host": host(), "load_seconds": round(time.time() - start, 1), "rows": []}
+               "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "host": host(device), "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
     if args.resume and args.out.exists():
         old = json.loads(args.out.read_text())
-        if old.get("eval") == results["eval"] and old.get("model") == args.model:
+        # RTN's codes, like GPTQ's, depend on the device's float paths: reuse rows from the same device only
+        if old.get("eval") == results["eval"] and old.get("model") == args.model and old.get("host", {}).get("device") == results["host"].get("device"):
             previous = {row["variant"]: row for row in old["rows"] if not row["variant"].startswith("GPTQ")}
 
     def record(name, model, size, wall, **extra):
@@ -131,7 +136,8 @@ def main() -> None:
             print(json.dumps(results["rows"][-1]), flush=True)
             return
         t = time.time()
-        ppl = run_tasks(model, tok, tasks, 512, limit, "cpu")
+        ppl = run_tasks(model.to(device), tok, tasks, 512, limit, device)
+        model.to("cpu")
         row = {"variant": name, **{k: round(v["ppl"], 3) for k, v in ppl.items()}, "size_bytes": size, "compress_seconds": wall, "eval_seconds": round(time.time() - t, 1), **extra}
         results["rows"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +156,7 @@ def main() -> None:
     if "RTN w4 g128" in previous:
         record("RTN w4 g128", None, None, None)
     else:
-        rtn = compress(copy.deepcopy(dense), recipe_for([{"method": "rtn", "bits": 4, "group_size": args.group_size}]), work / "rtn", tokenizer=tok, device="cpu")
+        rtn = compress(copy.deepcopy(dense), recipe_for([{"method": "rtn", "bits": 4, "group_size": args.group_size}]), work / "rtn", tokenizer=tok, device=str(device))
         record("RTN w4 g128", rtn.model, weights_bytes(work / "rtn"), round(time.time() - t, 1), bits_per_dense_weight=rtn.report["bits_per_dense_weight"])
         del rtn
 
@@ -168,13 +174,13 @@ def main() -> None:
             model = dense if r == max(args.ranks) else copy.deepcopy(dense)
             t = time.time()
             eora = eora_stage_at(r, bits=args.adapter_bits, group_size=args.group_size)
-            res = compress(model, recipe_for([gptq_stage, eora]), work / f"q{r}", tokenizer=tok, device="cpu")
+            res = compress(model, recipe_for([gptq_stage, eora]), work / f"q{r}", tokenizer=tok, device=str(device))
             record(f"{label} + {eora_label} r{r}, {args.adapter_bits}-bit adapters", res.model, weights_bytes(work / f"q{r}"), round(time.time() - t, 1),
                    bits_per_dense_weight=res.report["bits_per_dense_weight"])
     else:
         top = max(args.ranks)
         t = time.time()
-        res = compress(dense, recipe_for([gptq_stage, eora_stage_at(top)]), work / "gptq-eora", tokenizer=tok, device="cpu")
+        res = compress(dense, recipe_for([gptq_stage, eora_stage_at(top)]), work / "gptq-eora", tokenizer=tok, device=str(device))
         wall = round(time.time() - t, 1)
         model, base_bytes = res.model, weights_bytes(work / "gptq-eora") - weights_bytes(work / "gptq-eora" / "adapter")
         full = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}

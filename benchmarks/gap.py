@@ -1,0 +1,114 @@
+"""How much of plain GPTQ's perplexity gap to dense each adapted variant closes, per calibration seed.
+
+    python benchmarks/gap.py benchmarks/results/quant_64x16_actorder_loss*.json [--task code_ppl]
+
+Reads the JSONs benchmarks/quant.py writes. For each seed the reference is the plain GPTQ row of a
+walk without --sequential on that seed (its base is exactly what the gptq stage alone gives); every
+"+ EoRA" row of any walk on that seed is then scored as (plain - adapted) / (plain - dense). Only
+results from the same model, evaluation windows, GPTQ settings, calibration size and machine are
+compared (GPTQ's codes differ between devices); each such group prints its own table, with the mean
+and standard error of the gap closed over the seeds a variant was run on. --json writes the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def group_key(data: dict) -> str:
+    cal = {k: v for k, v in data["calibration"].items() if k not in ("seed", "true_sequential")}
+    host = data.get("host", {})
+    return json.dumps({"model": data["model"], "bits": data["bits"], "group_size": data["group_size"], "act_order": data.get("act_order", False),
+                       "calibration": cal, "eval": data["eval"], "machine": host.get("device") or host.get("cpu")}, sort_keys=True)
+
+
+def variant_label(data: dict, variant: str) -> str:
+    """The adapter part of a row's name, plus the walk options the name leaves out."""
+    label = variant.split(" + ", 1)[1]
+    if data.get("eora_sequential") and not data.get("eora_propagation") and not data.get("eora_refine"):
+        label += " [sequential]"
+    if data["calibration"].get("true_sequential"):
+        label += " [true-sequential]"
+    return label
+
+
+def collect(paths: list[Path], task: str) -> dict:
+    """group -> {"dense": ppl, "plain": {seed: ppl}, "adapted": {label: {seed: (ppl, file)}}}."""
+    groups = defaultdict(lambda: {"dense": None, "plain": {}, "adapted": defaultdict(dict)})
+    for path in paths:
+        data = json.loads(path.read_text())
+        if "rows" not in data or "calibration" not in data:
+            continue
+        g = groups[group_key(data)]
+        seed = data["calibration"].get("seed", 0)  # the first results predate the option
+        plain_walk = not data.get("eora_sequential") and not data["calibration"].get("true_sequential")
+        for row in data["rows"]:
+            ppl = row.get(task)
+            if ppl is None:
+                continue
+            if row["variant"] == "dense fp32":
+                g["dense"] = ppl
+            elif row["variant"].endswith("(ours)") and plain_walk and " + " not in row["variant"]:
+                g["plain"][seed] = ppl
+            elif " + EoRA" in row["variant"]:
+                label = variant_label(data, row["variant"])
+                if seed in g["adapted"][label] and g["adapted"][label][seed][0] != ppl:
+                    print(f"note: {label}, seed {seed} differs between {g['adapted'][label][seed][1]} and {path.name}; keeping the first", file=sys.stderr)
+                    continue
+                g["adapted"][label].setdefault(seed, (ppl, path.name))
+    return groups
+
+
+def summarise(group: dict) -> list[dict]:
+    rows = []
+    dense, plain = group["dense"], group["plain"]
+    for label, by_seed in sorted(group["adapted"].items()):
+        cells = {}
+        for seed, (ppl, _) in sorted(by_seed.items()):
+            if seed in plain and dense is not None and plain[seed] > dense:
+                cells[seed] = {"ppl": ppl, "gap_closed": (plain[seed] - ppl) / (plain[seed] - dense)}
+        if not cells:
+            continue
+        closed = [c["gap_closed"] for c in cells.values()]
+        mean = sum(closed) / len(closed)
+        se = math.sqrt(sum((x - mean) ** 2 for x in closed) / (len(closed) - 1) / len(closed)) if len(closed) > 1 else None
+        rows.append({"variant": label, "seeds": cells, "mean_gap_closed": mean, "standard_error": se,
+                     "at_least_half": sum(x >= 0.5 for x in closed)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", type=Path, nargs="+", help="JSONs written by benchmarks/quant.py")
+    ap.add_argument("--task", default="code_ppl", help="perplexity column to score (code_ppl or wikitext2_ppl)")
+    ap.add_argument("--json", type=Path, help="also write the tables here")
+    args = ap.parse_args()
+    found = []
+    for key, group in collect(args.files, args.task).items():
+        rows = summarise(group)
+        if not rows:
+            continue
+        seeds = sorted(group["plain"])
+        settings = json.loads(key)
+        found.append({"settings": settings, "dense": group["dense"], "plain_gptq": group["plain"], "rows": rows})
+        print(f"\n{settings['model']} on {settings['machine']}, {args.task}, {settings['eval']['limit_windows'] or 'every'} windows; "
+              f"dense {group['dense']:.2f}; plain GPTQ " + ", ".join(f"seed {s}: {group['plain'][s]:.2f}" for s in seeds) + "\n")
+        print("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean gap closed (± s.e.) | seeds at half or more |")
+        print("| --- |" + " ---: |" * (len(seeds) + 2))
+        for row in rows:
+            cells = [f"{row['seeds'][s]['ppl']:.2f} ({100 * row['seeds'][s]['gap_closed']:.0f} %)" if s in row["seeds"] else "" for s in seeds]
+            se = f" ± {100 * row['standard_error']:.0f}" if row["standard_error"] is not None else ""
+            print(f"| {row['variant']} | " + " | ".join(cells) + f" | {100 * row['mean_gap_closed']:.0f} %{se} | {row['at_least_half']} of {len(row['seeds'])} |")
+    if not found:
+        sys.exit("no adapted row had a plain GPTQ row of the same seed and settings to compare with; pass the walks without --sequential too")
+    if args.json:
+        args.json.write_text(json.dumps(found, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""benchmarks/gap.py: the gap shares it reports are (plain - adapted) / (plain - dense) against the
+plain GPTQ row of the same seed, and results of different machines are never compared."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gap.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_gap", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _walk(path, seed, rows, sequential=False, machine="AMD EPYC", refine=0):
+    data = {"model": "demo", "bits": 4, "group_size": 128, "act_order": True, "eora_sequential": sequential, "eora_propagation": 0.25 if sequential else 0.0,
+            "eora_refine": refine, "calibration": {"dataset": "code", "samples": 64, "seq_len": 512, "seed": seed, "true_sequential": False},
+            "eval": {"tasks": ["code_ppl"], "seq_len": 512, "limit_windows": 16}, "host": {"cpu": machine},
+            "rows": [{"variant": "dense fp32", "code_ppl": 10.0}] + [{"variant": v, "code_ppl": p} for v, p in rows]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_gap_shares_mean_and_grouping(tmp_path, monkeypatch, capsys):
+    gap = _load()
+    files = [
+        _walk(tmp_path / "a.json", 0, [("GPTQ w4 (ours)", 14.0), ("GPTQ w4 + EoRA r32", 12.0)]),
+        _walk(tmp_path / "b.json", 1, [("GPTQ w4 (ours)", 12.0), ("GPTQ w4 + EoRA r32", 11.5)]),
+        # a sequential walk's base is no plain GPTQ: only its adapted row counts, against a.json's plain row
+        _walk(tmp_path / "c.json", 0, [("GPTQ w4 (EoRA-sequential walk) (ours)", 99.0), ("GPTQ w4 (EoRA-sequential walk) + EoRA, refine 4 r32", 11.0)], sequential=True, refine=4),
+        # another machine: its own table, never against the first machine's plain rows
+        _walk(tmp_path / "d.json", 0, [("GPTQ w4 + EoRA r32", 10.5)], machine="other CPU"),
+    ]
+    groups = list(gap.collect(files, "code_ppl").values())
+    assert len(groups) == 2
+    rows = {r["variant"]: r for r in gap.summarise(groups[0])}
+    assert rows["EoRA r32"]["seeds"][0]["gap_closed"] == pytest.approx(0.5)
+    assert rows["EoRA r32"]["seeds"][1]["gap_closed"] == pytest.approx(0.25)
+    assert rows["EoRA r32"]["mean_gap_closed"] == pytest.approx(0.375)
+    assert rows["EoRA r32"]["standard_error"] == pytest.approx(0.125)
+    assert rows["EoRA r32"]["at_least_half"] == 1
+    assert rows["EoRA, refine 4 r32"]["seeds"] == {0: {"ppl": 11.0, "gap_closed": pytest.approx(0.75)}}
+    assert gap.summarise(groups[1]) == []  # no plain GPTQ row on that machine
+
+    out = tmp_path / "gap.json"
+    monkeypatch.setattr(sys, "argv", ["gap.py", *map(str, files), "--json", str(out)])
+    gap.main()
+    assert "| EoRA r32 | 12.00 (50 %) | 11.50 (25 %) | 38 % ± 12 | 1 of 2 |" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())) == 1
