@@ -79,22 +79,22 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
             H = grams[arch.linears[name]] if grams is not None else None
             module = layer.get_submodule(name)
             cross = crosses[arch.linears[name]] if crosses is not None else None
-            refine = quant is not None and quant.targets(name) and adapter is not None and adapter.config.refine and adapter.targets(name)
-            if refine:
+            quantised = quant is not None and quant.targets(name)
+            adapted = adapter is not None and adapter.targets(name)
+            fit = None  # (B, A, energies) when the base was fitted together with its adapters
+            if quantised and adapted and adapter.config.refine:
                 # the base is quantised inside the adapter fit, from W - B A
                 def quantize(w, bias=module.bias):  # Conv1D's bias is (out,) too
                     return quant.quantize_module(modules.linear_from(w, None if bias is None else bias.detach()), H, None)
-                module, spec, B, A, energies = adapter.refined(dense[name].to(H.device), quantize, H, adapter.fit_rank(name), weights.get(full), cross)
-                _replace(layer, name, module)
-                outcome.specs[full] = spec
-            elif quant is not None and quant.targets(name):
+                module, spec, *fit = adapter.refined(dense[name].to(H.device), quantize, H, adapter.fit_rank(name), weights.get(full), cross)
+            elif quantised:
                 module, spec = quant.quantize_module(module, H, outcome.specs.get(full))
+            if quantised:
                 _replace(layer, name, module)
                 outcome.specs[full] = spec
-            if adapter is None or full not in outcome.specs or not adapter.targets(name):
+            if not adapted or full not in outcome.specs:
                 continue
-            if not refine:
-                B, A, energies = adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full), cross)
+            B, A, energies = fit or adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full), cross)
             fitted[full] = (energies, min(adapter.rank_for(name), energies.numel()), tuple(dense[name].shape))
             module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full], H)
             (outcome.merged if adapter.config.merge else outcome.adapters)[full] = A.shape[0]
