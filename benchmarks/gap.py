@@ -8,6 +8,10 @@ walk without --sequential on that seed (its base is exactly what the gptq stage 
 results from the same model, evaluation windows, GPTQ settings, calibration size and machine are
 compared (GPTQ's codes differ between devices); each such group prints its own table, with the mean
 and standard error of the gap closed over the seeds a variant was run on. --json writes the same.
+
+Where the dense, plain and adapted rows carry per-window losses (quant.py records them), each cell
+also gets a 95 % interval from a paired bootstrap over the evaluation windows: how much the share
+could move on other windows of the same text, with the calibration draw held fixed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -38,30 +43,58 @@ def variant_label(data: dict, variant: str) -> str:
 
 
 def collect(paths: list[Path], task: str) -> dict:
-    """group -> {"dense": ppl, "plain": {seed: ppl}, "adapted": {label: {seed: (ppl, file)}}}."""
-    groups = defaultdict(lambda: {"dense": None, "plain": {}, "adapted": defaultdict(dict)})
+    """group -> {"dense": ppl, "plain": {seed: ppl}, "adapted": {label: {seed: (ppl, file)}}, "windows":
+    {(kind, seed): per-window NLL}} (kind "dense", "plain" or a variant label; dense under seed None)."""
+    groups = defaultdict(lambda: {"dense": None, "plain": {}, "adapted": defaultdict(dict), "windows": {}, "tokens": None})
     for path in paths:
         data = json.loads(path.read_text())
         if "rows" not in data or "calibration" not in data:
             continue
         g = groups[group_key(data)]
+        g["tokens"] = data["eval"]["seq_len"] - 1  # scored tokens per window (the first has no prediction)
         seed = data["calibration"].get("seed", 0)  # the first results predate the option
         plain_walk = not data.get("eora_sequential") and not data["calibration"].get("true_sequential")
         for row in data["rows"]:
             ppl = row.get(task)
             if ppl is None:
                 continue
+            windows = row.get("window_nll", {}).get(task)
             if row["variant"] == "dense fp32":
                 g["dense"] = ppl
+                if windows:  # the dense model does not depend on the seed: any file's windows do
+                    g["windows"][("dense", None)] = windows
             elif row["variant"].endswith("(ours)") and plain_walk and " + " not in row["variant"]:
                 g["plain"][seed] = ppl
+                if windows:
+                    g["windows"][("plain", seed)] = windows
             elif " + EoRA" in row["variant"]:
                 label = variant_label(data, row["variant"])
                 if seed in g["adapted"][label] and g["adapted"][label][seed][0] != ppl:
                     print(f"note: {label}, seed {seed} differs between {g['adapted'][label][seed][1]} and {path.name}; keeping the first", file=sys.stderr)
                     continue
                 g["adapted"][label].setdefault(seed, (ppl, path.name))
+                if windows:
+                    g["windows"].setdefault((label, seed), windows)
     return groups
+
+
+def bootstrap(dense: list[float], plain: list[float], adapted: list[float], tokens: int, draws: int = 2000) -> tuple[float, float] | None:
+    """95 % interval of (plain - adapted) / (plain - dense) perplexity over window resamples, the same
+    windows drawn for all three models (paired). tokens: scored tokens per window (all equal)."""
+    n = len(dense)
+    if n < 2 or len(plain) != n or len(adapted) != n:
+        return None
+    rng = random.Random(0)
+    shares = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        d, p, a = (math.exp(sum(x[i] for i in idx) / (n * tokens)) for x in (dense, plain, adapted))
+        if p > d:
+            shares.append((p - a) / (p - d))
+    if len(shares) < draws // 2:
+        return None
+    shares.sort()
+    return shares[int(0.025 * len(shares))], shares[int(0.975 * len(shares)) - 1]
 
 
 def summarise(group: dict) -> list[dict]:
@@ -72,6 +105,9 @@ def summarise(group: dict) -> list[dict]:
         for seed, (ppl, _) in sorted(by_seed.items()):
             if seed in plain and dense is not None and plain[seed] > dense:
                 cells[seed] = {"ppl": ppl, "gap_closed": (plain[seed] - ppl) / (plain[seed] - dense)}
+                w = group["windows"]
+                if ("dense", None) in w and ("plain", seed) in w and (label, seed) in w:
+                    cells[seed]["interval_over_windows"] = bootstrap(w[("dense", None)], w[("plain", seed)], w[(label, seed)], group["tokens"])
         if not cells:
             continue
         closed = [c["gap_closed"] for c in cells.values()]
@@ -80,6 +116,12 @@ def summarise(group: dict) -> list[dict]:
         rows.append({"variant": label, "seeds": cells, "mean_gap_closed": mean, "standard_error": se,
                      "at_least_half": sum(x >= 0.5 for x in closed)})
     return rows
+
+
+def cell(found: dict) -> str:
+    interval = found.get("interval_over_windows")
+    around = f", {100 * interval[0]:.0f} to {100 * interval[1]:.0f}" if interval else ""
+    return f"{found['ppl']:.2f} ({100 * found['gap_closed']:.0f} %{around})"
 
 
 def main() -> None:
@@ -101,7 +143,7 @@ def main() -> None:
         print("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean gap closed (± s.e.) | seeds at half or more |")
         print("| --- |" + " ---: |" * (len(seeds) + 2))
         for row in rows:
-            cells = [f"{row['seeds'][s]['ppl']:.2f} ({100 * row['seeds'][s]['gap_closed']:.0f} %)" if s in row["seeds"] else "" for s in seeds]
+            cells = [cell(row["seeds"][s]) if s in row["seeds"] else "" for s in seeds]
             se = f" ± {100 * row['standard_error']:.0f}" if row["standard_error"] is not None else ""
             print(f"| {row['variant']} | " + " | ".join(cells) + f" | {100 * row['mean_gap_closed']:.0f} %{se} | {row['at_least_half']} of {len(row['seeds'])} |")
     if not found:

@@ -47,8 +47,11 @@ def context_length(model, seq_len: int) -> int:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit: int | None = None, device: str | torch.device = "cpu", batch_size: int = 1) -> dict:
-    """Token perplexity over non-overlapping windows; `limit` caps the number of windows."""
+def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit: int | None = None, device: str | torch.device = "cpu", batch_size: int = 1,
+               per_window: bool = False) -> dict:
+    """Token perplexity over non-overlapping windows; `limit` caps the number of windows.
+    per_window: also return each window's summed token NLL ("window_nll"), so that two models scored on
+    the same windows can be compared window by window (benchmarks/gap.py bootstraps over them)."""
     if seq_len < 2 or batch_size < 1 or (limit is not None and limit < 1):
         raise CompressorError(f"--seq-len must be at least 2, --batch-size and --limit at least 1 (got {seq_len}, {batch_size}, {limit})")
     seq_len = context_length(model, seq_len)
@@ -59,17 +62,20 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit: int | No
     if n_windows == 0:
         raise CompressorError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}; lower --seq-len")
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
-    total = 0.0
+    total, windows_nll = 0.0, []
     with tqdm(total=n_windows, desc="perplexity", unit="window", disable=None) as bar:
         for start in range(0, n_windows, batch_size):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits.float()
-            # Summed in float64 on the host: thousands of windows of float32 sums drift.
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-            total += loss.item()
+            token_nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+            # Summed in float64: thousands of windows of float32 sums drift.
+            sums = token_nll.view(batch.shape[0], -1).double().sum(1).tolist()
+            windows_nll.extend(sums)
+            total += sum(sums)
             bar.update(batch.shape[0])
     count = n_windows * (seq_len - 1)
-    return {"ppl": math.exp(total / count), "windows": n_windows, "seq_len": seq_len, "tokens": count}
+    found = {"ppl": math.exp(total / count), "windows": n_windows, "seq_len": seq_len, "tokens": count}
+    return {**found, "window_nll": windows_nll} if per_window else found
 
 
 def _token_ids(tokenizer, text: str, needed: int | None) -> torch.Tensor:
@@ -136,19 +142,21 @@ def run_tasks(
     seed: int = 0,
     include_path: str | Path | None = None,
     num_fewshot: int | None = None,
+    per_window: bool = False,
 ) -> dict:
     """Evaluate an in-memory model on `tasks`; returns {task: metrics (each with "seconds")}.
 
     `limit` caps perplexity windows, HumanEval problems, and lm-eval documents. HumanEval is greedy
     pass@1 unless `samples_per_task` > 1, which samples (`temperature`, `top_p`) and reports pass@k
-    for every k in `pass_k` (default: 1, 10, 100 where k <= samples).
+    for every k in `pass_k` (default: 1, 10, 100 where k <= samples). per_window: perplexity tasks
+    also report each window's summed NLL.
     """
     ours, others = check_tasks(tasks)
     results = {}
     for task in ours:
         start = time.time()
         if task in PPL_TASKS:
-            res = perplexity(model, tokenizer, _text_for(PPL_TASKS[task]), seq_len, limit, device, batch_size)
+            res = perplexity(model, tokenizer, _text_for(PPL_TASKS[task]), seq_len, limit, device, batch_size, per_window)
         else:
             res = _humaneval(model, tokenizer, limit, device, batch_size, max_new_tokens, samples_per_task, temperature, top_p, pass_k, workers, timeout, seed)
         res["seconds"] = round(time.time() - start, 3)

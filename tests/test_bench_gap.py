@@ -3,6 +3,7 @@ plain GPTQ row of the same seed, and results of different machines are never com
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,11 +19,15 @@ def _load():
     return mod
 
 
-def _walk(path, seed, rows, sequential=False, machine="AMD EPYC", refine=0):
+def _walk(path, seed, rows, sequential=False, machine="AMD EPYC", refine=0, windows=None, dense=10.0):
+    """A quant.py result file; windows: variant -> per-window NLL (dense under "dense fp32")."""
     data = {"model": "demo", "bits": 4, "group_size": 128, "act_order": True, "eora_sequential": sequential, "eora_propagation": 0.25 if sequential else 0.0,
             "eora_refine": refine, "calibration": {"dataset": "code", "samples": 64, "seq_len": 512, "seed": seed, "true_sequential": False},
             "eval": {"tasks": ["code_ppl"], "seq_len": 512, "limit_windows": 16}, "host": {"cpu": machine},
-            "rows": [{"variant": "dense fp32", "code_ppl": 10.0}] + [{"variant": v, "code_ppl": p} for v, p in rows]}
+            "rows": [{"variant": "dense fp32", "code_ppl": dense}] + [{"variant": v, "code_ppl": p} for v, p in rows]}
+    for row in data["rows"]:
+        if windows and row["variant"] in windows:
+            row["window_nll"] = {"code_ppl": windows[row["variant"]]}
     path.write_text(json.dumps(data))
     return path
 
@@ -53,3 +58,23 @@ def test_gap_shares_mean_and_grouping(tmp_path, monkeypatch, capsys):
     gap.main()
     assert "| EoRA r32 | 12.00 (50 %) | 11.50 (25 %) | 38 % ± 12 | 1 of 2 |" in capsys.readouterr().out
     assert len(json.loads(out.read_text())) == 1
+
+
+def test_bootstrap_over_windows(tmp_path):
+    """The interval is over resamples of the evaluation windows, scored per token: where every window
+    moves alike it collapses onto the point estimate; where windows disagree it brackets it."""
+    gap = _load()
+    alike = gap.bootstrap([511 * 2.0] * 8, [511 * 2.2] * 8, [511 * 2.1] * 8, tokens=511)
+    expected = (math.exp(2.2) - math.exp(2.1)) / (math.exp(2.2) - math.exp(2.0))
+    assert alike == pytest.approx((expected, expected))
+    dense = [511 * (2.0 + 0.1 * (i % 3)) for i in range(12)]
+    plain = [d + 511 * 0.2 for d in dense]
+    adapted = [p - 511 * (0.05 + 0.1 * (i % 2)) for i, p in enumerate(plain)]
+    low, high = gap.bootstrap(dense, plain, adapted, tokens=511)
+    ppl = lambda nll: math.exp(sum(nll) / (12 * 511))  # noqa: E731
+    files = [_walk(tmp_path / "a.json", 0, [("GPTQ w4 (ours)", ppl(plain)), ("GPTQ w4 + EoRA r32", ppl(adapted))], dense=ppl(dense),
+                   windows={"dense fp32": dense, "GPTQ w4 (ours)": plain, "GPTQ w4 + EoRA r32": adapted})]
+    group = next(iter(gap.collect(files, "code_ppl").values()))
+    found = gap.summarise(group)[0]["seeds"][0]
+    assert found["interval_over_windows"] == (low, high)
+    assert low < found["gap_closed"] < high and high - low > 0.05

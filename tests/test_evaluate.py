@@ -140,3 +140,19 @@ def test_evaluate_loaded_matches_evaluate_model(saved, llama):
     assert in_memory["model_info"] == from_disk["model_info"]
     unnamed = evaluate.evaluate_loaded(llama, byte_tokenizer(), ["code_ppl"], seq_len=32, limit=1)
     assert unnamed["model_info"]["disk_bytes"] is None
+
+
+def test_per_window_losses_add_up_to_the_perplexity(llama):
+    """Each window's summed NLL, as a direct computation gives it; together they are the perplexity."""
+    tok = byte_tokenizer()
+    text = evaluate._text_for("code")[:20_000]
+    res = evaluate.perplexity(llama, tok, text, seq_len=32, limit=5, batch_size=2, per_window=True)
+    ids = tok(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        for w, got in enumerate(res["window_nll"]):
+            x = torch.tensor(ids[w * 32 : (w + 1) * 32]).unsqueeze(0)
+            expected = torch.nn.functional.cross_entropy(llama(input_ids=x).logits[0, :-1].double(), x[0, 1:], reduction="sum").item()
+            assert got == pytest.approx(expected, rel=1e-5)
+    assert len(res["window_nll"]) == 5
+    assert res["ppl"] == pytest.approx(math.exp(sum(res["window_nll"]) / res["tokens"]), rel=1e-12)
+    assert "window_nll" not in evaluate.perplexity(llama, tok, text, seq_len=32, limit=2)
