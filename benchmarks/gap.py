@@ -51,7 +51,6 @@ def collect(paths: list[Path], task: str) -> dict:
         if "rows" not in data or "calibration" not in data:
             continue
         g = groups[group_key(data)]
-        g["tokens"] = data["eval"]["seq_len"] - 1  # scored tokens per window (the first has no prediction)
         seed = data["calibration"].get("seed", 0)  # the first results predate the option
         plain_walk = not data.get("eora_sequential") and not data["calibration"].get("true_sequential")
         for row in data["rows"]:
@@ -63,6 +62,9 @@ def collect(paths: list[Path], task: str) -> dict:
                 g["dense"] = ppl
                 if windows:  # the dense model does not depend on the seed: any file's windows do
                     g["windows"][("dense", None)] = windows
+                    # scored tokens per window, from the perplexity itself: the evaluation caps the
+                    # window at the model's context, so the requested seq_len need not be it
+                    g["tokens"] = round(sum(windows) / (len(windows) * math.log(ppl)))
             elif row["variant"].endswith("(ours)") and plain_walk and " + " not in row["variant"]:
                 g["plain"][seed] = ppl
                 if windows:
