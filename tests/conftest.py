@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from compressor import linalg
@@ -68,3 +71,12 @@ def tokenizer():
 @pytest.fixture(params=sorted(CONFIGS))
 def arch(request):
     return request.param
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (they are not a package), for tests that keep it from rotting."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

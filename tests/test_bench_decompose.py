@@ -1,21 +1,12 @@
 """Keeps benchmarks/bench_decompose.py from rotting: its quick mode on a tiny shape."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decompose.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_decompose", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def test_quick_mode_on_tiny_shape(tmp_path, capsys):
-    bench = _load()
+    bench = load_benchmark("bench_decompose")
     args = ["--device", "cpu", "--quick", "--hidden", "64", "--intermediate", "160", "--layers", "2", "--naive-layers", "1",
             "--algorithms", "auto,gram", "--rank-fraction", "0.25", "--out", str(tmp_path)]
     bench.main(args)

@@ -1,22 +1,13 @@
 """benchmarks/gap.py: the gap shares it reports are (plain - adapted) / (plain - dense) against the
 plain GPTQ row of the same seed, and results of different machines are never compared."""
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gap.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_gap", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def _walk(path, seed, rows, sequential=False, machine="AMD EPYC", refine=0, windows=None, dense=10.0):
@@ -33,7 +24,7 @@ def _walk(path, seed, rows, sequential=False, machine="AMD EPYC", refine=0, wind
 
 
 def test_gap_shares_mean_and_grouping(tmp_path, monkeypatch, capsys):
-    gap = _load()
+    gap = load_benchmark("gap")
     files = [
         _walk(tmp_path / "a.json", 0, [("GPTQ w4 (ours)", 14.0), ("GPTQ w4 + EoRA r32", 12.0)]),
         _walk(tmp_path / "b.json", 1, [("GPTQ w4 (ours)", 12.0), ("GPTQ w4 + EoRA r32", 11.5)]),
@@ -63,7 +54,7 @@ def test_gap_shares_mean_and_grouping(tmp_path, monkeypatch, capsys):
 def test_bootstrap_over_windows(tmp_path):
     """The interval is over resamples of the evaluation windows, scored per token: where every window
     moves alike it collapses onto the point estimate; where windows disagree it brackets it."""
-    gap = _load()
+    gap = load_benchmark("gap")
     alike = gap.bootstrap([511 * 2.0] * 8, [511 * 2.2] * 8, [511 * 2.1] * 8, tokens=511)
     expected = (math.exp(2.2) - math.exp(2.1)) / (math.exp(2.2) - math.exp(2.0))
     assert alike == pytest.approx((expected, expected))
