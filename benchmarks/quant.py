@@ -95,7 +95,7 @@ def main() -> None:
                     "compressed layers the adapters also correct; needs --sequential, and then use one rank per run: lower ranks are truncations)")
     ap.add_argument("--propagation-damp", type=float, default=0.0, help="the eora stage's propagation_damp (ridge on the propagation correction, share of the mean eigenvalue of H)")
     ap.add_argument("--refine", type=int, default=0, help="the eora stage's refine (rounds of re-quantising W - B A and refitting B A; "
-                    "the base row is then that walk's base without its adapters, and use one rank per run)")
+                    "the base row is then that walk's base, recorded without evaluation since it needs its adapters; use one rank per run)")
     ap.add_argument("--seed", type=int, default=0, help="calibration seed (which windows of the code text GPTQ and EoRA see)")
     ap.add_argument("--true-sequential", action="store_true", help="calibration.true_sequential: inside each layer, o_proj calibrated on the "
                     "compressed q/k/v's output and down_proj on the compressed gate/up's (applies to the GPTQ and EoRA walks)")
@@ -130,13 +130,13 @@ def main() -> None:
         if old.get("eval") == results["eval"] and old.get("model") == args.model and old.get("host", {}).get("device") == results["host"].get("device"):
             previous = {row["variant"]: row for row in old["rows"] if not row["variant"].startswith("GPTQ")}
 
-    def record(name, model, size, wall, **extra):
+    def record(name, model, size, wall, evaluate=True, **extra):
         if name in previous:
             results["rows"].append({**previous[name], "resumed": True})
             print(json.dumps({k: v for k, v in results["rows"][-1].items() if k != "window_nll"}), flush=True)
             return
         t = time.time()
-        ppl = run_tasks(model.to(device), tok, tasks, 512, limit, device, per_window=True)
+        ppl = run_tasks(model.to(device), tok, tasks, 512, limit, device, per_window=True) if evaluate else {}
         model.to("cpu")
         row = {"variant": name, **{k: round(v["ppl"], 3) for k, v in ppl.items()}, "size_bytes": size, "compress_seconds": wall, "eval_seconds": round(time.time() - t, 1), **extra,
                # each window's summed NLL: benchmarks/gap.py bootstraps the gap closed over them
@@ -188,7 +188,9 @@ def main() -> None:
         full = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
         note = f"one walk computes GPTQ and rank-{top} EoRA ({wall} s); lower ranks are truncations"
         truncate_adapters(model, full, None)
-        record(f"{label} (ours)", model, base_bytes, wall, bits_per_dense_weight=res.report["bits_per_dense_weight"], note=note)
+        # a refined base is W minus its top components, rounded: no model without its adapters, so
+        # its perplexity (in the billions) is not worth an evaluation pass
+        record(f"{label} (ours)", model, base_bytes, wall, evaluate=not args.refine, bits_per_dense_weight=res.report["bits_per_dense_weight"], note=note)
         for r in sorted(args.ranks):
             truncate_adapters(model, full, r)
             adapter_dir = work / f"adapter-{r}"
@@ -211,7 +213,7 @@ def main() -> None:
     print("| variant | " + " | ".join(tasks) + " | size on disk (MB) | compress wall (s) |")
     print("| --- |" + " ---: |" * (len(tasks) + 2))
     for row in results["rows"]:
-        cells = " | ".join(f"{row[t]:.3f}" for t in tasks)
+        cells = " | ".join(f"{row[t]:.3f}" if t in row else "not evaluated" for t in tasks)
         print(f"| {row['variant']} | {cells} | {row['size_bytes'] / 1e6:.1f} | {row['compress_seconds']} |")
     print(f"\ntotal {results['total_seconds']} s; JSON: {args.out}")
 

@@ -55,13 +55,13 @@ def test_bootstrap_over_windows(tmp_path):
     """The interval is over resamples of the evaluation windows, scored per token: where every window
     moves alike it collapses onto the point estimate; where windows disagree it brackets it."""
     gap = load_benchmark("gap")
-    alike = gap.bootstrap([511 * 2.0] * 8, [511 * 2.2] * 8, [511 * 2.1] * 8, tokens=511)
+    alike = gap.bootstrap([511 * 2.0] * 8, [([511 * 2.2] * 8, [511 * 2.1] * 8)], tokens=511)
     expected = (math.exp(2.2) - math.exp(2.1)) / (math.exp(2.2) - math.exp(2.0))
     assert alike == pytest.approx((expected, expected))
     dense = [511 * (2.0 + 0.1 * (i % 3)) for i in range(12)]
     plain = [d + 511 * 0.2 for d in dense]
     adapted = [p - 511 * (0.05 + 0.1 * (i % 2)) for i, p in enumerate(plain)]
-    low, high = gap.bootstrap(dense, plain, adapted, tokens=511)
+    low, high = gap.bootstrap(dense, [(plain, adapted)], tokens=511)
     ppl = lambda nll: math.exp(sum(nll) / (12 * 511))  # noqa: E731
     files = [_walk(tmp_path / "a.json", 0, [("GPTQ w4 (ours)", ppl(plain)), ("GPTQ w4 + EoRA r32", ppl(adapted))], dense=ppl(dense),
                    windows={"dense fp32": dense, "GPTQ w4 (ours)": plain, "GPTQ w4 + EoRA r32": adapted})]
@@ -69,3 +69,31 @@ def test_bootstrap_over_windows(tmp_path):
     found = gap.summarise(group)[0]["seeds"][0]
     assert found["interval_over_windows"] == (low, high)
     assert low < found["gap_closed"] < high and high - low > 0.05
+
+
+def test_mean_interval_over_windows(tmp_path):
+    """With several seeds evaluated on the same windows, the mean's interval resamples the windows
+    once for all seeds: it brackets the mean, and where one seed's adapters help exactly where the
+    other's hurt, the two move against each other and the mean's interval is narrower than either's."""
+    gap = load_benchmark("gap")
+    n, tok = 12, 511
+    dense = [tok * (2.0 + 0.1 * (i % 3)) for i in range(n)]
+    plain = [d + tok * 0.2 for d in dense]
+    swing = [0.05 * (1 if i % 2 else -1) for i in range(n)]
+    adapted = {s: [p - tok * (0.1 + sign * x) for p, x in zip(plain, swing)] for s, sign in ((0, 1), (1, -1))}
+    ppl = lambda nll: math.exp(sum(nll) / (n * tok))  # noqa: E731
+    files = [_walk(tmp_path / f"{s}.json", s, [("GPTQ w4 (ours)", ppl(plain)), ("GPTQ w4 + EoRA r32", ppl(adapted[s]))], dense=ppl(dense),
+                   windows={"dense fp32": dense, "GPTQ w4 (ours)": plain, "GPTQ w4 + EoRA r32": adapted[s]}) for s in (0, 1)]
+    row = gap.summarise(next(iter(gap.collect(files, "code_ppl").values())))[0]
+    low, high = row["mean_interval_over_windows"]
+    assert low <= row["mean_gap_closed"] <= high
+    for cell in row["seeds"].values():
+        seed_low, seed_high = cell["interval_over_windows"]
+        assert high - low < 0.5 * (seed_high - seed_low)
+    # a seed without per-window losses: no interval for the mean either
+    data = json.loads(files[1].read_text())
+    for r in data["rows"]:
+        r.pop("window_nll", None)
+    files[1].write_text(json.dumps(data))
+    row = gap.summarise(next(iter(gap.collect(files, "code_ppl").values())))[0]
+    assert "mean_interval_over_windows" not in row

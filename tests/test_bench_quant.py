@@ -24,7 +24,11 @@ def test_seed_sweep_on_a_tiny_model(tmp_path):
     plain = json.loads((out / "plain_seed1.json").read_text())
     assert plain["calibration"]["seed"] == 1 and plain["eora_refine"] == 0
     assert [len(r["window_nll"]["code_ppl"]) for r in plain["rows"]] == [2] * len(plain["rows"])
-    assert json.loads((out / "adapted_seed0.json").read_text())["eora_refine"] == 2
+    adapted = json.loads((out / "adapted_seed0.json").read_text())
+    assert adapted["eora_refine"] == 2
+    # a refined base needs its adapters: its row keeps its size but skips the evaluation pass
+    base, fitted = adapted["rows"][-2:]
+    assert "code_ppl" not in base and base["size_bytes"] > 0 and "code_ppl" in fitted
     # A random tiny model barely notices 4-bit rounding, so which seeds show a gap is chance; what
     # must hold is that gap.py saw both seeds' plain rows and had windows to bootstrap every share it reports.
     assert "plain GPTQ seed 0: " in done.stdout and ", seed 1: " in done.stdout
