@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-reference", action="store_true", help="skip the dense and RTN rows (they do not depend on the seed; gap.py takes "
+                    "dense from any walk with the same settings, and quant_seeds.py evaluates them in its first walk only)")
     ap.add_argument("--resume", action="store_true", help="keep the dense and RTN rows of --out when its evaluation settings match")
     ap.add_argument("--sequential", action="store_true", help="EoRA stage with sequential: true (later layers calibrated with the adapters); "
                     "the GPTQ row is then the base of that walk, not plain GPTQ, and lower ranks are still truncations")
@@ -147,20 +149,21 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="quant-bench-"))
-    if "dense fp32" not in previous:
-        dense.save_pretrained(work / "dense")
-    record("dense fp32", dense, None if "dense fp32" in previous else weights_bytes(work / "dense"), 0.0)
 
     def recipe_for(stages):
         return recipe.from_dict({"name": "bench", "calibration": calibration, "stages": stages})
 
-    t = time.time()
-    if "RTN w4 g128" in previous:
-        record("RTN w4 g128", None, None, None)
-    else:
-        rtn = compress(copy.deepcopy(dense), recipe_for([{"method": "rtn", "bits": 4, "group_size": args.group_size}]), work / "rtn", tokenizer=tok, device=str(device))
-        record("RTN w4 g128", rtn.model, weights_bytes(work / "rtn"), round(time.time() - t, 1), bits_per_dense_weight=rtn.report["bits_per_dense_weight"])
-        del rtn
+    if not args.no_reference:
+        if "dense fp32" not in previous:
+            dense.save_pretrained(work / "dense")
+        record("dense fp32", dense, None if "dense fp32" in previous else weights_bytes(work / "dense"), 0.0)
+        t = time.time()
+        if "RTN w4 g128" in previous:
+            record("RTN w4 g128", None, None, None)
+        else:
+            rtn = compress(copy.deepcopy(dense), recipe_for([{"method": "rtn", "bits": 4, "group_size": args.group_size}]), work / "rtn", tokenizer=tok, device=str(device))
+            record("RTN w4 g128", rtn.model, weights_bytes(work / "rtn"), round(time.time() - t, 1), bits_per_dense_weight=rtn.report["bits_per_dense_weight"])
+            del rtn
 
     label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" true-sequential" if args.true_sequential else "") + (" (EoRA-sequential walk)" if args.sequential else "") + (f" (base of the refine {args.refine} walk)" if args.refine else "")
     eora_label = "EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting] + (f", propagation {args.propagation:g}" if args.propagation else "") + (f" damp {args.propagation_damp:g}" if args.propagation_damp else "") + (f", refine {args.refine}" if args.refine else "")

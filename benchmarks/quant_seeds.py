@@ -9,7 +9,8 @@ quant.py option given before `--` (e.g. --model, --samples).
 Each seed's plain walk (GPTQ, and EoRA without --sequential) is what gap.py measures the adapted
 walk against. --jobs runs walks side by side: on a GPU, GPTQ's column loop is bound by kernel
 launches, so a few processes share one card well; on a CPU keep 1. Each walk's log is kept beside
-its JSON; a failed walk is reported and the others go on.
+its JSON; a failed walk is reported and the others go on. Only the first walk evaluates the dense
+and RTN models (the others pass --no-reference), so keep it among the JSONs handed to gap.py.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     common = ["--act-order", "--weighting", "loss", "--ranks", "32", "--device", args.device, "--limit", str(args.limit), "--tasks", args.tasks, *both]
     walks = [(f"{kind}_seed{s}", common + ["--seed", str(s)] + extra) for s in args.seeds for kind, extra in (("plain", []), ("adapted", adapted))]
+    # dense and RTN do not depend on the seed: the first walk evaluates them for all
+    walks = walks[:1] + [(name, options + ["--no-reference"]) for name, options in walks[1:]]
 
     def run(walk):
         name, options = walk

@@ -24,6 +24,10 @@ def test_seed_sweep_on_a_tiny_model(tmp_path):
     plain = json.loads((out / "plain_seed1.json").read_text())
     assert plain["calibration"]["seed"] == 1 and plain["eora_refine"] == 0
     assert [len(r["window_nll"]["code_ppl"]) for r in plain["rows"]] == [2] * len(plain["rows"])
+    # dense and RTN do not depend on the seed: only the first walk evaluates them
+    first = json.loads((out / "plain_seed0.json").read_text())
+    assert [r["variant"] for r in first["rows"][:2]] == ["dense fp32", "RTN w4 g128"]
+    assert all(r["variant"].startswith("GPTQ") for r in plain["rows"])
     adapted = json.loads((out / "adapted_seed0.json").read_text())
     assert adapted["eora_refine"] == 2
     # a refined base needs its adapters: its row keeps its size but skips the evaluation pass
