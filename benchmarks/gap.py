@@ -89,7 +89,10 @@ def bootstrap(dense: list[float], pairs: list[tuple[list[float], list[float]]], 
     if n < 2 or not pairs or any(len(x) != n for pair in pairs for x in pair):
         return None
     rng = random.Random(0)
-    ppl = lambda nll, idx: math.exp(sum(nll[i] for i in idx) / (n * tokens))  # noqa: E731
+
+    def ppl(nll, idx):
+        return math.exp(sum(nll[i] for i in idx) / (n * tokens))
+
     means = []
     for _ in range(draws):
         idx = [rng.randrange(n) for _ in range(n)]
