@@ -65,6 +65,42 @@ def _evaluate(model, tokenizer, tasks, seq_len, limit, device) -> dict:
         model.to(home)
 
 
+OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def source_dtype(spec) -> str:
+    """The precision a checkpoint is stored in: its config's dtype, bfloat16 for a GGUF (whose
+    4-6-bit blocks have no 16-bit original) and float32 when the config names none."""
+    import json
+
+    from compressor.loading import resolve_model
+
+    source = resolve_model(spec)
+    if source.kind == "gguf" or source.convert_to is not None:
+        return "bfloat16"
+    if source.kind == "folder":
+        try:
+            config = json.loads((Path(source.location) / "config.json").read_text())
+        except (OSError, ValueError):
+            return "float32"
+        found = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+        return found if found in OUTPUT_DTYPES else "float32"
+    return "float32"
+
+
+def source_size(spec) -> int | None:
+    """Bytes of the source's weight files (a GGUF file or a folder's safetensors/bin), or None."""
+    from compressor.loading import resolve_model
+
+    source = resolve_model(spec)
+    path = Path(source.location)
+    if source.kind == "gguf" and path.is_file():
+        return path.stat().st_size
+    if source.kind == "folder":
+        return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")) or None
+    return None
+
+
 def versions() -> dict:
     return {
         "compressor": compressor.__version__,
@@ -93,7 +129,7 @@ def compress(
     samples: int | None = None,
     seq_len: int | None = None,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     overwrite: bool = False,
     eval_tasks: list[str] | None = None,
     eval_limit: int | None = None,
@@ -109,6 +145,10 @@ def compress(
         ratio: overrides every stage's target parameter reduction of the decoder linears.
         calib: calibration data (shipped set name or path), overriding the recipe's.
         device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
+        dtype: the output's precision: "auto" keeps the source's (bfloat16 for a GGUF file, which
+            has no 16-bit original), or "float32", "bfloat16", "float16". The source is rounded to it
+            first, so "before" and "after" describe models stored alike; Grams, decompositions and
+            GPTQ always compute in float32/float64.
         eval_tasks: perplexity tasks measured before and after (report["eval"]); eval_limit caps
             the windows of each.
         stream: read the model (a local safetensors folder) one decoder layer at a time and write
@@ -128,10 +168,19 @@ def compress(
     if out is not None and Path(out).exists() and not overwrite:
         raise CompressorError(f"output folder {out} already exists; pass --overwrite or choose another -o")
     dev = pipeline.resolve_device(device)
-    if isinstance(model, str):
+    source_bytes = None
+    if isinstance(model, (str, Path)):
         from compressor.loading import load_model
 
-        model, tokenizer = load_model(model, dtype=dtype)
+        out_dtype = source_dtype(model) if dtype == "auto" else dtype
+        source_bytes = source_size(model)
+        model, tokenizer = load_model(str(model), dtype="float32")
+    else:
+        out_dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if dtype == "auto" else dtype
+    if out_dtype not in OUTPUT_DTYPES:
+        raise CompressorError(f"unknown dtype '{out_dtype}'; use one of {', '.join(OUTPUT_DTYPES)} or auto")
+    # Work in float32 on the weights as the output dtype stores them.
+    model = model.to(getattr(torch, out_dtype)).float()
     for name, _, module in models.iter_linears(model):
         check_finite(f"weight {name}", models.weight_of(module).detach())
     params_before, linear_before = models.count_params(model), _linear_params(model)
@@ -153,6 +202,9 @@ def compress(
     params_after, linear_after = _model_values(model), _linear_params(model)
     if eval_tasks:
         evaluation["after"] = _evaluate(model, tokenizer, eval_tasks, eval_seq_len, eval_limit, dev)
+    stage_reports = {}
+    for stage in recipe.stages:
+        stage_reports.update(stage.report())
     report = {
         "method": "+".join(s.name for s in recipe.stages),
         "recipe": recipe.to_dict(),
@@ -164,6 +216,9 @@ def compress(
         "linear_params_after": linear_after,
         "per_module": {name: specs[name]["rank"] if "rank" in specs.get(name, {}) else "dense" for name, _, _ in _compressible(model)},
         **export.quant_report(model, recipe, outcome),
+        **stage_reports,
+        "dtype": out_dtype,
+        "source_bytes": source_bytes,
         "calibration": None if windows is None else {"dataset": calib or cal.dataset, "samples": windows.shape[0], "seq_len": windows.shape[1]},
         "eval": evaluation or None,
         "device": str(dev),
@@ -171,8 +226,10 @@ def compress(
         "versions": versions(),
     }
     report["wall_seconds"] = round(time.time() - start, 3)
+    model.to(getattr(torch, out_dtype))
     if out is not None:
-        record = {"method": report["method"], "recipe": report["recipe"], "target_ratio": report["target_ratio"]}
+        record = {"method": report["method"], "recipe": report["recipe"], "target_ratio": report["target_ratio"], "dtype": out_dtype}
         export.save(model, tokenizer, out, specs, record, report, overwrite=overwrite, quant=export.gptq_format(model, recipe, specs))
+        report["output_bytes"] = export.weight_bytes(Path(out))
         log.info("wrote %s", out)
     return Result(model, tokenizer, report, Path(out) if out is not None else None)

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from compressor import progress
 from compressor.errors import CompressorError
 
 PPL_TASKS = {"wikitext2_ppl": "wikitext2", "code_ppl": "code"}
@@ -63,7 +63,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit: int | No
         raise CompressorError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}; lower --seq-len")
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
     total, windows_nll = 0.0, []
-    with tqdm(total=n_windows, desc="perplexity", unit="window", disable=None) as bar:
+    with progress.bar(n_windows, "perplexity", "windows") as bar:
         for start in range(0, n_windows, batch_size):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits.float()
@@ -297,6 +297,48 @@ def evaluate_loaded(model, tokenizer, tasks: list[str], seq_len: int = 2048, lim
         "versions": versions(),
         "wall_seconds": round(time.time() - start, 3),
     }
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse, before any work, a path that cannot be written: the nearest folder that exists above
+    it must be a writable folder (missing folders in between are created when writing)."""
+    from compressor.errors import EnvironmentFault
+
+    path = Path(path)
+    probe = path.parent if str(path.parent) else Path(".")
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CompressorError(f"{what} {path}: {probe} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        reason = "the file system is read-only" if read_only else "permission denied"
+        raise EnvironmentFault(f"cannot write {what} {path}: {reason} in {probe}; fix its permissions or choose another path")
+
+
+def check_output_file(path: str | Path, what: str = "-o") -> None:
+    """An output file (eval -o, compare -o) checked before evaluating, so results are not lost."""
+    path = Path(path)
+    if path.is_dir():
+        raise CompressorError(f"{what} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    check_writable(path, what)
+
+
+def check_output_dir(path: str | Path, what: str) -> None:
+    """An output folder (analyze --plots) checked before the model loads."""
+    from compressor.errors import EnvironmentFault
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CompressorError(f"{what} {path} is a file; give a folder (it is created if missing)")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise EnvironmentFault(f"cannot write {what} {path}: permission denied; fix its permissions or choose another folder")
+        return
+    check_writable(path, what)
 
 
 def write_atomic(path: str | Path, content: str | Callable[[str], None], suffix: str = ".tmp") -> Path:

@@ -56,6 +56,11 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def weight_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weights: its safetensors files, adapters included."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+
+
 def shim_source(base_class_name: str) -> str:
     source = Path(modules.__file__).read_text()
     return f"{source}\n\nfrom transformers import {base_class_name}  # noqa: E402\n\nCompressedForCausalLM = compressed_class({base_class_name})\n"
@@ -84,7 +89,11 @@ def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, re
     elif any("adapter" in spec for spec in module_specs.values()):
         compression["adapter"] = {"path": None, "format": "quantized-in-checkpoint", "ranks": {n: spec["adapter"]["rank"] for n, spec in module_specs.items() if "adapter" in spec}}
     model.config.compression = compression
-    model.config.auto_map = {"AutoModelForCausalLM": f"{SHIM_NAME}.CompressedForCausalLM"}
+    # Nothing but plain layers (e.g. structured widths, the same in every layer): a standard
+    # checkpoint of the original class, loaded with no remote code.
+    standard = not module_specs and not adapted and quant is None
+    if not standard:
+        model.config.auto_map = {"AutoModelForCausalLM": f"{SHIM_NAME}.CompressedForCausalLM"}
     with atomic_dir(out, overwrite) as tmp, _without_adapters(model, adapted):
         if quant is not None:
             model.config.quantization_config = quant
@@ -99,7 +108,8 @@ def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, re
             save_adapter(adapted, tmp / ADAPTER_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / f"{SHIM_NAME}.py").write_text(shim_source(base.__name__))
+        if not standard:
+            (tmp / f"{SHIM_NAME}.py").write_text(shim_source(base.__name__))
         (tmp / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return Path(out)
 

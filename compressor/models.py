@@ -33,17 +33,32 @@ _GPT_LIKE = {
 
 
 @dataclass(frozen=True)
+class Mlp:
+    """The MLP's intermediate width: the linears that produce it (gate and up, or c_fc), the one
+    that reads it, and the config key that sets it."""
+
+    inputs: tuple[str, ...]
+    output: str
+    config_key: str
+
+
+_LLAMA_MLP = Mlp(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size")
+_GPT_MLP = Mlp(("mlp.c_fc",), "mlp.c_proj", "n_inner")
+
+
+@dataclass(frozen=True)
 class Arch:
     layers: str  # dotted path from the CausalLM to its ModuleList of decoder layers
     linears: dict[str, str]  # linear name inside a layer -> input group
+    mlp: Mlp | None = None
 
 
 ARCHS: dict[str, Arch] = {
-    "llama": Arch("model.layers", _LLAMA_LIKE),
-    "mistral": Arch("model.layers", _LLAMA_LIKE),
-    "qwen2": Arch("model.layers", _LLAMA_LIKE),
-    "qwen3": Arch("model.layers", _LLAMA_LIKE),
-    "gemma3_text": Arch("model.layers", _LLAMA_LIKE),
+    "llama": Arch("model.layers", _LLAMA_LIKE, _LLAMA_MLP),
+    "mistral": Arch("model.layers", _LLAMA_LIKE, _LLAMA_MLP),
+    "qwen2": Arch("model.layers", _LLAMA_LIKE, _LLAMA_MLP),
+    "qwen3": Arch("model.layers", _LLAMA_LIKE, _LLAMA_MLP),
+    "gemma3_text": Arch("model.layers", _LLAMA_LIKE, _LLAMA_MLP),
     "starcoder2": Arch(
         "model.layers",
         {
@@ -54,11 +69,12 @@ ARCHS: dict[str, Arch] = {
             "mlp.c_fc": "mlp_in",
             "mlp.c_proj": "mlp_out",
         },
+        Mlp(("mlp.c_fc",), "mlp.c_proj", "intermediate_size"),
     ),
     # StarCoder 1: c_attn fuses q with the single shared k/v head (multi-query attention).
-    "gpt_bigcode": Arch("transformer.h", _GPT_LIKE),
+    "gpt_bigcode": Arch("transformer.h", _GPT_LIKE, _GPT_MLP),
     # GPT-2 stores its linears as Conv1D, weight laid out (in, out).
-    "gpt2": Arch("transformer.h", _GPT_LIKE),
+    "gpt2": Arch("transformer.h", _GPT_LIKE, _GPT_MLP),
 }
 
 
@@ -87,6 +103,27 @@ def is_conv1d(module: nn.Module) -> bool:
 def weight_of(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of an nn.Linear or a transformers Conv1D, without copying."""
     return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def new_linear_like(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """A fresh layer of `module`'s kind (nn.Linear or Conv1D) holding `weight` (out, in) and `bias`."""
+    out_f, in_f = weight.shape
+    like = module.weight
+    if is_conv1d(module):
+        new = type(module)(out_f, in_f).to(device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            new.weight.copy_(weight.t())
+            if bias is None:
+                new.bias = None
+            else:
+                new.bias.copy_(bias)
+        return new
+    new = nn.Linear(in_f, out_f, bias=bias is not None, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
 
 
 def layer_linears(model: nn.Module, layer: nn.Module, names: Collection[str] | None = None) -> dict[str, nn.Module]:

@@ -199,6 +199,8 @@ def _quant_factor(in_features, out_features, quant, bias, like):
 
 def _build_base(spec, weight):
     kwargs = dict(bias=spec["bias"], device=weight.device, dtype=weight.dtype)
+    if spec["type"] == "dense":  # a plain linear of another shape (structured per-layer widths)
+        return nn.Linear(spec["in"], spec["out"], **kwargs)
     if spec["type"] == "quant":
         return QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], **kwargs)
     if spec["type"] == "lowrank":

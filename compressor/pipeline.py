@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from compressor import models
+from compressor import models, progress
 from compressor.calibration import DriftCollector, GramCollector, one_per_group
 from compressor.errors import CompressorError
 from compressor.linalg import check_finite
@@ -98,7 +97,7 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int, device: to
     try:
         model.to(device)
         with torch.no_grad():
-            for batch in windows.split(batch_size):
+            for batch in progress.iterate(windows.split(batch_size), "calibration: layer-0 inputs", "batches"):
                 sink.clear()
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
@@ -206,7 +205,7 @@ def walk(
     acts = capture(model, windows, batch_size, device) if windows is not None else None
     dense = list(acts.hidden) if acts is not None and dense_stream else None
     try:
-        for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=None)):
+        for i, layer in enumerate(progress.iterate(layers, desc, "layers", interval=0)):
             layer.to(device)
             if acts is None:
                 visit(i, layer, None)

@@ -26,7 +26,7 @@ import os
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from compressor import progress
 
 from compressor import models
 from compressor.errors import CompressorError
@@ -72,7 +72,7 @@ def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.de
         for p in frozen:
             p.requires_grad_(False)
         model.to(device)
-        for window in tqdm(windows.split(1), desc="loss sensitivity", unit="window", disable=None):
+        for window in progress.iterate(windows.split(1), "loss sensitivity", "windows"):
             ids = window.to(device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
             # half-precision logits are upcast for the softmax; float64 ones stay float64

@@ -20,7 +20,7 @@ from compressor.methods import eora as eora_stage
 from compressor.errors import CompressorError
 from compressor.recipe import Recipe
 
-_ORDER = ("rank", "quant", "adapter")
+_ORDER = ("structure", "rank", "quant", "adapter")
 
 
 @dataclass
@@ -48,12 +48,23 @@ def plan(recipe: Recipe) -> dict:
         raise CompressorError(f"{recipe.source}: eora refine re-quantises W - B A for dense linears, so it needs a quantisation stage and no rank-reduction stage; drop 'refine'")
     if adapter is not None and adapter.config.merge and quant is not None:
         raise CompressorError(f"{recipe.source}: eora merge: true cannot fold adapters into quantised weights; drop 'merge' to keep them as a PEFT adapter")
+    structure = by_kind.get("structure")
+    if structure is not None:
+        if "rank" in by_kind:
+            raise CompressorError(f"{recipe.source}: '{structure.name}' changes the layer shapes a rank stage plans on; use one of them")
+        if recipe.calibration.true_sequential:
+            raise CompressorError(f"{recipe.source}: '{structure.name}' needs the whole layer's Grams at once; set calibration.true_sequential: false")
+        if adapter is not None and (adapter.config.weighting != "output" or adapter.config.propagation > 0):
+            raise CompressorError(
+                f"{recipe.source}: after '{structure.name}' the adapters' reference is the narrower dense layer; "
+                "use eora weighting: output and propagation: 0"
+            )
     return by_kind
 
 
 def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int = 8, gram_dtype=torch.float64) -> Outcome:
     stages = plan(recipe)
-    rank, quant, adapter = (stages.get(k) for k in _ORDER)
+    structure, rank, quant, adapter = (stages.get(k) for k in _ORDER)
     arch = models.arch_for(model)
     ranks = pipeline.plan_ranks(model, rank, device, windows, batch_size, gram_dtype) if rank else {}
     if quant is not None:
@@ -63,6 +74,8 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
     weights = {}
     if adapter is not None and adapter.config.weighting != "output":
         weights = sensitivity.output_sensitivity(model, windows, device, adapted_names(model, adapter), full=adapter.config.weighting == "loss-full")
+    if structure is not None:
+        structure.prepare(model, device, windows, batch_size, gram_dtype)
     outcome = Outcome()
     deferred: list[tuple[nn.Module, str, str, nn.Module]] = []
     fitted: dict[str, tuple] = {}  # full name -> (component energies, nominal rank, shape)
@@ -71,6 +84,10 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
         # only: with true_sequential, the linears of one input group (the rest are done or to come)
         prefix = models.layer_prefix(model, i)
         todo = [n for n in arch.linears if only is None or n in only]
+        if structure is not None:
+            # the layer's new shapes are the dense reference of every later stage
+            changed, grams = structure.apply(model, i, layer, grams)
+            outcome.specs.update(changed)
         dense = {n: models.weight_of(m).detach().clone() for n, m in models.layer_linears(model, layer, todo).items()} if adapter else {}
         if rank is not None:
             outcome.specs.update(pipeline.compress_layer(model, rank, ranks, i, layer, grams, only))
@@ -92,7 +109,7 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
             if quantised:
                 _replace(layer, name, module)
                 outcome.specs[full] = spec
-            if not adapted or full not in outcome.specs:
+            if not adapted or outcome.specs.get(full, {}).get("type") in (None, "dense"):
                 continue
             B, A, energies = fit or adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full), cross)
             fitted[full] = (energies, min(adapter.rank_for(name), energies.numel()), tuple(dense[name].shape))
@@ -119,6 +136,8 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
                 del outcome.adapters[full]
         _replace(layer, name, module.to(home))
     outcome.removed = {n: eora.removed_share(e, final[n]) for n, (e, _, _) in fitted.items()}
+    if structure is not None:
+        structure.finish(model, outcome.specs)
     return outcome
 
 

@@ -36,6 +36,10 @@ class Method:
     def __init__(self, config):
         self.config = config
 
+    def report(self) -> dict:
+        """Entries this stage adds to compression_report.json (after the run)."""
+        return {}
+
     def targets(self, linear_name: str) -> bool:
         """Whether the linear named `linear_name` inside a decoder layer is this stage's to change
         (every method's config has `targets`: glob patterns on those names)."""

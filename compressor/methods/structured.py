@@ -1,0 +1,296 @@
+"""Structured MLP-width reduction (the Nyström module of MoDeGPT, arXiv 2408.09632).
+
+A decoder MLP is up/gate -> sigma -> down: every intermediate channel j is one row of gate/up and
+one column of down. Keeping k of the I channels leaves smaller *dense* matrices (no factor
+overhead, plain GEMMs) and, with the same k in every layer, a standard checkpoint whose config
+just says `intermediate_size: k`.
+
+Which channels, and what down becomes: with Z (tokens x I) the intermediate activations on the
+calibration data and C = Z^T Z / N (the input Gram of down, which the driver collects anyway), the
+kept set S is ranked by each channel's share of the MLP's output energy,
+C_jj * ||W_down[:, j]||^2 (`selection: energy`), or by ridge leverage, diag(C (C + lambda I)^-1)
+(`selection: leverage`, MoDeGPT's choice). down is then refitted to reproduce the full MLP's output
+from the kept channels alone, the least-squares solution
+    W_down' = W_down C[:, S] C[S, S]^-1,
+exact whenever the dropped channels are linear combinations of the kept ones on the data.
+
+Widths: `allocation: uniform` gives every layer the same k (standard export). `allocation: budget`
+measures, on the dense model, each layer's relative output error of that refit at every candidate
+width (one pivoted Cholesky per layer gives the whole curve) and removes channels where the error
+grows least, under the same total parameter budget; the export then records per-layer widths and
+loads through the generated shim.
+
+Attention (value-output and key-query reductions) is not done here: in the llama/gemma/qwen
+classes q, k, v and o share one `head_dim`, and RoPE's frequencies follow it, so a smaller value or
+key head cannot be expressed in the standard architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compressor import models
+from compressor.errors import CompressorError
+from compressor.methods import register
+from compressor.methods.base import Method
+
+log = logging.getLogger("compressor.structured")
+
+SELECTIONS = ("energy", "leverage")
+ALLOCATIONS = ("uniform", "budget")
+
+
+@dataclass
+class StructuredConfig:
+    """ratio: fraction of ALL decoder-linear parameters to remove, taken from the MLPs.
+    allocation: uniform (same width in every layer) or budget (per-layer widths by measured error).
+    selection: energy or leverage (how intermediate channels are ranked).
+    multiple_of: widths are multiples of this (GPTQ packing and GEMM tiles like 32).
+    min_keep: with allocation budget, no layer keeps fewer than this fraction of its channels.
+    ridge: leverage's lambda as a fraction of mean(diag C). damp: added to C[S, S] as a fraction of
+    its mean diagonal before solving, so unused channels cannot make the refit singular."""
+
+    ratio: float = 0.2
+    allocation: str = "uniform"
+    selection: str = "energy"
+    multiple_of: int = 32
+    min_keep: float = 0.25
+    ridge: float = 1e-2
+    damp: float = 1e-6
+    targets: list[str] = field(default_factory=lambda: ["mlp.*"])
+
+    def __post_init__(self):
+        if self.allocation not in ALLOCATIONS:
+            raise CompressorError(f"structured: allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.selection not in SELECTIONS:
+            raise CompressorError(f"structured: selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.multiple_of < 1:
+            raise CompressorError(f"structured: multiple_of must be at least 1, got {self.multiple_of}")
+        if not 0.0 < self.min_keep <= 1.0:
+            raise CompressorError(f"structured: min_keep must be in (0, 1], got {self.min_keep}")
+        if self.ridge < 0 or self.damp < 0:
+            raise CompressorError("structured: ridge and damp must be >= 0")
+        if self.targets != ["mlp.*"]:
+            raise CompressorError("structured: only the MLP width is reduced (targets: ['mlp.*']); attention cannot shrink in the standard classes")
+
+
+# ----------------------------------------------------------------------------- the maths
+
+
+def channel_scores(C: torch.Tensor, W_down: torch.Tensor, selection: str = "energy", ridge: float = 1e-2) -> torch.Tensor:
+    """Per intermediate channel, how much it matters (higher = keep)."""
+    C = C.double()
+    if selection == "energy":
+        return C.diagonal().clamp_min(0) * W_down.double().square().sum(0)
+    lam = ridge * C.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    return torch.linalg.solve(C + lam * eye, C).diagonal()
+
+
+def keep_set(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best channels, in their original order (so the kept matrices keep their layout)."""
+    return scores.topk(k).indices.sort().values
+
+
+def refit_down(C: torch.Tensor, W_down: torch.Tensor, kept: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
+    """W_down C[:, S] C[S, S]^-1 in float64: the down_proj that best reproduces the MLP's output
+    from the kept channels on the calibration data."""
+    C, W = C.double(), W_down.double()
+    Css = C[kept][:, kept]
+    Css = Css + damp * Css.diagonal().mean().clamp_min(1e-30) * torch.eye(len(kept), dtype=C.dtype, device=C.device)
+    rhs = C[kept] @ W.T  # (k, out) = C[S, :] W^T
+    return torch.linalg.solve(Css, rhs).T  # (out, k); C symmetric, so (C[:, S] Css^-1)^T = Css^-1 C[S, :]
+
+
+def error_curve(C: torch.Tensor, W_down: torch.Tensor, order: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
+    """Relative output error of the refit when keeping the first k channels of `order`, for every k
+    in 0..I: err[k] = 1 - explained[k] / total, total = tr(W C W^T).
+
+    With C permuted into `order` and factored L L^T, the output energy the first k channels explain
+    is the sum of the first k squared row norms of L^-1 C_p W_p^T (a Gram-Schmidt of the channels in
+    that order), so one Cholesky gives the whole curve."""
+    C, W = C.double(), W_down.double()
+    Cp = C[order][:, order]
+    Cp = Cp + damp * Cp.diagonal().mean().clamp_min(1e-30) * torch.eye(len(order), dtype=C.dtype, device=C.device)
+    L = torch.linalg.cholesky(Cp)
+    G = C[order] @ W.T  # (I, out)
+    M = torch.linalg.solve_triangular(L, G, upper=False)
+    explained = torch.cat([M.new_zeros(1), M.square().sum(1).cumsum(0)])
+    total = (W @ C @ W.T).trace().clamp_min(1e-30)
+    return (1 - explained / total).clamp_min(0)
+
+
+def allocate_widths(curves: list[torch.Tensor], keep_total: int, step: int, floor: int) -> list[int]:
+    """Per layer, a width (multiple of `step`, at least `floor`) with the widths summing to at most
+    `keep_total`, removing `step` channels at a time where the relative error grows least."""
+    widths = [len(c) - 1 for c in curves]
+    full = list(widths)
+    while sum(widths) > keep_total:
+        best, cost = None, math.inf
+        for i, (c, w) in enumerate(zip(curves, widths)):
+            nxt = w - step if w % step == 0 else w - w % step
+            if nxt < floor:
+                continue
+            delta = float(c[nxt] - c[w])
+            if delta < cost:
+                best, cost = i, delta
+        if best is None:
+            raise CompressorError(f"structured: cannot remove that much with min_keep; at most {1 - floor / max(full):.2f} of each MLP's channels go")
+        w = widths[best]
+        widths[best] = w - step if w % step == 0 else w - w % step
+    return widths
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def _mlp(model) -> models.Mlp:
+    arch = models.arch_for(model)
+    if arch.mlp is None:
+        raise CompressorError(f"structured: no MLP layout known for '{model.config.model_type}'")
+    return arch.mlp
+
+
+def _select_rows(module: nn.Module, kept: torch.Tensor) -> nn.Module:
+    """A copy of an input linear (gate/up/c_fc) with only the kept output channels."""
+    weight = models.weight_of(module).detach()[kept]
+    bias = None if module.bias is None else module.bias.detach()[kept]
+    return models.new_linear_like(module, weight, bias)
+
+
+@register
+class Structured(Method):
+    """Shrinks each MLP's intermediate width; gate/up keep one channel set, down is refitted."""
+
+    name = "structured"
+    Config = StructuredConfig
+    kind = "structure"
+    needs_gram = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.widths: dict[int, int] = {}  # layer index -> planned width
+        self.done: dict[int, int] = {}  # layer index -> width applied
+        self.intermediate: int | None = None
+        self.error: dict[int, float] = {}  # layer index -> relative output error on calibration data
+
+    # The driver calls prepare once before the walk, apply on every layer, finish after it.
+
+    def prepare(self, model, device, windows, batch_size, gram_dtype) -> None:
+        from compressor import pipeline
+
+        mlp = _mlp(model)
+        layers = models.decoder_layers(model)
+        widths = {models.weight_of(layer.get_submodule(mlp.output)).shape[1] for layer in layers}
+        if len(widths) != 1:
+            raise CompressorError("structured: the source model's MLP widths differ between layers; start from the original checkpoint")
+        (I,) = widths
+        self.intermediate = I
+        per_channel = sum(models.weight_of(layers[0].get_submodule(n)).shape[1] for n in mlp.inputs) + models.weight_of(layers[0].get_submodule(mlp.output)).shape[0]
+        total = sum(math.prod(models.linear_shape(m)) for _, _, m in models.iter_linears(model))
+        remove = self.config.ratio * total / per_channel  # channels over all layers
+        L = len(layers)
+        step = self.config.multiple_of
+        keep_uniform = I - remove / L
+        if keep_uniform < step:
+            raise CompressorError(
+                f"structured: ratio {self.config.ratio} would take {remove / (L * I):.0%} of every MLP's channels; "
+                "the MLPs hold too little of the decoder-linear parameters for that ratio, choose a smaller one"
+            )
+        k = max(step, int(round(keep_uniform / step)) * step)
+        if self.config.allocation == "uniform":
+            self.widths = {i: k for i in range(L)}
+            return
+        curves: dict[int, torch.Tensor] = {}
+
+        def visit(i, layer, grams):
+            C = grams[models.arch_for(model).linears[mlp.output]]
+            W = models.weight_of(layer.get_submodule(mlp.output)).detach().to(C.device)
+            order = self._scores(C, W).argsort(descending=True)
+            curves[i] = error_curve(C, W, order, self.config.damp).cpu()
+
+        pipeline.walk(model, device, visit, windows, batch_size, gram_dtype, desc="structured: error curves")
+        floor = max(step, int(math.ceil(self.config.min_keep * I / step)) * step)
+        got = allocate_widths([curves[i] for i in range(L)], k * L, step, floor)
+        self.widths = dict(enumerate(got))
+        log.info("structured widths: %s", got)
+
+    def _scores(self, C, W):
+        return channel_scores(C, W, self.config.selection, self.config.ridge)
+
+    def apply(self, model, index: int, layer: nn.Module, grams: dict) -> tuple[dict, dict]:
+        """Shrink one layer's MLP in place; returns (specs of the changed linears, the grams as the
+        changed layer sees them: down's input Gram restricted to the kept channels)."""
+        mlp = _mlp(model)
+        arch = models.arch_for(model)
+        group = arch.linears[mlp.output]
+        C = grams[group]
+        down = layer.get_submodule(mlp.output)
+        W = models.weight_of(down).detach()
+        k = self.widths[index]
+        I = W.shape[1]
+        prefix = models.layer_prefix(model, index)
+        self.done[index] = k
+        if k >= I:
+            self.error[index] = 0.0
+            return {}, grams
+        kept = keep_set(self._scores(C, W.to(C.device)), k)
+        full = W.to(C.device).double()
+        new_down = refit_down(C, full, kept, self.config.damp)
+        Ck = C[kept][:, kept]
+        # Output error of the refit on the calibration data, ||Z W^T - Z_S W'^T||^2 / ||Z W^T||^2.
+        Cd = C.double()
+        total = (full @ Cd @ full.T).trace()
+        diff = total - 2 * (new_down @ Cd[kept] @ full.T).trace() + (new_down @ Cd[kept][:, kept] @ new_down.T).trace()
+        self.error[index] = float(diff / total.clamp_min(1e-30))
+        specs = {}
+        for name in mlp.inputs:
+            module = layer.get_submodule(name)
+            _replace(layer, name, _select_rows(module, kept.to(module.weight.device)))
+            specs[f"{prefix}.{name}"] = _dense_spec(layer.get_submodule(name))
+        bias = None if down.bias is None else down.bias.detach()
+        _replace(layer, mlp.output, models.new_linear_like(down, new_down.to(W.dtype).to(W.device), bias))
+        specs[f"{prefix}.{mlp.output}"] = _dense_spec(layer.get_submodule(mlp.output))
+        grams = dict(grams)
+        grams[group] = Ck
+        return specs, grams
+
+    def finish(self, model, specs: dict) -> None:
+        """With one width everywhere the model is its own class with a smaller config: the dense
+        specs go and `intermediate_size` says k. Otherwise the specs carry the per-layer shapes."""
+        widths = set(self.done.values())
+        if len(widths) == 1:
+            (k,) = widths
+            setattr(model.config, _mlp(model).config_key, k)
+            for name in [n for n, s in specs.items() if s.get("type") == "dense"]:
+                del specs[name]
+
+    def report(self) -> dict:
+        uniform = len(set(self.done.values())) == 1
+        return {
+            "structured": {
+                "allocation": self.config.allocation,
+                "selection": self.config.selection,
+                "intermediate_size_before": self.intermediate,
+                "widths": {str(i): k for i, k in sorted(self.done.items())},
+                "uniform": uniform,
+                "standard_architecture": uniform,
+                # Squared output error of each refitted MLP on the calibration data, over its output energy.
+                "relative_output_error": {str(i): round(e, 5) for i, e in sorted(self.error.items())},
+            }
+        }
+
+
+def _dense_spec(module: nn.Module) -> dict:
+    out_f, in_f = models.linear_shape(module)
+    return {"type": "dense", "out": out_f, "in": in_f, "bias": module.bias is not None}
+
+
+def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(layer.get_submodule(parent), child, module)

@@ -1,0 +1,180 @@
+"""Structured MLP-width reduction: the refit against float64 least squares, the error curve, the
+full-width identity, and exports that plain transformers (uniform widths) or the shim (per-layer
+widths) load with our logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import compressor
+from compressor import models, recipe
+from compressor.api import compress
+from compressor.errors import CompressorError
+from compressor.methods.structured import allocate_widths, channel_scores, error_curve, keep_set, refit_down
+
+from conftest import tiny_model
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+CALIB = dict(samples=4, seq_len=32, device="cpu")
+
+
+def structured(ratio=0.2, allocation="uniform", **extra):
+    stages = [{"method": "structured", "ratio": ratio, "allocation": allocation, **extra.pop("structured", {})}, *extra.pop("after", [])]
+    return recipe.from_dict({"name": "s", "stages": stages, "calibration": {"samples": 4, "seq_len": 32}})
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _data(seed=0, n=400, width=48, out=24):
+    g = torch.Generator().manual_seed(seed)
+    # correlated channels, so some are (nearly) combinations of others
+    Z = torch.randn(n, width // 2, generator=g, dtype=torch.float64) @ torch.randn(width // 2, width, generator=g, dtype=torch.float64)
+    Z = Z + 0.05 * torch.randn(n, width, generator=g, dtype=torch.float64)
+    W = torch.randn(out, width, generator=g, dtype=torch.float64)
+    return Z, W
+
+
+def test_refit_equals_float64_least_squares():
+    Z, W = _data()
+    C = Z.T @ Z / Z.shape[0]
+    kept = keep_set(channel_scores(C, W), 20)
+    ours = refit_down(C, W, kept, damp=0.0)
+    ref = torch.linalg.lstsq(Z[:, kept], Z @ W.T).solution.T
+    assert torch.allclose(ours, ref, rtol=1e-8, atol=1e-8)
+
+
+def test_refit_beats_dropping_columns():
+    Z, W = _data(1)
+    C = Z.T @ Z / Z.shape[0]
+    kept = keep_set(channel_scores(C, W), 16)
+    y = Z @ W.T
+    refit = (Z[:, kept] @ refit_down(C, W, kept).T - y).square().sum()
+    dropped = (Z[:, kept] @ W[:, kept].T - y).square().sum()
+    assert refit < 0.5 * dropped
+
+
+@pytest.mark.parametrize("selection", ["energy", "leverage"])
+def test_error_curve_matches_direct_refits(selection):
+    Z, W = _data(2)
+    C = Z.T @ Z / Z.shape[0]
+    order = channel_scores(C, W, selection).argsort(descending=True)
+    curve = error_curve(C, W, order, damp=0.0)
+    y = Z @ W.T
+    assert curve[0] == pytest.approx(1.0)
+    assert curve[-1] == pytest.approx(0.0, abs=1e-8)
+    for k in (5, 17, 30):
+        S = order[:k]
+        fit = torch.linalg.lstsq(Z[:, S], y).solution
+        direct = (Z[:, S] @ fit - y).square().sum() / y.square().sum()
+        assert float(curve[k]) == pytest.approx(float(direct), rel=1e-6, abs=1e-9)
+    assert bool((curve[1:] <= curve[:-1] + 1e-12).all())
+
+
+def test_allocation_takes_from_the_flattest_curve():
+    flat = torch.linspace(0.5, 0.0, 65)  # each removed channel costs a lot
+    steep = torch.cat([torch.full((33,), 0.01), torch.linspace(0.01, 0.0, 32)])  # its first half is nearly free
+    widths = allocate_widths([flat, steep], keep_total=96, step=8, floor=8)
+    assert sum(widths) <= 96 and widths[0] > widths[1]
+    with pytest.raises(CompressorError, match="min_keep"):
+        allocate_widths([flat, steep], keep_total=8, step=8, floor=32)
+
+
+def test_full_width_leaves_the_model_unchanged():
+    model = tiny_model("llama")
+    before = logits(model)
+    result = compress(model, structured(ratio=1e-9, structured={"multiple_of": 1}), tokenizer=_tok(), **CALIB)
+    assert result.report["structured"]["widths"] == {"0": 96, "1": 96}
+    assert torch.equal(logits(result.model), before)
+
+
+def _tok():
+    from conftest import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text", "starcoder2", "gpt2", "gpt_bigcode"])
+def test_uniform_export_is_a_standard_checkpoint(arch, tmp_path):
+    model = tiny_model(arch)
+    out = tmp_path / "out"
+    result = compress(model, structured(), out, tokenizer=_tok(), **CALIB)
+    mlp = models.arch_for(result.model).mlp
+    widths = set(result.report["structured"]["widths"].values())
+    assert widths == {64}  # 96 channels, 20 % of all decoder-linear parameters, multiples of 32
+    config = json.loads((out / "config.json").read_text())
+    assert config[mlp.config_key] == 64 and "auto_map" not in config
+    assert not (out / "modeling_compressed.py").exists()
+    assert result.report["linear_params_after"] < result.report["linear_params_before"]
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # no trust_remote_code
+    assert type(plain).__name__ == type(model).__name__
+    assert torch.allclose(logits(plain), logits(result.model), atol=1e-4)
+    assert torch.allclose(logits(compressor.load(out)), logits(result.model), atol=1e-4)
+
+
+def test_budget_widths_reload_through_the_shim(tmp_path):
+    model = tiny_model("llama", seed=3)
+    with torch.no_grad():  # make layer 1's MLP nearly redundant, so the budget should cut it harder
+        model.model.layers[1].mlp.down_proj.weight[:, 48:] *= 1e-3
+    out = tmp_path / "out"
+    result = compress(model, structured(ratio=0.2, allocation="budget", structured={"min_keep": 0.3, "multiple_of": 16}), out, tokenizer=_tok(), **CALIB)
+    widths = result.report["structured"]["widths"]
+    assert widths["0"] > widths["1"] and sum(widths.values()) <= 128
+    assert result.report["structured"]["standard_architecture"] is False
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" in config and config["intermediate_size"] == 96
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert remote.model.layers[1].mlp.down_proj.in_features == widths["1"]
+    assert torch.allclose(logits(remote), logits(result.model), atol=1e-4)
+    assert torch.allclose(logits(compressor.load(out)), logits(result.model), atol=1e-4)
+
+
+def test_sequential_calibration_sees_the_compressed_layers():
+    """Layer 1 is fitted on what the narrowed layer 0 outputs: its kept set differs from a fit on the dense model's inputs."""
+    model = tiny_model("llama", seed=4)
+    result = compress(model, structured(ratio=0.3), tokenizer=_tok(), **CALIB)
+    errors = result.report["structured"]["relative_output_error"]
+    assert set(errors) == {"0", "1"} and all(0 < e < 1 for e in errors.values())
+
+
+def test_structured_then_gptq_then_eora_composes(tmp_path):
+    model = tiny_model("llama")
+    after = [{"method": "gptq", "bits": 4, "group_size": 32}, {"method": "eora", "rank": 4, "sequential": True}]
+    out = tmp_path / "out"
+    result = compress(model, structured(after=after), out, tokenizer=_tok(), **CALIB)
+    down = result.model.model.layers[0].mlp.down_proj
+    assert down.in_features == 64
+    reloaded = compressor.load(out)
+    assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == 64 and (out / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"allocation": "greedy"}, "allocation"),
+    ({"selection": "random"}, "selection"),
+    ({"multiple_of": 0}, "multiple_of"),
+    ({"targets": ["self_attn.*"]}, "attention"),
+])
+def test_bad_options_are_refused(bad, match):
+    with pytest.raises(CompressorError, match=match):
+        structured(structured=bad)
+
+
+def test_too_large_a_ratio_is_refused():
+    with pytest.raises(CompressorError, match="smaller"):
+        compress(tiny_model("llama"), structured(ratio=0.9), tokenizer=_tok(), **CALIB)
+
+
+def test_rank_stage_and_loss_weighting_are_refused():
+    with pytest.raises(CompressorError, match="use one of them"):
+        compress(tiny_model("llama"), structured(after=[{"method": "whiten", "ratio": 0.1}]), tokenizer=_tok(), **CALIB)
+    after = [{"method": "gptq", "bits": 4, "group_size": 32}, {"method": "eora", "rank": 4, "sequential": True, "weighting": "loss"}]
+    with pytest.raises(CompressorError, match="weighting: output"):
+        compress(tiny_model("llama"), structured(after=after), tokenizer=_tok(), **CALIB)
