@@ -12,6 +12,7 @@ from compressor.errors import CompressorError
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 DTYPES = click.Choice(["float32", "bfloat16", "float16"])
+OUT_DTYPES = click.Choice(["auto", "float32", "bfloat16", "float16"])
 
 
 def _tasks(value: str) -> list[str]:
@@ -28,48 +29,45 @@ def _dir_bytes(path: Path) -> int:
 def cli(verbose: bool) -> None:
     """Post-training compression of causal LMs: SVD rank reduction, export, evaluation."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    # Progress lines (off a terminal, where tqdm bars are off) show without -v.
+    logging.getLogger("compressor.progress").setLevel(logging.INFO)
 
 
 @cli.command()
 @click.argument("model")
 @click.option("-r", "--recipe", required=True, help="Shipped recipe name (see `compressor recipes`) or YAML path.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
-@click.option("--ratio", type=float, help="Fraction of decoder-linear parameters to remove, in (0, 1); overrides the recipe.")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Fraction of decoder-linear parameters to remove, in (0, 1); overrides the recipe.")
 @click.option("--calib", help="Calibration data: shipped set name (code, python, ...) or a folder/.txt/.jsonl path.")
-@click.option("--samples", type=int, help="Calibration windows (overrides the recipe).")
-@click.option("--seq-len", type=int, help="Calibration window length in tokens (overrides the recipe).")
+@click.option("--samples", type=click.IntRange(min=1), help="Calibration windows (overrides the recipe).")
+@click.option("--seq-len", type=click.IntRange(min=2), help="Calibration window length in tokens (overrides the recipe).")
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where decompositions run.")
-@click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Precision the model is loaded and saved in.")
+@click.option("--dtype", type=OUT_DTYPES, default="auto", show_default=True,
+              help="Precision of the output: auto keeps the source's (bfloat16 for a .gguf). Computation runs in float32/float64 regardless.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--eval", "eval_tasks", default="", help="Comma-separated perplexity tasks measured before and after, e.g. code_ppl.")
-@click.option("--eval-limit", type=int, help="At most this many windows per evaluation task.")
-@click.option("--eval-seq-len", type=int, default=2048, show_default=True, help="Evaluation window length (capped at the model's context).")
+@click.option("--eval-limit", type=click.IntRange(min=1), help="At most this many windows per evaluation task.")
+@click.option("--eval-seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Evaluation window length (capped at the model's context).")
 @click.option("--stream", is_flag=True, help="Read MODEL (a local safetensors folder) one layer at a time: for models larger than memory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --stream run from its last finished layer (same result, byte for byte).")
 def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit, eval_seq_len, stream, resume):
     """Compress MODEL (a local folder, a .gguf file, a hub id, or 'demo') into OUT."""
+    from compressor import summary
+    from compressor.loading import resolve_model
+    from compressor.recipe import load as load_recipe
+
+    # Everything that can be wrong with the arguments is found before the model loads.
+    checked = load_recipe(recipe, ratio)
+    resolve_model(model)
     from compressor.api import compress as run
 
     result = run(
-        model, recipe, out, ratio=ratio, calib=calib, samples=samples, seq_len=seq_len, device=device, dtype=dtype,
+        model, checked, out, ratio=ratio, calib=calib, samples=samples, seq_len=seq_len, device=device, dtype=dtype,
         overwrite=overwrite, eval_tasks=_tasks(eval_tasks), eval_limit=eval_limit, eval_seq_len=eval_seq_len,
         stream=stream, resume=resume,
     )
-    r = result.report
-    ranks = [v for v in r["per_module"].values() if v != "dense"]
-    click.echo(f"compressed {model} with '{r['method']}' on {r['device']} in {r['wall_seconds']:.1f} s -> {out}")
-    click.echo(f"  factorised {len(ranks)} of {len(r['per_module'])} decoder linears (ranks {min(ranks, default=0)}..{max(ranks, default=0)})")
-    rows = [
-        ("parameters", f"{r['params_before']:,}", f"{r['params_after']:,}"),
-        ("decoder-linear parameters", f"{r['linear_params_before']:,}", f"{r['linear_params_after']:,}"),
-    ]
-    for task in _tasks(eval_tasks):
-        rows.append((task, f"{r['eval']['before'][task]['ppl']:.3f}", f"{r['eval']['after'][task]['ppl']:.3f}"))
-    rows.append(("safetensors on disk (MB)", "", f"{_dir_bytes(out) / 1e6:.1f}"))
-    width = max(len(x[0]) for x in rows)
-    click.echo(f"  {'':<{width}}  {'before':>14}  {'after':>14}")
-    for name, before, after in rows:
-        click.echo(f"  {name:<{width}}  {before:>14}  {after:>14}")
+    for line in summary.render(result.report, model, out, _tasks(eval_tasks) if result.report.get("eval") else []):
+        click.echo(line)
 
 
 def _ints(value: str | None) -> list[int] | None:
@@ -85,19 +83,19 @@ def _eval_options(f):
     """The options `eval` and `compare` share (how each task is run)."""
     options = [
         click.option("--tasks", default="wikitext2_ppl,code_ppl", show_default=True, help="Comma-separated: wikitext2_ppl, code_ppl, humaneval, or lm-eval task names."),
-        click.option("--limit", type=int, help="At most this many perplexity windows / HumanEval problems / lm-eval documents per task."),
-        click.option("--seq-len", type=int, default=2048, show_default=True, help="Perplexity window in tokens (capped at the model's context)."),
-        click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per forward pass (perplexity), prompts per generate call (HumanEval), lm-eval batch."),
-        click.option("--max-new-tokens", type=int, help="Generation cap per sample [HumanEval default: 512; lm-eval: the task's own]."),
-        click.option("--samples-per-task", type=int, default=1, show_default=True, help="HumanEval samples per problem; above 1 it samples (--temperature) and reports pass@k."),
-        click.option("--temperature", type=float, default=0.2, show_default=True, help="HumanEval sampling temperature (with --samples-per-task > 1)."),
-        click.option("--top-p", type=float, default=0.95, show_default=True, help="HumanEval nucleus sampling (with --samples-per-task > 1)."),
+        click.option("--limit", type=click.IntRange(min=1), help="At most this many perplexity windows / HumanEval problems / lm-eval documents per task."),
+        click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Perplexity window in tokens (capped at the model's context)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per forward pass (perplexity), prompts per generate call (HumanEval), lm-eval batch."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), help="Generation cap per sample [HumanEval default: 512; lm-eval: the task's own]."),
+        click.option("--samples-per-task", type=click.IntRange(min=1), default=1, show_default=True, help="HumanEval samples per problem; above 1 it samples (--temperature) and reports pass@k."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.2, show_default=True, help="HumanEval sampling temperature (with --samples-per-task > 1)."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True, help="HumanEval nucleus sampling (with --samples-per-task > 1)."),
         click.option("--pass-k", help="HumanEval k values, e.g. 1,10 [default: 1, 10, 100 up to the samples per problem]."),
-        click.option("--workers", type=int, default=2, show_default=True, help="Sandboxed test programs run at once."),
-        click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds each test program may run."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+        click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Sandboxed test programs run at once."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds each test program may run."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Sampling seed."),
         click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder of extra lm-eval task YAMLs."),
-        click.option("--num-fewshot", type=int, help="lm-eval few-shot examples (default: the task's own)."),
+        click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval few-shot examples (default: the task's own)."),
         click.option("--device", type=DEVICES, default="auto", show_default=True),
         click.option("--dtype", type=DTYPES, default="float32", show_default=True),
         click.option("--adapter/--no-adapter", default=True, show_default=True, help="Apply the PEFT adapter a compressed folder carries (out/adapter); --no-adapter evaluates the base alone."),
@@ -134,10 +132,27 @@ def _describe(task: str, res: dict) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics_of(task, res).items()) + f" ({res.get('n_samples')} documents, lm-eval)"
 
 
+def _output_file(ctx, param, value):
+    """Check an output file option before any model loads, so results are not lost at the end."""
+    if value is not None:
+        from compressor.evaluate import check_output_file
+
+        check_output_file(value, param.opts[0])
+    return value
+
+
+def _output_dir(ctx, param, value):
+    if value is not None:
+        from compressor.evaluate import check_output_dir
+
+        check_output_dir(value, param.opts[0])
+    return value
+
+
 @cli.command("eval")
 @click.argument("model", required=False)
 @_eval_options
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Write results as JSON here.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), callback=_output_file, help="Write results as JSON here.")
 @click.option("--self-check", is_flag=True, help="Instead of a model: check the HumanEval harness (canonical solutions pass, broken ones fail).")
 def evaluate(model, out, self_check, **kw):
     """Evaluate MODEL (anything `compressor compress` wrote, a model folder, a .gguf, 'demo')."""
@@ -182,7 +197,7 @@ def evaluate(model, out, self_check, **kw):
 @click.argument("dense")
 @click.argument("compressed", nargs=-1, required=True)
 @_eval_options
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Markdown table; the same name with .json gets the data.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, callback=_output_file, help="Markdown table; the same name with .json gets the data.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Also draw the comparison as a PNG (needs matplotlib).")
 def compare(dense, compressed, out, plot_path, **kw):
     """Table of DENSE against COMPRESSED models: size, parameters, each metric and its change.
@@ -213,9 +228,9 @@ def compare(dense, compressed, out, plot_path, **kw):
 @cli.command()
 @click.argument("model")
 @click.option("-r", "--recipe", default="welore", show_default=True, help="Recipe whose rank allocation to show.")
-@click.option("--ratio", type=float, help="Target reduction (overrides the recipe).")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Target reduction (overrides the recipe).")
 @click.option("--calib", help="Calibration data for data-aware recipes (overrides the recipe's).")
-@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Write spectra.png and ranks.png into this folder (needs matplotlib).")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), callback=_output_dir, help="Write spectra.png and ranks.png into this folder (needs matplotlib).")
 @click.option("--per-matrix/--summary-only", default=True, show_default=True, help="Print a line per matrix, or only the summary.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
 def analyze(model, recipe, ratio, calib, plots_dir, per_matrix, device):
@@ -242,22 +257,86 @@ def analyze(model, recipe, ratio, calib, plots_dir, per_matrix, device):
 
 @cli.command("recipes")
 def list_recipes():
-    """List the shipped recipes."""
+    """List the shipped recipes; [recommended: GOAL] marks the one to start from for each goal."""
     from compressor import recipe
 
-    for name in recipe.shipped():
-        click.echo(f"{name:<20} {recipe.load(name).description}")
+    for entry in recipe.catalogue():
+        mark = f"  [recommended: {recipe.GOALS[entry['goal']]}]" if entry["goal"] else ""
+        click.echo(f"{entry['name']:<26} {entry['description']}{mark}")
+
+
+def _verbose(args: list[str]) -> bool:
+    """-v/--verbose among the global options (those before the command name)."""
+    for arg in args:
+        if not arg.startswith("-"):
+            return False
+        if arg in ("-v", "--verbose"):
+            return True
+    return False
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {_one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def _on_signal(signum, frame):
+    import signal
+
+    from compressor.errors import Interrupted
+
+    # One-shot: a second signal must not break off the cleanup the first one started.
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 def main() -> None:
+    """Run the CLI; every failure ends in one `error: ...` line on stderr (docs/errors.md):
+    exit 2 bad input, 3 environment fault, 1 internal error (-v shows the traceback),
+    130/143 interrupted by SIGINT/SIGTERM (temporary folders are removed as for any error)."""
+    import signal as signals
+    import traceback
+
+    from compressor.errors import Interrupted, environment_fault
+
+    args = sys.argv[1:]
+    verbose = _verbose(args)
+    previous = {}
     try:
-        cli.main(standalone_mode=False)
+        for s in (signals.SIGTERM, signals.SIGINT):
+            previous[s] = signals.signal(s, _on_signal)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        try:
+            code = cli.main(args=args, prog_name="compressor", standalone_mode=False)
+        finally:
+            for s, handler in previous.items():
+                signals.signal(s, handler)
     except CompressorError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc), exc.exit_code)
+    except Interrupted as exc:
+        _fail(str(exc), exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        _fail("aborted", 130)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if isinstance(exc, click.UsageError) and ctx is not None else ""
+        _fail(exc.format_message() + hint, exc.exit_code)
+    except MemoryError:
+        _fail("out of memory; use --stream, a machine with more memory, or fewer --samples", 3)
+    except Exception as exc:
+        fault = environment_fault(exc, "a file operation failed")
+        if fault is not None:
+            _fail(str(fault), fault.exit_code)
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (run with -v for the traceback)"
+        _fail(f"internal error: {type(exc).__name__}: {_one_line(exc) or 'no message'}{hint}", 1)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -8,8 +8,18 @@ from pathlib import Path
 
 from compressor.errors import CompressorError
 
+
+
+def shipped_dir(name: str) -> Path:
+    """compressor/<name> in an installed package (setup.cfg maps the top-level folder there), else
+    the top-level <name>/ of a source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / name
+    return installed if installed.is_dir() else here.parent / name
+
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
-CALIB_DIR = Path(__file__).resolve().parents[1] / "calib_data"
+CALIB_DIR = shipped_dir("calib_data")
 
 SOURCE_SUFFIXES = {".py", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".cpp", ".sh", ".md", ".txt"}
 TEXT_FIELDS = ("text", "content", "code")
@@ -19,7 +29,7 @@ EVAL_FILES = {"wikitext2": "wikitext2_test.txt", "code": "code_heldout.txt"}
 def calib_dir() -> Path:
     if not CALIB_DIR.is_dir():
         raise CompressorError(
-            f"shipped calibration data not found at {CALIB_DIR}; use a source checkout or pass your own "
+            f"shipped calibration data not found at {CALIB_DIR}; reinstall compressor or pass your own "
             "calibration path (a folder, .txt, .jsonl or .jsonl.gz)"
         )
     return CALIB_DIR

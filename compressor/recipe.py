@@ -15,9 +15,18 @@ from pathlib import Path
 import yaml
 
 from compressor import methods
-from compressor.errors import CompressorError
+from compressor.datasets import shipped_dir
+from compressor.errors import CompressorError, check_choice, check_int
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = shipped_dir("recipes")
+# What users compress for; `compressor recipes` marks the shipped recipe recommended for each.
+GOALS = {
+    "size": "smallest at good quality",
+    "speed": "faster inference, standard architecture",
+    "data-free": "no calibration data",
+}
+
+GRAM_DTYPES = ("float64", "float32")  # Gram accumulation: integer or 16-bit sums would be garbage
 
 
 @dataclass
@@ -36,6 +45,15 @@ class CalibrationConfig:
     gram_dtype: str = "float64"
     true_sequential: bool = False
 
+    def __post_init__(self):
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise CompressorError(f"key 'dataset' must be a shipped set name or a path, got {self.dataset!r}")
+        check_int("samples", self.samples, 1)
+        check_int("seq_len", self.seq_len, 2)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("seed", self.seed, 0)
+        check_choice("gram_dtype", self.gram_dtype, GRAM_DTYPES)
+
 
 @dataclass
 class Recipe:
@@ -43,6 +61,7 @@ class Recipe:
     stages: list
     description: str = ""
     version: int = 1
+    goal: str | None = None  # the user goal it is recommended for (GOALS), shown by `compressor recipes`
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     source: str = "<memory>"
 
@@ -89,7 +108,10 @@ def _build(cls, data: dict, where: str):
         if not _type_ok(value, hints[key]):
             shown = getattr(hints[key], "__name__", str(hints[key]))
             raise CompressorError(f"{where}: key '{key}' must be {shown}, got {value!r}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except CompressorError as exc:
+        raise CompressorError(f"{where}: {exc}") from None
 
 
 def _check_ratio(ratio: float, where: str) -> None:
@@ -120,15 +142,30 @@ def from_dict(data: dict, source: str = "<memory>", ratio: float | None = None) 
             config.ratio = ratio
         if hasattr(config, "ratio"):
             _check_ratio(config.ratio, where)
-        stages.append(method_cls(config))
+        try:
+            stages.append(method_cls(config))
+        except CompressorError as exc:
+            raise CompressorError(f"{where} ({method_cls.name}): {exc}") from None
     data.setdefault("name", Path(source).stem)
-    unknown = set(data) - {"name", "description", "version"}
+    unknown = set(data) - {"name", "description", "version", "goal"}
     if unknown:
-        raise CompressorError(f"{source}: unknown key '{sorted(unknown)[0]}' (allowed: calibration, description, name, stages, version)")
+        raise CompressorError(f"{source}: unknown key '{sorted(unknown)[0]}' (allowed: calibration, description, goal, name, stages, version)")
+    if data.get("goal") is not None and data["goal"] not in GOALS:
+        raise CompressorError(f"{source}: goal must be one of {', '.join(GOALS)}, got {data['goal']!r}")
     for key, kind in (("name", str), ("description", str), ("version", int)):
         if key in data and not _type_ok(data[key], kind):
             raise CompressorError(f"{source}: key '{key}' must be {kind.__name__}, got {data[key]!r}")
     return Recipe(stages=stages, calibration=calib, source=source, **data)
+
+
+def catalogue() -> list[dict]:
+    """Name, description and goal of every shipped recipe, read from the YAML alone (no method
+    is imported, so listing is instant)."""
+    found = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        found.append({"name": path.stem, "description": data.get("description", ""), "goal": data.get("goal")})
+    return found
 
 
 def shipped() -> list[str]:
@@ -145,9 +182,13 @@ def load(spec: str, ratio: float | None = None) -> Recipe:
         if not path.exists():
             raise CompressorError(f"unknown recipe '{spec}'; shipped recipes: {', '.join(shipped())}, or pass a path to a YAML file")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise CompressorError(f"recipe {path} is a folder; pass a YAML file or a shipped recipe name") from None
     except OSError as exc:
         raise CompressorError(f"cannot read recipe {path}: {exc.strerror}; check the path") from None
+    except UnicodeDecodeError as exc:
+        raise CompressorError(f"recipe {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

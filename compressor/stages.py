@@ -10,6 +10,9 @@ layer i+1 is calibrated on what the finished layer i really outputs.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +22,8 @@ from compressor import eora, models, modules, pipeline, sensitivity
 from compressor.methods import eora as eora_stage
 from compressor.errors import CompressorError
 from compressor.recipe import Recipe
+
+log = logging.getLogger("compressor.stages")
 
 _ORDER = ("structure", "rank", "quant", "adapter")
 
@@ -84,13 +89,16 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
         # only: with true_sequential, the linears of one input group (the rest are done or to come)
         prefix = models.layer_prefix(model, i)
         todo = [n for n in arch.linears if only is None or n in only]
+        clock = _Clock()
         if structure is not None:
             # the layer's new shapes are the dense reference of every later stage
-            changed, grams = structure.apply(model, i, layer, grams)
+            with clock(structure.name):
+                changed, grams = structure.apply(model, i, layer, grams)
             outcome.specs.update(changed)
         dense = {n: models.weight_of(m).detach().clone() for n, m in models.layer_linears(model, layer, todo).items()} if adapter else {}
         if rank is not None:
-            outcome.specs.update(pipeline.compress_layer(model, rank, ranks, i, layer, grams, only))
+            with clock(rank.name):
+                outcome.specs.update(pipeline.compress_layer(model, rank, ranks, i, layer, grams, only))
         for name in todo:
             full = f"{prefix}.{name}"
             H = grams[arch.linears[name]] if grams is not None else None
@@ -103,22 +111,26 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
                 # the base is quantised inside the adapter fit, from W - B A
                 def quantize(w, bias=module.bias):  # Conv1D's bias is (out,) too
                     return quant.quantize_module(modules.linear_from(w, None if bias is None else bias.detach()), H, None)
-                module, spec, *fit = adapter.refined(dense[name].to(H.device), quantize, H, adapter.fit_rank(name), weights.get(full), cross)
+                with clock(f"{quant.name}+{adapter.name} refine"):
+                    module, spec, *fit = adapter.refined(dense[name].to(H.device), quantize, H, adapter.fit_rank(name), weights.get(full), cross)
             elif quantised:
-                module, spec = quant.quantize_module(module, H, outcome.specs.get(full))
+                with clock(quant.name):
+                    module, spec = quant.quantize_module(module, H, outcome.specs.get(full))
             if quantised:
                 _replace(layer, name, module)
                 outcome.specs[full] = spec
             if not adapted or outcome.specs.get(full, {}).get("type") in (None, "dense"):
                 continue
-            B, A, energies = fit or adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full), cross)
-            fitted[full] = (energies, min(adapter.rank_for(name), energies.numel()), tuple(dense[name].shape))
-            module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full], H)
+            with clock(adapter.name):
+                B, A, energies = fit or adapter.adapters(dense[name].to(H.device), module, H, adapter.fit_rank(name), weights.get(full), cross)
+                fitted[full] = (energies, min(adapter.rank_for(name), energies.numel()), tuple(dense[name].shape))
+                module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full], H)
             (outcome.merged if adapter.config.merge else outcome.adapters)[full] = A.shape[0]
             if adapter.config.sequential or adapter.config.merge:
                 _replace(layer, name, module)
             else:
                 deferred.append((layer, name, full, module))
+        log.info("layer %d%s: %s", i, "" if only is None else f" ({', '.join(sorted(only))})", clock)
 
     needs_gram = any(s.needs_gram for s in stages.values())
     names = "+".join(s.name for s in recipe.stages)
@@ -139,6 +151,24 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
     if structure is not None:
         structure.finish(model, outcome.specs)
     return outcome
+
+
+class _Clock:
+    """Seconds spent per stage within one layer, for the -v log."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {secs:.1f} s" for name, secs in self.spent.items()) or "nothing to do"
 
 
 def adapted_names(model: nn.Module, adapter) -> set[str]:

@@ -9,14 +9,18 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from compressor.errors import CompressorError
-from compressor.methods.base import Method, RankConfig, RankMethod  # noqa: F401
+from typing import TYPE_CHECKING
 
-REGISTRY: dict[str, type[Method]] = {}
+from compressor.errors import CompressorError
+
+if TYPE_CHECKING:  # the methods themselves (and torch) load on first lookup, not on import
+    from compressor.methods.base import Method
+
+REGISTRY: dict[str, type["Method"]] = {}
 _discovered = False
 
 
-def register(cls: type[Method]) -> type[Method]:
+def register(cls: type["Method"]) -> type["Method"]:
     REGISTRY[cls.name] = cls
     return cls
 
@@ -33,7 +37,7 @@ def _discover() -> None:
     _discovered = True
 
 
-def get(name: str) -> type[Method]:
+def get(name: str) -> type["Method"]:
     _discover()
     if name not in REGISTRY:
         raise CompressorError(f"unknown method '{name}'; available: {', '.join(sorted(REGISTRY))}")
