@@ -113,9 +113,64 @@ def versions() -> dict:
 def calibration_windows(recipe: recipes.Recipe, tokenizer, calib: str | None, samples: int | None = None, seq_len: int | None = None):
     from compressor import datasets
 
+    check_counts(samples=samples, seq_len=seq_len)
     cfg = recipe.calibration
     texts = datasets.load_texts(calib or cfg.dataset)
-    return token_windows(tokenizer, texts, samples or cfg.samples, seq_len or cfg.seq_len, cfg.seed)
+    # None, not 0, means "the recipe's": a zero is refused above, never replaced.
+    return token_windows(tokenizer, texts, cfg.samples if samples is None else samples, cfg.seq_len if seq_len is None else seq_len, cfg.seed)
+
+
+_LEAST = {"samples": 1, "seq_len": 2, "eval_limit": 1, "eval_seq_len": 2}
+
+
+def check_counts(**counts) -> None:
+    """Option counts against their real ranges (None: not given, the recipe's value applies)."""
+    for name, value in counts.items():
+        least = _LEAST[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise CompressorError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r} (leave it out to use the recipe's value)")
+
+
+def _context_length(model) -> int | None:
+    """The model's context (max_position_embeddings) from a loaded model or a folder's config.json,
+    without loading weights; None when unknown (GGUF files, hub ids, built-in names)."""
+    import json
+
+    config = getattr(model, "config", None)
+    if config is not None:
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    elif isinstance(model, (str, Path)) and (Path(model) / "config.json").is_file():
+        try:
+            config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # loading reports the broken config
+    if not isinstance(config, dict):
+        return None
+    for c in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions"):
+            if isinstance(c.get(key), int) and c[key] > 0:
+                return c[key]
+    return None
+
+
+def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None, overwrite=False, eval_limit=None, eval_seq_len=None) -> recipes.Recipe:
+    """The checks that need no weights, run before any expensive work (docs/errors.md): counts in
+    range (zero is never "the recipe's value"), the recipe, the output folder (not the source, not a
+    file, in a writable place; stale temporaries of killed runs removed), and a calibration window
+    within the model's context. Returns the recipe, loaded."""
+    check_counts(samples=samples, seq_len=seq_len, eval_limit=eval_limit, eval_seq_len=eval_seq_len)
+    if isinstance(recipe, (str, Path)):
+        recipe = recipes.load(str(recipe), ratio)
+    if out is not None:
+        export.check_output_folder(out, overwrite, source=model if isinstance(model, (str, Path)) else None)
+        export.remove_stale_temps(out)
+    if recipe.needs_calibration:
+        wanted = recipe.calibration.seq_len if seq_len is None else seq_len
+        context = _context_length(model)
+        if context is not None and wanted > context:
+            where = "--seq-len" if seq_len is not None else f"{recipe.source}: calibration.seq_len"
+            raise CompressorError(f"{where} {wanted} is beyond the model's context of {context} tokens (max_position_embeddings); use a seq_len of at most {context}")
+    return recipe
 
 
 def compress(
@@ -155,6 +210,7 @@ def compress(
             each compressed layer as it is done, for models larger than memory (compressor/streaming.py).
         resume: continue an interrupted streamed run from its last finished layer (implies stream).
     """
+    recipe = preflight(model, recipe, out, ratio=ratio, samples=samples, seq_len=seq_len, overwrite=overwrite, eval_limit=eval_limit, eval_seq_len=eval_seq_len)
     if stream or resume:
         if not isinstance(model, (str, Path)) or out is None or eval_tasks:
             raise CompressorError("--stream/--resume read a local safetensors folder layer by layer and need -o; evaluate the result in a separate step")

@@ -206,6 +206,9 @@ def load_any(model: str, dtype: str = "float32", device: str = "cpu", adapter: b
 
     path = Path(model)
     if (path / "config.json").is_file():
+        from compressor.loading import check_checkpoint
+
+        check_checkpoint(path)  # T5, no weights, truncated or incomplete checkpoints: one clear error
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:

@@ -16,8 +16,10 @@ Two standard formats ride along where they apply:
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -38,22 +40,105 @@ FORMAT_VERSION = 1
 ADAPTER_DIR = "adapter"
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; it replaces `out` only if the block finishes."""
+TMP_MARK = ".tmp-"  # temporary siblings of an output folder are named .OUT.tmp-PID-XXXX
+
+
+def check_output_folder(out: str | Path, overwrite: bool = False, source: str | Path | None = None) -> None:
+    """Refuse, before any work, an output folder that cannot or must not be written: an existing
+    one without --overwrite, a file, the source model (or a folder holding it), an unwritable place."""
+    from compressor.evaluate import check_writable
+
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CompressorError(f"-o {out} is a file, not a folder; --overwrite replaces only an output folder, so delete it or choose another -o")
+    if source is not None and Path(source).exists():
+        src, dst = Path(source).resolve(), out.resolve()
+        if src == dst or dst in src.parents:
+            raise CompressorError(f"-o {out} is the source model{' folder' if src == dst else ' or holds it'}; writing there would replace the source, so choose another -o")
     if out.exists() and not overwrite:
         raise CompressorError(f"output folder {out} already exists; pass --overwrite or choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_writable(out, "-o")
+
+
+def remove_stale_temps(out: str | Path) -> list[Path]:
+    """Delete the temporary siblings of `out` that a killed run (SIGKILL, power loss) left; those of
+    a process still running are kept. Returns what was removed."""
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.glob(f".{glob.escape(out.name)}{TMP_MARK}*"):
+        pid = path.name[len(out.name) + 1 + len(TMP_MARK):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; it replaces `out` only if the block finishes.
+
+    Whatever ends the block early (an error, a full disk, SIGTERM turned into errors.Interrupted by
+    the CLI) removes the temporary folder; a disk or permission fault becomes an EnvironmentFault.
+    Temporaries a SIGKILL left behind are removed by the next run (remove_stale_temps)."""
+    from compressor.errors import Interrupted, environment_fault
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CompressorError(f"-o {out} is a file; delete it or choose another -o")
+    if out.exists() and not overwrite:
+        raise CompressorError(f"output folder {out} already exists; pass --overwrite or choose another -o")
+    tmp = old = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
         yield tmp
         if out.exists():
-            shutil.rmtree(out)
+            # Moved aside, not deleted first: a crash in between leaves the old output, not none.
+            old = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}-old")
+            out.rename(old)
         tmp.rename(out)
+    except Interrupted as exc:
+        exc.hint = exc.hint or f"{out} was not written and its temporary copy was removed; run the command again"
+        raise
+    except CompressorError:
+        raise
+    except Exception as exc:
+        fault = environment_fault(exc, f"writing {out}")
+        if fault is None:
+            raise
+        raise fault from exc
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if old is not None and old.exists() and not out.exists():
+            old.rename(out)  # the new output did not land: keep the old one
+        for path in (tmp, old):
+            if path is not None and path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def check_finite_tensors(model) -> None:
+    """Refuse to write a model with a NaN or Inf anywhere (embedding and head included): an
+    output that loads but computes garbage is worse than none."""
+    seen = set()
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        if not torch.isfinite(t).all():
+            raise CompressorError(f"tensor {name} holds NaN or Inf values, so the output would be broken; nothing was written (check the source checkpoint, or use --dtype float32 if a 16-bit dtype overflowed)")
 
 
 def weight_bytes(folder: Path) -> int:
@@ -79,6 +164,7 @@ def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, re
     quant: a GPTQ quantization_config (see gptq_format) to declare, for GPTQ-only models.
     Adapters wrapped around compressed layers (modules.LoraAdapted) go to `out/adapter`.
     """
+    check_finite_tensors(model)
     base = base_class(model.config)
     adapted = _adapted(model, peft_only=True)
     compression = {"format_version": FORMAT_VERSION, **record, "modules": module_specs}

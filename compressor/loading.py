@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -105,6 +106,7 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
     else:
         model, tokenizer = _load_pretrained(source, dtype)
     model = model.to(device).eval()
+    check_finite_weights(model, str(spec))
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s (%.1fM parameters, %s, %s) in %.1f s",
@@ -157,6 +159,7 @@ def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils.quantization_config import GgufConfig
 
+    _check_gguf_header(path)
     log.info("dequantising %s (slow: transformers parses the GGUF metadata in pure Python)", path)
     try:
         # dequantize=True makes transformers drop its quantisation flags after loading; the default
@@ -165,8 +168,8 @@ def _load_gguf(path: Path):
             path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True)
         )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:  # also what a corrupt file raises
-        raise CompressorError(f"could not load GGUF file {path}: {_first_line(e)}; use a GGUF of an architecture transformers supports, or a model folder") from e
+    except Exception as e:  # the GGUF parser raises anything (struct.error, IndexError, ...) on a corrupt file
+        raise CompressorError(f"could not load GGUF file {path}: {type(e).__name__}: {_first_line(e)}; use an intact GGUF of an architecture transformers supports, or a model folder") from e
     model = _unflagged(model)
     # GGUF's general.name lands in the config under this look-alike of _name_or_path; drop it.
     model.config.__dict__.pop("_model_name_or_path", None)
@@ -202,12 +205,15 @@ def _keep_converted(model, tokenizer, folder: Path) -> None:
 
 
 def _load_pretrained(source: ModelSource, dtype: str):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if source.kind == "folder":
+        check_checkpoint(source.location)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(source.location)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         if source.kind == "hub":
             from huggingface_hub.constants import is_offline_mode
 
@@ -217,11 +223,185 @@ def _load_pretrained(source: ModelSource, dtype: str):
                 "pass a local model folder or .gguf file, or download it first with `hf download`"
             ) from e
         raise CompressorError(f"could not load the model folder {source.location}: {_first_line(e)}; it needs config.json, weights and a tokenizer") from e
+    _check_loading_info(info, source.location)
     if getattr(model, "is_quantized", False):
         # Its layers hold packed weights (GPTQ, bitsandbytes, ...), which the methods here cannot decompose.
         method = getattr(model, "quantization_method", "unknown method")
         raise CompressorError(f"{source.location} is already quantised ({method}); start from its full-precision checkpoint")
     return model, tokenizer
+
+
+def check_finite_weights(model, where: str) -> None:
+    """Refuse a model with NaN or Inf in any weight (embedding and head included): every result
+    computed from it would be garbage."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            raise CompressorError(f"{where}: tensor {name} contains NaN or Inf values; the checkpoint is corrupt or was saved in too low a precision, so re-download or re-export it")
+
+
+def check_causal_lm(config, where) -> None:
+    """Refuse a config that is not a decoder-only causal LM: an encoder-decoder (T5), a model type
+    with no causal-LM class, or a checkpoint of another head (BertForMaskedLM), whose LM head
+    transformers would initialise randomly."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", None)
+    name = type(config).__name__.removesuffix("Config") or str(kind)
+    if getattr(config, "is_encoder_decoder", False):
+        raise CompressorError(f"{where}: {name} is an encoder-decoder model; compressor handles causal (decoder-only) LMs such as Llama, Qwen or GPT-2")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CompressorError(f"{where}: {name} (model_type '{kind}') is not a causal LM (transformers has no causal-LM class for it); compressor handles causal LMs")
+    causal = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a in causal or a.removeprefix("Compressed") in causal for a in archs):
+        raise CompressorError(f"{where}: the checkpoint is a {archs[0]}, not a causal LM, so its LM head would be random; compressor handles causal LMs ({name}: use a *ForCausalLM checkpoint)")
+
+
+def _read_config(folder: Path):
+    from transformers import AutoConfig
+
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CompressorError(f"{path} is unreadable or not JSON ({_first_line(e)}); re-download or re-save the model") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise CompressorError(f"{path} has no model_type; it is not a Hugging Face model config (re-save the model with save_pretrained)")
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CompressorError(f"{path}: transformers cannot read this config ({_first_line(e)}); upgrade transformers or re-save the model") from None
+
+
+def stored_tensors(folder: str | Path) -> dict[str, tuple[tuple[int, ...], str]] | None:
+    """Name -> (shape, dtype) of every tensor in a folder's safetensors checkpoint, reading headers
+    only; None when the weights are PyTorch .bin files. Truncated or garbage files, shards the index
+    lists but that are absent, and a folder without weights are errors."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    weight_map = None
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CompressorError(f"{index} is unreadable or not a safetensors index ({_first_line(e)}); re-download or re-save the checkpoint") from None
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file():
+        return None
+    else:
+        raise CompressorError(f"{folder} has a config.json but no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin); copy the weight files in or re-save the model")
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise CompressorError(f"{path} is listed in {index.name} but missing; re-download the checkpoint")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                for k in keys:
+                    piece = f.get_slice(k)
+                    found[k] = (tuple(piece.get_shape()), piece.get_dtype())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CompressorError(f"{path} is truncated or not a safetensors file ({_first_line(e)}); re-download or re-save the checkpoint") from None
+        if weight_map is not None:
+            astray = [k for k in keys if weight_map.get(k) != name]
+            if astray:
+                raise CompressorError(f"{path} holds {astray[0]}, which {index.name} does not place in it; the index and the shards do not match, re-download the checkpoint")
+    if weight_map is not None:
+        lost = [k for k in weight_map if k not in found]
+        if lost:
+            raise CompressorError(f"{index} lists {lost[0]} (and {len(lost) - 1} more), which no shard holds; re-download the checkpoint")
+    return found
+
+
+def _expected(config):
+    """The model `config` describes, on the meta device (no memory): its state dict's shapes, the
+    tied names (target -> source), the patterns transformers ignores and the buffers it never saves."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        if getattr(config, "compression", None) is not None:
+            from compressor import export, modules
+
+            model = modules.compressed_class(export.base_class(config))(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    ignore_missing = [re.compile(p) for p in (model._keys_to_ignore_on_load_missing or ())]
+    ignore_unexpected = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or ())]
+    unsaved = {n for n, _ in model.named_buffers()} - set(state)
+    return model.base_model_prefix, state, tied, ignore_missing, ignore_unexpected, unsaved, type(model).__name__
+
+
+def check_checkpoint(folder: str | Path) -> None:
+    """Refuse, before any weight loads, a model folder transformers would fail on or load wrongly:
+    a config that is no causal LM, no weights, truncated or garbage safetensors, and tensors that
+    are missing (transformers fills them with random values), unexpected or of the wrong shape."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    check_causal_lm(config, folder)
+    stored = stored_tensors(folder)
+    if stored is None or (getattr(config, "quantization_config", None) is not None and getattr(config, "compression", None) is None):
+        return  # .bin weights are checked as they load; a quantised checkpoint is refused after loading
+    try:
+        prefix, state, tied, ignore_missing, ignore_unexpected, unsaved, cls = _expected(config)
+    except CompressorError:
+        raise
+    except Exception as e:  # a config transformers cannot build: loading would fail the same way
+        raise CompressorError(f"{folder}: transformers cannot build the model its config.json describes ({type(e).__name__}: {_first_line(e)})") from None
+    names = set(stored)
+    if prefix and not any(k.startswith(prefix + ".") for k in names) and any(k.startswith(prefix + ".") for k in state):
+        names = {f"{prefix}.{k}" for k in names}  # a bare base model (LlamaModel) checkpoint
+        stored = {f"{prefix}.{k}": v for k, v in stored.items()}
+    sources = {**tied, **{v: k for k, v in tied.items()}}
+    missing = [k for k in state if k not in names and sources.get(k) not in names and not any(p.search(k) for p in ignore_missing)]
+    if missing:
+        head = " (the LM head)" if any(k.startswith("lm_head") for k in missing) else ""
+        raise CompressorError(
+            f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the {cls} needs{head}: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "
+            "transformers would fill them with random values. Re-download or re-save the checkpoint"
+        )
+    unexpected = [k for k in stored if k not in state and k not in unsaved and not any(p.search(k) for p in ignore_unexpected)]
+    if unexpected:
+        raise CompressorError(
+            f"{folder}: the checkpoint holds {len(unexpected)} tensor(s) the {cls} of its config.json has no place for: {', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}; "
+            "config.json and the weights do not match (re-download or re-save the checkpoint)"
+        )
+    for k, (shape, _) in stored.items():
+        if k in state and tuple(state[k]) != tuple(shape):
+            raise CompressorError(f"{folder}: tensor {k} is {list(shape)} in the checkpoint but {list(state[k])} in the model its config.json describes; config.json and the weights do not match")
+
+
+def _check_loading_info(info: dict, where: str) -> None:
+    """What transformers reports after loading: anything missing, unexpected or mismatched means
+    random or dropped weights, which the static check_checkpoint could not see (e.g. .bin files)."""
+    for key, what in (("missing_keys", "lacks"), ("unexpected_keys", "holds unexpected"), ("mismatched_keys", "has mis-shaped")):
+        found = sorted(str(k) for k in (info.get(key) or ()))
+        if found:
+            raise CompressorError(f"{where}: the checkpoint {what} tensors ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+                                  "transformers would load random or no values for them. Re-download or re-save the checkpoint")
+
+
+def _check_gguf_header(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise CompressorError(f"cannot read {path}: {e.strerror}") from None
+    if head[:4] != b"GGUF":
+        raise CompressorError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); pass a .gguf checkpoint or a model folder")
+    if len(head) < 24:
+        raise CompressorError(f"{path} is only {len(head)} bytes, a truncated GGUF file; re-download it")
 
 
 def _check_device(device: str) -> str:

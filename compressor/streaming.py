@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -104,6 +105,9 @@ def skeleton(folder: Path, ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     layer_prefix = models.arch_for(model).layers + "."
     outside = [k for k in ckpt.where if not k.startswith(layer_prefix)]
     state = ckpt.read(outside, dtype, torch.device("cpu"))
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CompressorError(f"{folder}: tensor {name} contains NaN or Inf values; the checkpoint is corrupt, so re-download or re-export it")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise CompressorError(f"{folder}: checkpoint tensors the model does not have: {unexpected[:3]}")
@@ -152,10 +156,15 @@ def _load_finished(model, folder: Path, index: int, specs: dict, dtype, device) 
             with torch.device("meta"):
                 setattr(owner, child, _build_meta(spec, dtype))
     state = {}
-    with safe_open(folder / _shard_name(index, _count(model)), framework="pt") as f:
-        for k in f.keys():
-            state[k[len(prefix):]] = f.get_tensor(k).to(device)
-    layer.load_state_dict(state, strict=True, assign=True)
+    shard = folder / _shard_name(index, _count(model))
+    try:
+        with safe_open(shard, framework="pt") as f:
+            for k in f.keys():
+                state[k[len(prefix):]] = f.get_tensor(k).to(device)
+        layer.load_state_dict(state, strict=True, assign=True)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise CompressorError(f"{shard}, a finished layer of the unfinished run, is corrupt ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                              "pass --overwrite instead of --resume to start over") from None
     return layer
 
 
@@ -175,9 +184,15 @@ def _shard_name(index: int, total: int) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CompressorError(f"tensor {name} holds NaN or Inf values, so the output would be broken; check the source checkpoint")
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_json_atomic(obj, path: Path) -> None:
@@ -278,112 +293,173 @@ def compress_streaming(
     if out.exists() and not overwrite:
         raise CompressorError(f"output folder {out} already exists; pass --overwrite or choose another -o")
     work = out.with_name(f".{out.name}.partial")
+    if dtype == "auto":
+        dtype = getattr(api, "source_dtype", lambda _: "float32")(source)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise CompressorError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16 or auto")
     torch_dtype = getattr(torch, dtype)
     dev = pipeline.resolve_device(device)
+    # Everything that can be refused is refused here, before the partial folder exists.
+    from compressor.loading import check_checkpoint
+
+    check_checkpoint(source)  # a causal LM, intact shards, no tensor missing, unexpected or mis-shaped
     ckpt = Checkpoint(source)
     model = skeleton(source, ckpt, torch_dtype)
     total = _count(model)
     if tokenizer is None and recipe.needs_calibration:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as e:
+            raise CompressorError(f"{source} has no usable tokenizer ({type(e).__name__}), which calibration needs; save one beside the model") from None
 
     identity = {"source": str(source.resolve()), "recipe": recipe.to_dict(), "dtype": dtype, "calib": calib, "samples": samples, "seq_len": seq_len}
     progress = None
+    if work.exists() and not resume:
+        if not overwrite:
+            raise CompressorError(f"{work} holds an unfinished run of this -o; pass --resume to continue it, or --overwrite to discard it and start over")
+        shutil.rmtree(work)
     if work.exists():
-        if not resume:
-            raise CompressorError(f"{work} holds an unfinished run; pass --resume to continue it, or delete it to start over")
-        progress = json.loads((work / PROGRESS).read_text()) if (work / PROGRESS).is_file() else None
+        progress = _read_progress(work, total) if (work / PROGRESS).is_file() else None
         if progress is not None and progress["identity"] != identity:
-            raise CompressorError(f"{work} was started with other settings (source, recipe, dtype or calibration); delete it to start over")
-    work.mkdir(parents=True, exist_ok=True)
+            raise CompressorError(f"{work} was started with other settings (source, recipe, dtype or calibration); pass --overwrite instead of --resume to start over")
 
     windows = api.calibration_windows(recipe, tokenizer, calib, samples, seq_len) if recipe.needs_calibration else None
     cal = recipe.calibration
     gram_dtype = getattr(torch, cal.gram_dtype)
     shapes = pipeline.target_shapes(model, method)
+    created = not work.exists()
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        if progress is None:
+            energies = None
+            if method.needs_energies():
+                energies = {}
 
-    if progress is None:
-        energies = None
-        if method.needs_energies():
-            energies = {}
+                def spectra(i, layer, grams):
+                    energies.update(pipeline.layer_energies(model, method, i, layer, grams))
 
-            def spectra(i, layer, grams):
-                energies.update(pipeline.layer_energies(model, method, i, layer, grams))
+                _stream_walk(model, ckpt, dev, torch_dtype, spectra, windows if method.needs_gram else None, cal.batch_size, gram_dtype)
+            progress = {"identity": identity, "done": 0, "ranks": method.allocate(shapes, energies), "specs": {}}
+            _write_json_atomic(progress, work / PROGRESS)
+        ranks, specs = progress["ranks"], progress["specs"]
 
-            _stream_walk(model, ckpt, dev, torch_dtype, spectra, windows if method.needs_gram else None, cal.batch_size, gram_dtype)
-        progress = {"identity": identity, "done": 0, "ranks": method.allocate(shapes, energies), "specs": {}}
-        _write_json_atomic(progress, work / PROGRESS)
-    ranks, specs = progress["ranks"], progress["specs"]
+        def visit(i, layer, grams):
+            new_specs = pipeline.compress_layer(model, method, ranks, i, layer, grams)
+            prefix = f"{models.layer_prefix(model, i)}."
+            _save_atomic({prefix + k: v for k, v in layer.state_dict().items()}, work / _shard_name(i, total))
+            specs.update(new_specs)
+            progress["done"] = i + 1
+            _write_json_atomic(progress, work / PROGRESS)
+            if _after_layer is not None:
+                _after_layer(i)
 
-    def visit(i, layer, grams):
-        new_specs = pipeline.compress_layer(model, method, ranks, i, layer, grams)
-        prefix = f"{models.layer_prefix(model, i)}."
-        _save_atomic({prefix + k: v for k, v in layer.state_dict().items()}, work / _shard_name(i, total))
-        specs.update(new_specs)
-        progress["done"] = i + 1
-        _write_json_atomic(progress, work / PROGRESS)
-        if _after_layer is not None:
-            _after_layer(i)
+        start = progress["done"]
+        _stream_walk(model, ckpt, dev, torch_dtype, visit, windows if method.needs_gram else None, cal.batch_size, gram_dtype,
+                     start=start, finished=lambda i: _load_finished(model, work, i, specs, torch_dtype, dev))
 
-    start = progress["done"]
-    _stream_walk(model, ckpt, dev, torch_dtype, visit, windows if method.needs_gram else None, cal.batch_size, gram_dtype,
-                 start=start, finished=lambda i: _load_finished(model, work, i, specs, torch_dtype, dev))
+        # Everything outside the decoder layers, as the checkpoint has it, in the last shard.
+        layer_prefix = models.arch_for(model).layers + "."
+        outside = {n: p for n, p in model.state_dict().items() if not n.startswith(layer_prefix)}
+        kept, seen = {}, set()
+        for n, t in outside.items():
+            if t.data_ptr() in seen:
+                continue  # a tied weight is stored once, as save_pretrained does
+            seen.add(t.data_ptr())
+            kept[n] = t
+        _save_atomic(kept, work / _shard_name(total - 1, total))
+        weight_map, size, params_after = {}, 0, 0
+        for i in range(total):
+            with safe_open(work / _shard_name(i, total), framework="pt") as f:
+                for k in f.keys():
+                    weight_map[k] = _shard_name(i, total)
+                    t = f.get_slice(k)
+                    size += _nbytes(t.get_shape(), t.get_dtype())
+                    params_after += _nbytes(t.get_shape(), "U8") if t.get_dtype() not in ("I64", "I32") else 0
+        _write_json_atomic({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, work / "model.safetensors.index.json")
 
-    # Everything outside the decoder layers, as the checkpoint has it, in the last shard.
-    layer_prefix = models.arch_for(model).layers + "."
-    outside = {n: p for n, p in model.state_dict().items() if not n.startswith(layer_prefix)}
-    kept, seen = {}, set()
-    for n, t in outside.items():
-        if t.data_ptr() in seen:
-            continue  # a tied weight is stored once, as save_pretrained does
-        seen.add(t.data_ptr())
-        kept[n] = t
-    _save_atomic(kept, work / _shard_name(total - 1, total))
-    weight_map, size, params_after = {}, 0, 0
-    for i in range(total):
-        with safe_open(work / _shard_name(i, total), framework="pt") as f:
-            for k in f.keys():
-                weight_map[k] = _shard_name(i, total)
-                t = f.get_slice(k)
-                size += _nbytes(t.get_shape(), t.get_dtype())
-                params_after += _nbytes(t.get_shape(), "U8") if t.get_dtype() not in ("I64", "I32") else 0
-    _write_json_atomic({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, work / "model.safetensors.index.json")
+        linear_before = sum(s[0] * s[1] for s in shapes.values())
+        linear_after = sum(s[0] * s[1] if ranks[n] is None else specs[n]["rank"] * (s[0] + s[1]) + method.extra_params(s) for n, s in shapes.items())
+        record = {"method": method.name, "recipe": recipe.to_dict(), "target_ratio": getattr(method.config, "ratio", None)}
+        config = model.config
+        base = export.base_class(config)
+        config.compression = {"format_version": export.FORMAT_VERSION, **record, "modules": dict(sorted(specs.items()))}
+        config.auto_map = {"AutoModelForCausalLM": f"{export.SHIM_NAME}.CompressedForCausalLM"}
+        config.save_pretrained(work)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(work)
+        (work / f"{export.SHIM_NAME}.py").write_text(export.shim_source(base.__name__))
+        report = {
+            **record,
+            "streamed": True,
+            "params_before": ckpt.params(),
+            "params_after": params_after,
+            "achieved_linear_ratio": 1.0 - linear_after / linear_before,
+            "linear_params_before": linear_before,
+            "linear_params_after": linear_after,
+            "per_module": {n: ranks[n] if ranks[n] is not None else "dense" for n in sorted(shapes)},
+            "calibration": None if windows is None else {"dataset": calib or cal.dataset, "samples": windows.shape[0], "seq_len": windows.shape[1]},
+            "device": str(dev),
+            "device_name": pipeline.device_name(dev),
+            "versions": api.versions(),
+        }
+        (work / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (work / PROGRESS).unlink()
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException as exc:
+        done = (progress or {}).get("done", 0)
+        if done == 0 and created:
+            shutil.rmtree(work, ignore_errors=True)  # nothing finished: leave nothing behind
+            note = f"nothing was kept ({work} removed)"
+        else:
+            note = f"{work} keeps {done} of {total - 1} finished layers: rerun with --resume to continue, or --overwrite to start over"
+        noted = _with_note(exc, note, work)
+        if noted is exc:
+            raise
+        raise noted from exc
 
-    linear_before = sum(s[0] * s[1] for s in shapes.values())
-    linear_after = sum(s[0] * s[1] if ranks[n] is None else specs[n]["rank"] * (s[0] + s[1]) + method.extra_params(s) for n, s in shapes.items())
-    record = {"method": method.name, "recipe": recipe.to_dict(), "target_ratio": getattr(method.config, "ratio", None)}
-    config = model.config
-    base = export.base_class(config)
-    config.compression = {"format_version": export.FORMAT_VERSION, **record, "modules": dict(sorted(specs.items()))}
-    config.auto_map = {"AutoModelForCausalLM": f"{export.SHIM_NAME}.CompressedForCausalLM"}
-    config.save_pretrained(work)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(work)
-    (work / f"{export.SHIM_NAME}.py").write_text(export.shim_source(base.__name__))
-    report = {
-        **record,
-        "streamed": True,
-        "params_before": ckpt.params(),
-        "params_after": params_after,
-        "achieved_linear_ratio": 1.0 - linear_after / linear_before,
-        "linear_params_before": linear_before,
-        "linear_params_after": linear_after,
-        "per_module": {n: ranks[n] if ranks[n] is not None else "dense" for n in sorted(shapes)},
-        "calibration": None if windows is None else {"dataset": calib or cal.dataset, "samples": windows.shape[0], "seq_len": windows.shape[1]},
-        "device": str(dev),
-        "device_name": pipeline.device_name(dev),
-        "versions": api.versions(),
-    }
-    (work / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (work / PROGRESS).unlink()
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    work.rename(out)
     report["wall_seconds"] = round(time.time() - started, 3)
     return api.Result(None, tokenizer, report, out)
+
+
+def _read_progress(work: Path, total: int) -> dict:
+    """The progress file of an unfinished run, checked: readable, and naming shards that are there."""
+    path = work / PROGRESS
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+        done, _, _ = progress["done"], progress["ranks"], progress["specs"]
+        progress["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CompressorError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); pass --overwrite instead of --resume to start over") from None
+    if not isinstance(done, int) or not 0 <= done < total:
+        raise CompressorError(f"{path} is damaged (done: {done!r}); pass --overwrite instead of --resume to start over")
+    for i in range(done):
+        shard = work / _shard_name(i, total)
+        try:
+            with safe_open(shard, framework="pt") as f:
+                list(f.keys())  # the header, checked against the file's size
+        except (OSError, SafetensorError) as e:
+            why = "missing" if not shard.exists() else f"corrupt ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+            raise CompressorError(f"{shard}, a finished layer of the unfinished run, is {why}; pass --overwrite instead of --resume to start over") from None
+    return progress
+
+
+def _with_note(exc: BaseException, kept: str, work: Path) -> BaseException:
+    """The failure of a streamed run, saying what was kept of the partial folder and how to go on."""
+    from compressor.errors import EnvironmentFault, Interrupted, environment_fault
+
+    if isinstance(exc, Interrupted):
+        exc.hint = kept
+        return exc
+    if isinstance(exc, CompressorError):
+        return type(exc)(f"{exc}; {kept}")
+    fault = environment_fault(exc, f"writing {work}")
+    if fault is not None:
+        return EnvironmentFault(f"{fault}; {kept}")
+    return exc  # an internal error: the CLI reports it as such
 
 
 def _nbytes(shape, dtype: str) -> int:

@@ -55,7 +55,7 @@ def test_compress_then_eval(model_dir, tmp_path):
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        (["-r", "welore", "--ratio", "1.5"], "ratio must be strictly between 0 and 1"),
+        (["-r", "welore", "--ratio", "1.5"], "'--ratio': 1.5 is not in the range 0<x<1"),
         (["-r", "nope"], "unknown recipe 'nope'"),
     ],
 )
@@ -121,3 +121,68 @@ def test_existing_output_refused_then_overwritten(model_dir, tmp_path):
 def test_recipes_lists_shipped():
     proc = run("recipes")
     assert proc.returncode == 0 and "welore" in proc.stdout
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run("compress", model_dir, "-r", "whiten", "-o", out, "--device", "cpu", "--samples", "4", "--seq-len", "32",
+               "--eval", "code_ppl", "--eval-limit", "2", "--eval-seq-len", "32")
+    assert proc.returncode == 0, proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("compressor.progress:")]
+    assert any("compressing (whiten): 1/2 layers" in line and "elapsed" in line for line in progress), proc.stderr
+    assert any("compressing (whiten): 2/2 layers" in line for line in progress)
+    assert any("perplexity: 2/2 windows" in line for line in progress)
+    assert any("calibration" in line for line in progress)
+
+
+def test_bad_arguments_fail_before_the_model_loads(model_dir, tmp_path):
+    """A bad recipe is reported without importing transformers (so in about a second)."""
+    code = (
+        "import sys\nfrom compressor.cli import main\n"
+        f"sys.argv = ['compressor', 'compress', {str(model_dir)!r}, '-r', 'nope', '-o', {str(tmp_path / 'o')!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'transformers' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    assert "unknown recipe 'nope'" in proc.stderr
+
+
+def test_summary_shows_size_dtype_changes_and_what_was_done(model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run("compress", model_dir, "-r", "structured", "-o", out, "--device", "cpu", "--samples", "4", "--seq-len", "32",
+               "--dtype", "bfloat16", "--eval", "code_ppl", "--eval-limit", "2", "--eval-seq-len", "32")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "MLP width 96 -> 64 in all 2 layers" in text
+    assert "size on disk (MB, dense as bfloat16)" in text and "dtype" in text and "bfloat16" in text
+    assert "code_ppl" in text and "%" in text and "verdict:" in text
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert dtypes == {"BF16"}
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["dtype"] == "bfloat16"
+
+
+def test_output_keeps_the_source_dtype(tmp_path):
+    import torch
+
+    src = tmp_path / "half"
+    tiny_model("llama").to(torch.float16).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    out = tmp_path / "out"
+    proc = run("compress", src, "-r", "svd", "--ratio", "0.2", "-o", out, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "compression_report.json").read_text())["dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+
+
+def test_recipes_marks_one_recommendation_per_goal():
+    proc = run("recipes")
+    marks = [line for line in proc.stdout.splitlines() if "[recommended:" in line]
+    goals = [line.split("[recommended:")[1] for line in marks]
+    assert len(goals) == len(set(goals)) == 3, proc.stdout

@@ -111,7 +111,7 @@ def test_self_check_fails_when_the_harness_is_wrong(monkeypatch, capsys):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--tasks", "code_ppl", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--tasks", "code_ppl", "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
         (["--tasks", "code_ppl,code_ppl"], "given twice"),
         (["--tasks", "humaneval", "--samples-per-task", "4", "--temperature", "0"], "needs --temperature > 0"),
         (["--tasks", "humaneval", "--pass-k", "1,x"], "--pass-k takes comma-separated integers"),

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from compressor import ranks as rank_policies
+from compressor.errors import CompressorError, check_choice, check_int, check_patterns
 
 
 @dataclass
@@ -25,6 +26,13 @@ class RankConfig:
     allocation: str = "uniform"
     rank: int | None = None
     targets: list[str] = field(default_factory=lambda: ["*"])
+
+    def __post_init__(self):
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
+            raise CompressorError(f"key 'ratio' must be strictly between 0 and 1, got {self.ratio!r}")
+        check_choice("allocation", self.allocation, sorted(rank_policies.POLICIES))
+        check_int("rank", self.rank, 1, optional=True)
+        check_patterns("targets", self.targets)
 
 
 class Method:

@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from compressor import eora, models, ranks
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, check_choice, check_float, check_int, check_patterns
 from compressor.methods import register
 from compressor.methods.base import Method
 from compressor.methods.gptq import Gptq, GptqConfig
@@ -108,6 +108,21 @@ class EoraConfig:
     bits: int | None = None
     group_size: int = 128
     refine: int = 0
+
+    def __post_init__(self):
+        check_int("rank", self.rank, 1)
+        for pattern, r in self.rank_pattern.items():
+            check_int(f"rank_pattern['{pattern}']", r, 1)
+        check_patterns("targets", self.targets)
+        check_choice("rank_allocation", self.rank_allocation, ALLOCATIONS)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_float("propagation", self.propagation, 0, 1)
+        check_float("propagation_damp", self.propagation_damp, 0)
+        if self.bits is not None:
+            check_choice("bits", self.bits, (2, 3, 4, 8))
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (self.group_size == -1 or self.group_size >= 1):
+            raise CompressorError(f"key 'group_size' must be -1 (one scale per output row) or an integer >= 1 such as 128, got {self.group_size!r}")
+        check_int("refine", self.refine, 0)
 
 
 ALLOCATIONS = ("uniform", "per-type", "global")

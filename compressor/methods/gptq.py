@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compressor import models
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, check_choice, check_float, check_patterns
 from compressor.methods import register
 from compressor.methods.base import Method
 from compressor.modules import LowRankLinear, pack_chunk
@@ -48,6 +48,16 @@ class GptqConfig:
     static_groups: bool = False
     damp: float = 0.01
     targets: list[str] = field(default_factory=lambda: ["*"])
+
+    def __post_init__(self):
+        check_choice("bits", self.bits, BITS)
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (self.group_size == -1 or self.group_size >= 1):
+            raise CompressorError(f"key 'group_size' must be -1 (one scale per output row) or an integer >= 1 such as 128, got {self.group_size!r}")
+        check_float("damp", self.damp, 0, 1, high_open=True)
+        check_patterns("targets", self.targets)
+
+
+BITS = (2, 3, 4, 8)
 
 
 @register

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor import linalg
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, check_choice
 from compressor.methods import register
 from compressor.methods.base import RankConfig, RankMethod
 
@@ -26,6 +26,10 @@ class LordConfig(RankConfig):
     """variant: "data" (output PCA on calibration data) or "weight" (weight SVD)."""
 
     variant: str = "data"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("variant", self.variant, ("data", "weight"))
 
 
 @register

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compressor import linalg
+from compressor.errors import check_float
 from compressor.methods import register
 from compressor.methods.base import RankConfig, RankMethod
 
@@ -22,6 +23,10 @@ class WhitenConfig(RankConfig):
     """damp: added to H as damp * mean(diag H) * I before whitening."""
 
     damp: float = 1e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_float("damp", self.damp, 0)
 
 
 @register
