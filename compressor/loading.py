@@ -399,9 +399,9 @@ def _check_gguf_header(path: Path) -> None:
     except OSError as e:
         raise CompressorError(f"cannot read {path}: {e.strerror}") from None
     if head[:4] != b"GGUF":
-        raise CompressorError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); pass a .gguf checkpoint or a model folder")
+        raise CompressorError(f"could not load GGUF file {path}: it does not start with the GGUF magic bytes, so it is not a GGUF file; pass a .gguf checkpoint or a model folder")
     if len(head) < 24:
-        raise CompressorError(f"{path} is only {len(head)} bytes, a truncated GGUF file; re-download it")
+        raise CompressorError(f"could not load GGUF file {path}: it is only {len(head)} bytes, a truncated GGUF file; re-download it")
 
 
 def _check_device(device: str) -> str:
