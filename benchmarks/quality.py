@@ -9,6 +9,12 @@ keeps what it measured.
     python benchmarks/quality.py                       # Gemma 3 270M, all methods, 10-40 %
     python benchmarks/quality.py --methods svd,welore --ratios 0.2 --eval-limit 2   # a quick look
     python benchmarks/quality.py --ratios 0.3 --keep   # add missing cells to an earlier run's file
+    python benchmarks/quality.py --methods structured,structured-budget,whiten,whiten-budget --speed \
+        --out benchmarks/results/structured.json     # structured against whitened SVD, with tokens/s
+
+Each cell also records its size in bfloat16 (`size_mb`: every stored tensor at 2 bytes, as a
+bf16 export holds it) and, with --speed, prefill and decode tokens/s of the compressed model
+(bench_compress.speed: a 512-token prompt, then greedy decode with the KV cache, batch 1).
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default: the recipe's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/quality.json")
+    p.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s of dense and every cell")
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument(
         "--keep",
         action="store_true",
@@ -66,6 +75,23 @@ def _earlier(out: Path, result: dict) -> dict | None:
 def _ppl(model, tokenizer, args, device) -> dict:
     res = evaluate.run_tasks(model, tokenizer, TASKS, args.eval_seq_len, args.eval_limit, device)
     return {task: res[task]["ppl"] for task in TASKS}
+
+
+def _size_mb(model) -> float:
+    """Megabytes the model's tensors take at 2 bytes each (a bf16 export), tied weights once."""
+    seen, n = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen and t.is_floating_point():
+            seen.add(id(t))
+            n += t.numel()
+    return round(n * 2 / 1e6, 1)
+
+
+def _speed(model, args, device) -> dict:
+    from bench_compress import speed  # benchmarks/ is the script's folder, so on sys.path
+
+    res = speed(model, model.config, device, args.prefill_len, 1, args.decode_tokens)
+    return {k: round(v, 1) for k, v in res.items()}
 
 
 def _fmt(x: float) -> str:
@@ -124,6 +150,9 @@ def main(argv=None) -> int:
         t = time.time()
         result["dense"] = _ppl(base.to(device), tokenizer, args, device)
         result["dense"]["eval_seconds"] = round(time.time() - t, 1)
+        result["dense"]["size_mb"] = _size_mb(base)
+        if args.speed:
+            result["dense"].update(_speed(base, args, device))
         base.to("cpu")
     print(f"dense: {result['dense']}", flush=True)
 
@@ -145,7 +174,10 @@ def main(argv=None) -> int:
                 eval_seconds=round(time.time() - t, 1),
                 achieved_linear_ratio=round(res.report["achieved_linear_ratio"], 4),
                 params_after=res.report["params_after"],
+                size_mb=_size_mb(res.model),
             )
+            if args.speed:
+                cell.update(_speed(res.model, args, device))
             result["cells"][method][str(ratio)] = cell
             print(f"{method} @ {ratio}: {cell}", flush=True)
             out.write_text(json.dumps(result, indent=1))
