@@ -256,6 +256,8 @@ def compress(
     specs = outcome.specs
 
     params_after, linear_after = _model_values(model), _linear_params(model)
+    # Rounded as it will be stored, so "after" measures the model written.
+    model.to(getattr(torch, out_dtype)).float()
     if eval_tasks:
         evaluation["after"] = _evaluate(model, tokenizer, eval_tasks, eval_seq_len, eval_limit, dev)
     stage_reports = {}

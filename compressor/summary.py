@@ -56,7 +56,8 @@ def rows(r: dict, tasks: list[str]) -> list[tuple[str, str, str, str]]:
     table = [
         (f"size on disk (MB, dense as {dtype})", _mb(dense_bytes), _mb(r.get("output_bytes")), _change(dense_bytes, r.get("output_bytes"))),
         ("parameters", f"{r['params_before']:,}", f"{r['params_after']:,}", _change(r["params_before"], r["params_after"])),
-        ("decoder-linear parameters", f"{r['linear_params_before']:,}", f"{r['linear_params_after']:,}", _change(r["linear_params_before"], r["linear_params_after"])),
+        ("decoder-linear parameters", f"{r['linear_params_before']:,}", f"{r['linear_params_after']:,}",
+         _change(r["linear_params_before"], r["linear_params_after"])),
         ("dtype", dtype, dtype, ""),
     ]
     for task in tasks:

@@ -41,7 +41,7 @@ from compressor.methods.base import Method
 
 log = logging.getLogger("compressor.structured")
 
-SELECTIONS = ("energy", "leverage")
+SELECTIONS = ("energy", "leverage", "greedy")
 ALLOCATIONS = ("uniform", "budget")
 
 
@@ -83,7 +83,7 @@ class StructuredConfig:
 
 
 def channel_scores(C: torch.Tensor, W_down: torch.Tensor, selection: str = "energy", ridge: float = 1e-2) -> torch.Tensor:
-    """Per intermediate channel, how much it matters (higher = keep)."""
+    """Per intermediate channel, how much it matters on its own (higher = keep)."""
     C = C.double()
     if selection == "energy":
         return C.diagonal().clamp_min(0) * W_down.double().square().sum(0)
@@ -92,9 +92,54 @@ def channel_scores(C: torch.Tensor, W_down: torch.Tensor, selection: str = "ener
     return torch.linalg.solve(C + lam * eye, C).diagonal()
 
 
-def keep_set(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k best channels, in their original order (so the kept matrices keep their layout)."""
-    return scores.topk(k).indices.sort().values
+def elimination_order(C: torch.Tensor, W_down: torch.Tensor, keep: int, damp: float = 1e-6, max_steps: int = 512) -> torch.Tensor:
+    """Channels, most useful first, by backward elimination: starting from all of them, repeatedly
+    drop the channel whose loss raises the refitted output error least, given the others.
+
+    With P = C_A^-1 over the alive set A and B = P C_A W^T the refit's coefficients, dropping j
+    costs ||B[j]||^2 / P[j, j] of output energy (the downdate of a least-squares fit), and P and B
+    are downdated in place. Unlike a per-channel score this sees redundancy: of two channels that
+    carry the same signal, one goes and the refit moves its weight to the other. At most
+    `max_steps` downdates: with more channels to drop, the cheapest few go together. The `keep`
+    survivors come first (by energy), then the dropped ones, last dropped first, so every prefix
+    of length >= keep is a set the elimination passed through."""
+    C, W = C.double(), W_down.double()
+    n = C.shape[0]
+    eye = torch.eye(n, dtype=C.dtype, device=C.device)
+    P = torch.linalg.inv(C + damp * C.diagonal().mean().clamp_min(1e-30) * eye)
+    B = P @ (C @ W.T)  # (n, out): W^T up to the damping
+    alive = torch.ones(n, dtype=torch.bool, device=C.device)
+    dropped: list[torch.Tensor] = []
+    todo = n - keep
+    per_step = max(1, math.ceil(todo / max_steps))
+    while todo > 0:
+        cost = B.square().sum(1) / P.diagonal().clamp_min(1e-300)
+        cost[~alive] = math.inf
+        J = cost.topk(min(per_step, todo), largest=False).indices
+        PJ = P[J]  # (b, n), a copy: P is symmetric, so PJ.T is its columns J before the update
+        solve = torch.linalg.solve(PJ[:, J], torch.cat([PJ, B[J]], dim=1))  # P_JJ^-1 [P_J. | B_J]
+        P -= PJ.T @ solve[:, :n]
+        B -= PJ.T @ solve[:, n:]
+        alive[J] = False
+        dropped.append(J)
+        todo -= len(J)
+    survivors = alive.nonzero().squeeze(1)
+    energy = channel_scores(C, W)[survivors]
+    first = survivors[energy.argsort(descending=True)]
+    rest = torch.cat(dropped[::-1]) if dropped else first.new_zeros(0)
+    return torch.cat([first, rest])
+
+
+def channel_order(C: torch.Tensor, W_down: torch.Tensor, selection: str, keep: int, ridge: float = 1e-2, damp: float = 1e-6) -> torch.Tensor:
+    """All channels, most useful first, so that the first k are the set to keep at width k."""
+    if selection == "greedy":
+        return elimination_order(C, W_down, keep, damp)
+    return channel_scores(C, W_down, selection, ridge).argsort(descending=True)
+
+
+def keep_set(order: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k channels of `order`, in their original order (so the kept matrices keep their layout)."""
+    return order[:k].sort().values
 
 
 def refit_down(C: torch.Tensor, W_down: torch.Tensor, kept: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
@@ -189,17 +234,19 @@ class Structured(Method):
         widths = {models.weight_of(layer.get_submodule(mlp.output)).shape[1] for layer in layers}
         if len(widths) != 1:
             raise CompressorError("structured: the source model's MLP widths differ between layers; start from the original checkpoint")
-        (I,) = widths
-        self.intermediate = I
-        per_channel = sum(models.weight_of(layers[0].get_submodule(n)).shape[1] for n in mlp.inputs) + models.weight_of(layers[0].get_submodule(mlp.output)).shape[0]
+        (full,) = widths
+        self.intermediate = full
+        first = layers[0]
+        # one intermediate channel is a row of each input linear and a column of the output one
+        per_channel = sum(models.weight_of(first.get_submodule(n)).shape[1] for n in mlp.inputs) + models.weight_of(first.get_submodule(mlp.output)).shape[0]
         total = sum(math.prod(models.linear_shape(m)) for _, _, m in models.iter_linears(model))
         remove = self.config.ratio * total / per_channel  # channels over all layers
         L = len(layers)
         step = self.config.multiple_of
-        keep_uniform = I - remove / L
+        keep_uniform = full - remove / L
         if keep_uniform < step:
             raise CompressorError(
-                f"structured: ratio {self.config.ratio} would take {remove / (L * I):.0%} of every MLP's channels; "
+                f"structured: ratio {self.config.ratio} would take {remove / (L * full):.0%} of every MLP's channels; "
                 "the MLPs hold too little of the decoder-linear parameters for that ratio, choose a smaller one"
             )
         k = max(step, int(round(keep_uniform / step)) * step)
@@ -207,21 +254,21 @@ class Structured(Method):
             self.widths = {i: k for i in range(L)}
             return
         curves: dict[int, torch.Tensor] = {}
+        floor = max(step, int(math.ceil(self.config.min_keep * full / step)) * step)
 
         def visit(i, layer, grams):
             C = grams[models.arch_for(model).linears[mlp.output]]
             W = models.weight_of(layer.get_submodule(mlp.output)).detach().to(C.device)
-            order = self._scores(C, W).argsort(descending=True)
+            order = self._order(C, W, floor)
             curves[i] = error_curve(C, W, order, self.config.damp).cpu()
 
         pipeline.walk(model, device, visit, windows, batch_size, gram_dtype, desc="structured: error curves")
-        floor = max(step, int(math.ceil(self.config.min_keep * I / step)) * step)
         got = allocate_widths([curves[i] for i in range(L)], k * L, step, floor)
         self.widths = dict(enumerate(got))
         log.info("structured widths: %s", got)
 
-    def _scores(self, C, W):
-        return channel_scores(C, W, self.config.selection, self.config.ridge)
+    def _order(self, C, W, keep):
+        return channel_order(C, W, self.config.selection, keep, self.config.ridge, self.config.damp)
 
     def apply(self, model, index: int, layer: nn.Module, grams: dict) -> tuple[dict, dict]:
         """Shrink one layer's MLP in place; returns (specs of the changed linears, the grams as the
@@ -233,13 +280,13 @@ class Structured(Method):
         down = layer.get_submodule(mlp.output)
         W = models.weight_of(down).detach()
         k = self.widths[index]
-        I = W.shape[1]
+        width = W.shape[1]
         prefix = models.layer_prefix(model, index)
         self.done[index] = k
-        if k >= I:
+        if k >= width:
             self.error[index] = 0.0
             return {}, grams
-        kept = keep_set(self._scores(C, W.to(C.device)), k)
+        kept = keep_set(self._order(C, W.to(C.device), k), k)
         full = W.to(C.device).double()
         new_down = refit_down(C, full, kept, self.config.damp)
         Ck = C[kept][:, kept]

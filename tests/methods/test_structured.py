@@ -8,15 +8,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor import models, recipe
 from compressor.api import compress
 from compressor.errors import CompressorError
-from compressor.methods.structured import allocate_widths, channel_scores, error_curve, keep_set, refit_down
-
-from conftest import tiny_model
+from compressor.methods.structured import allocate_widths, channel_order, channel_scores, elimination_order, error_curve, keep_set, refit_down
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 CALIB = dict(samples=4, seq_len=32, device="cpu")
@@ -44,7 +43,7 @@ def _data(seed=0, n=400, width=48, out=24):
 def test_refit_equals_float64_least_squares():
     Z, W = _data()
     C = Z.T @ Z / Z.shape[0]
-    kept = keep_set(channel_scores(C, W), 20)
+    kept = keep_set(channel_scores(C, W).argsort(descending=True), 20)
     ours = refit_down(C, W, kept, damp=0.0)
     ref = torch.linalg.lstsq(Z[:, kept], Z @ W.T).solution.T
     assert torch.allclose(ours, ref, rtol=1e-8, atol=1e-8)
@@ -53,18 +52,18 @@ def test_refit_equals_float64_least_squares():
 def test_refit_beats_dropping_columns():
     Z, W = _data(1)
     C = Z.T @ Z / Z.shape[0]
-    kept = keep_set(channel_scores(C, W), 16)
+    kept = keep_set(channel_scores(C, W).argsort(descending=True), 16)
     y = Z @ W.T
     refit = (Z[:, kept] @ refit_down(C, W, kept).T - y).square().sum()
     dropped = (Z[:, kept] @ W[:, kept].T - y).square().sum()
     assert refit < 0.5 * dropped
 
 
-@pytest.mark.parametrize("selection", ["energy", "leverage"])
+@pytest.mark.parametrize("selection", ["energy", "leverage", "greedy"])
 def test_error_curve_matches_direct_refits(selection):
     Z, W = _data(2)
     C = Z.T @ Z / Z.shape[0]
-    order = channel_scores(C, W, selection).argsort(descending=True)
+    order = channel_order(C, W, selection, keep=5)
     curve = error_curve(C, W, order, damp=0.0)
     y = Z @ W.T
     assert curve[0] == pytest.approx(1.0)
@@ -75,6 +74,36 @@ def test_error_curve_matches_direct_refits(selection):
         direct = (Z[:, S] @ fit - y).square().sum() / y.square().sum()
         assert float(curve[k]) == pytest.approx(float(direct), rel=1e-6, abs=1e-9)
     assert bool((curve[1:] <= curve[:-1] + 1e-12).all())
+
+
+def _refit_error(Z, W, S):
+    y = Z @ W.T
+    fit = torch.linalg.lstsq(Z[:, S], y).solution
+    return float((Z[:, S] @ fit - y).square().sum())
+
+
+def test_elimination_drops_what_costs_least_given_the_others():
+    Z, W = _data(3, width=10, out=6)
+    C = Z.T @ Z / Z.shape[0]
+    order = elimination_order(C, W, keep=9, damp=0.0)
+    brute = min(range(10), key=lambda j: _refit_error(Z, W, [i for i in range(10) if i != j]))
+    assert int(order[-1]) == brute
+    # every prefix from `keep` up is a set the elimination passed through
+    order = elimination_order(C, W, keep=4, damp=0.0)
+    assert sorted(order.tolist()) == list(range(10))
+    for k in (4, 6, 9):
+        S = order[:k]
+        ref = _refit_error(Z, W, S) / float((Z @ W.T).square().sum())
+        assert float(error_curve(C, W, order, damp=0.0)[k]) == pytest.approx(ref, rel=1e-6, abs=1e-10)
+
+
+def test_greedy_beats_per_channel_scores_on_redundant_channels():
+    Z, W = _data(4, width=48, out=24)
+    C = Z.T @ Z / Z.shape[0]
+    for k in (16, 24, 32):
+        greedy = _refit_error(Z, W, keep_set(channel_order(C, W, "greedy", k), k))
+        energy = _refit_error(Z, W, keep_set(channel_order(C, W, "energy", k), k))
+        assert greedy <= energy * (1 + 1e-9)
 
 
 def test_allocation_takes_from_the_flattest_curve():
