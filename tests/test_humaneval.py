@@ -1,11 +1,18 @@
+import glob
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
 import torch
+from conftest import _ATTN, byte_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import _ATTN, byte_tokenizer
 from compressor import humaneval
 from compressor.errors import CompressorError
 from compressor.humaneval import STOP_SEQUENCES, build_program, pass_at_k, truncate
@@ -169,3 +176,49 @@ def test_prompt_longer_than_the_context_gives_empty_completion():
 def test_k_larger_than_n_is_an_error():
     with pytest.raises(CompressorError):
         humaneval.evaluate_humaneval(None, None, limit=1, k=(1, 10), n=1)
+
+
+# --- interrupting an evaluation -----------------------------------------------------------------
+
+
+def test_ctrl_c_cancels_the_evaluation_at_once():
+    # Ctrl-C while two workers run programs that would sleep for a minute and four more wait: the
+    # evaluation must stop within moments, kill the programs and leave no sandbox folders. It runs
+    # in a child process with its own TMPDIR, so the folders counted are only its own.
+    tmpdir = tempfile.mkdtemp(prefix="humaneval-sigint-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    os.chmod(tmpdir, 0o755)  # the program's uid must be able to reach its folder
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(humaneval.__file__)))
+    code = (
+        f"import sys\nsys.path.insert(0, {repo!r})\nfrom compressor import humaneval\n"
+        "items = humaneval.problems(6)\n"
+        "slow = '    import time\\n    time.sleep(60)\\n'\n"
+        "humaneval.score(items, [[slow]] * len(items), workers=2, timeout=60, progress=False)\n"
+        "print('finished')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TMPDIR": tmpdir},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # the child imports torch first
+        while len(glob.glob(os.path.join(tmpdir, "compressor-sandbox-*"))) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.3)  # let the programs start
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        assert time.monotonic() - start < 3.0
+        assert proc.returncode != 0 and "KeyboardInterrupt" in stderr and "finished" not in stdout, stderr
+        assert os.listdir(tmpdir) == []
+        running = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if tmpdir.encode() in f.read():
+                        running.append(entry)
+            except OSError:
+                pass
+        assert running == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,5 +1,12 @@
+import contextlib
 import glob
+import logging
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -139,7 +146,7 @@ def test_new_processes_are_refused(source, tmp_path):
 def test_network_is_refused():
     out = run_program("import socket\ns = socket.socket()\ns.connect(('1.1.1.1', 80))\n")
     assert out.status == "failed" and "not allowed" in out.detail
-    assert sandbox.network_isolation() in ("namespace", "guard")
+    assert sandbox.network_isolation() in ("namespace", "landlock", "guard")
 
 
 def test_environment_is_minimal(monkeypatch):
@@ -177,3 +184,431 @@ def test_run_many_keeps_order():
     outs = run_many(programs, workers=2, timeout=1.0, progress=False)
     assert [o.status for o in outs] == ["passed", "failed", "timeout", "passed"]
     assert time.monotonic() - start < 6.0
+
+
+# --- OS-level isolation: programs that undo the Python guard ---------------------------------
+#
+# The guard above patches functions inside the program's own interpreter, so hostile code can
+# get the originals back. These tests do that, then check that the kernel-enforced layers (see
+# docs/sandbox.md) still stop the escape. Where a test names single layers, the program gets only
+# that layer, to show that it alone is enough; "all" is what this machine really gives.
+# test_bypasses_work_without_os_layers shows that, with no layer at all, the same programs escape.
+
+# Reimporting the builtin `posix` module (and the `socket` and `resource` extension modules)
+# yields the original, unguarded functions.
+UNGUARD = "import sys\nfor _name in ('posix', 'resource', 'socket', '_socket'):\n    sys.modules.pop(_name, None)\n"
+
+
+def use_layers(monkeypatch, layers):
+    """Give programs only `layers` (None: everything this machine has); skip what it cannot do."""
+    have = sandbox.isolation()
+    layers = have if layers is None else frozenset(layers)
+    if not layers <= have:
+        pytest.skip(f"{', '.join(sorted(layers - have))} not available here")
+    monkeypatch.setattr(sandbox, "_mechanisms", lambda site_packages=False: layers)
+    # e.g. uid alone when the interpreter lives below /root (mode 700): the probe pairs it with mntns.
+    if not run_program("import json, math").passed:
+        pytest.skip(f"programs cannot run with only {', '.join(sorted(layers))} here")
+    return layers
+
+
+def _processes_with(tag: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if tag.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OS layers are Linux-only")
+
+WRITES = {
+    "FileIO": "import io\nio.FileIO({path!r}, 'w').write(b'escaped')",
+    "_io.open": "import _io\n_io.open({path!r}, 'w').write('escaped')",
+    "posix.open": UNGUARD + "import posix\nfd = posix.open({path!r}, posix.O_WRONLY | posix.O_CREAT)\nposix.write(fd, b'escaped')",
+}
+
+
+def test_bypasses_work_without_os_layers(monkeypatch):
+    # With no OS layer, only the guard is left, and it does not stop these programs: the escape
+    # tests below are meaningful.
+    monkeypatch.setattr(sandbox, "_mechanisms", lambda site_packages=False: frozenset())
+    target = f"/tmp/sandbox-escape-{uuid.uuid4().hex}"
+    try:
+        out = run_program(WRITES["_io.open"].format(path=target))
+        assert out.passed and os.path.exists(target), out
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        out = run_program(UNGUARD + f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=5)\n")
+        assert out.passed, out
+    if hasattr(socket, "AF_UNIX"):
+        with _unix_server() as path:
+            assert run_program(CONNECT_UNIX.format(path=path)).passed
+
+
+@contextlib.contextmanager
+def _unix_server():
+    path = f"/tmp/sandbox-socket-{uuid.uuid4().hex[:12]}"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(path)
+        os.chmod(path, 0o777)  # as a user's own socket is to that user: only hiding it helps
+        server.listen()
+        yield path
+    finally:
+        server.close()
+        if os.path.exists(path):
+            os.remove(path)
+
+
+CONNECT_UNIX = UNGUARD + "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({path!r})\nprint('connected')\n"
+
+
+@needs_linux
+@pytest.mark.parametrize("layers", [None, {"mntns"}, {"landlock"}, {"uid"}], ids=["all", "mntns", "landlock", "uid"])
+@pytest.mark.parametrize("method", sorted(WRITES))
+def test_unguarded_writes_outside_the_folder_fail(monkeypatch, tmp_path, layers, method):
+    use_layers(monkeypatch, layers)
+    for target in (f"/tmp/sandbox-escape-{uuid.uuid4().hex}", f"/dev/shm/sandbox-escape-{uuid.uuid4().hex}", tmp_path / "escape"):
+        if not os.path.isdir(os.path.dirname(target)):
+            continue
+        out = run_program(WRITES[method].format(path=str(target)))
+        assert not out.passed and out.status == "failed", (target, out)
+        assert not os.path.exists(target), target
+    # The same layers leave the working folder writable.
+    out = run_program(WRITES[method].format(path="inside.txt") + "\nassert open('inside.txt').read() == 'escaped'\n")
+    assert out.passed, out.detail
+
+
+GRANDCHILD = UNGUARD + """import time
+import posix
+if posix.fork() == 0:
+    posix.setsid()  # leaves the process group the timeout kills
+    if posix.fork() == 0:
+        posix.execv(sys.executable, [sys.executable, '-S', '-c',
+            "import time; time.sleep(1.5); open({marker!r}, 'w').write('late'); time.sleep(60)", {tag!r}])
+    posix._exit(0)
+print('forked', flush=True)
+{ending}
+"""
+
+
+@needs_linux
+@pytest.mark.parametrize("ending", ["", "time.sleep(60)"], ids=["program-ends", "program-times-out"])
+@pytest.mark.parametrize("layers", [None, {"pidns"}, {"uid"}], ids=["all", "pidns", "uid"])
+def test_setsid_grandchild_does_not_outlive_the_run(monkeypatch, layers, ending):
+    use_layers(monkeypatch, layers)
+    tag = f"sandbox-grandchild-{uuid.uuid4().hex}"
+    marker = f"/tmp/{tag}"
+    try:
+        start = time.monotonic()
+        out = run_program(GRANDCHILD.format(marker=marker, tag=tag, ending=ending), timeout=1.0)
+        assert not out.passed or "forked" in out.detail
+        assert _processes_with(tag) == []  # gone when run_program returns, not a moment later
+        time.sleep(max(0.0, start + 2.0 - time.monotonic()))  # past the moment it would write
+        assert not os.path.exists(marker)
+    finally:
+        for pid in _processes_with(tag):
+            os.kill(pid, 9)
+        if os.path.exists(marker):
+            os.remove(marker)
+
+
+# The evaluator's environment: a secret in the environment of the process that runs the sandbox
+# (its initial environment, which is what /proc/PID/environ shows; os.environ changes are not).
+EVALUATOR = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from compressor import sandbox
+layers = sys.argv[1]
+if layers != "all":
+    sandbox._mechanisms = lambda site_packages=False: frozenset(filter(None, layers.split(",")))
+# The program is told the evaluator's pid, so it need not find it.
+print(sandbox.run_program(sys.stdin.read().replace("EVALUATOR", str(os.getpid()))).detail)
+"""
+
+READ_ENVIRON = """
+import os
+pids = {os.getppid(), EVALUATOR} | set(range(1, 100))
+try:
+    pids |= {int(p) for p in os.listdir('/proc') if p.isdigit()}
+except OSError:
+    pass
+leaks = []
+for pid in sorted(pids):
+    try:
+        with open(f'/proc/{pid}/environ', 'rb') as f:
+            if b'SANDBOX_TEST_SECRET=' in f.read():
+                leaks.append(pid)
+    except OSError:
+        pass
+print('checked', 'LEAK' if leaks else 'clean', leaks)
+"""
+
+
+def _environment_probe(layers: str) -> str:
+    secret = uuid.uuid4().hex
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", EVALUATOR.format(repo=repo), layers], input=READ_ENVIRON, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "SANDBOX_TEST_SECRET": secret},
+    )
+    assert done.returncode == 0, done.stderr
+    assert secret not in done.stdout
+    return done.stdout
+
+
+@needs_linux
+@pytest.mark.parametrize("layers", [None, {"pidns", "mntns"}, {"landlock"}, {"uid"}], ids=["all", "private-proc", "landlock", "uid"])
+def test_evaluator_environment_is_not_readable(monkeypatch, layers):
+    chosen = use_layers(monkeypatch, layers)
+    output = _environment_probe("all" if layers is None else ",".join(sorted(chosen)))
+    assert "checked clean" in output, output
+
+
+def test_evaluator_environment_leaks_without_os_layers():
+    if sys.platform.startswith("linux") and os.geteuid() != 0:
+        pytest.skip("as a normal user the evaluator's /proc/PID/environ is readable too, but the test targets root")
+    assert "checked LEAK" in _environment_probe("")
+
+
+@needs_linux
+def test_fork_bomb_is_contained(monkeypatch):
+    layers = use_layers(monkeypatch, None)
+    if not sandbox._guarantees(layers)["no fork bomb"]:
+        pytest.skip("RLIMIT_NPROC does not apply here (root without the uid drop)")
+    # Bounded, so that a broken sandbox cannot take the machine down with the test.
+    source = UNGUARD + (
+        "import posix, time\nn = 0\ntry:\n    for _ in range(200):\n        if posix.fork() == 0:\n"
+        "            time.sleep(30)\n            posix._exit(0)\n        n += 1\nfinally:\n    print('forks', n)\n"
+    )
+    start = time.monotonic()
+    out = run_program(source, timeout=5.0)
+    assert out.status == "failed" and "forks 0" in out.detail, out
+    assert "BlockingIOError" in out.detail
+    assert time.monotonic() - start < 5.0
+
+
+def test_raising_the_memory_limit_fails():
+    source = UNGUARD + (
+        "import resource\ninf = resource.RLIM_INFINITY\n"
+        "try:\n    resource.setrlimit(resource.RLIMIT_AS, (inf, inf))\nexcept (ValueError, OSError) as e:\n    print('refused', e)\n"
+        "data = bytearray(1024 ** 3)\nprint('allocated')\n"
+    )
+    out = run_program(source, memory_mb=256)
+    assert out.status == "failed" and "MemoryError" in out.detail and "allocated" not in out.detail, out
+
+
+def test_timeout_holds_when_the_program_ignores_signals():
+    source = (
+        "import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, signal.SIGINT, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass\n"
+    )
+    start = time.monotonic()
+    out = run_program(source, timeout=1.0)
+    assert out.status == "timeout" and time.monotonic() - start < 4.0
+
+
+def test_unguarded_output_flood_is_capped():
+    # Written to file descriptor 1 directly, past the runner's text-stream cap: the file-size limit
+    # stops it, and only the tail is read back.
+    source = UNGUARD + "import posix\nchunk = b'y' * (1 << 20)\nfor _ in range(256):\n    posix.write(1, chunk)\n"
+    start = time.monotonic()
+    out = run_program(source, max_file_mb=16)
+    assert out.status == "failed" and "file size limit" in out.detail, out.detail[-300:]
+    assert len(out.detail) <= sandbox.DETAIL_CHARS + 200
+    assert time.monotonic() - start < 10.0
+
+
+@needs_linux
+@pytest.mark.parametrize("layers", [None, {"netns"}, {"landlock", "landlock-net"}], ids=["all", "netns", "landlock"])
+def test_unguarded_connect_to_localhost_fails(monkeypatch, layers):
+    use_layers(monkeypatch, layers)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.2)
+        port = server.getsockname()[1]
+        out = run_program(UNGUARD + f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=5)\nprint('connected')\n")
+        assert out.status == "failed" and "connected" not in out.detail, out
+        with pytest.raises(OSError):  # socket.timeout: nobody connected
+            server.accept()
+
+
+@needs_linux
+@pytest.mark.parametrize("layers", [None, {"mntns"}], ids=["all", "mntns"])
+def test_unix_sockets_in_temporary_folders_are_unreachable(monkeypatch, layers):
+    # A read-only mount, a network namespace and Landlock all let connect() reach a named unix
+    # socket (docker.sock, a tmux or ssh-agent socket); the mount namespace hides /tmp and /run.
+    use_layers(monkeypatch, layers)
+    with _unix_server() as path:
+        out = run_program(CONNECT_UNIX.format(path=path))
+        assert out.status == "failed" and "connected" not in out.detail, out
+
+
+@needs_linux
+@pytest.mark.parametrize("layers", [None, {"mntns"}, {"landlock"}], ids=["all", "mntns", "landlock"])
+def test_files_in_temporary_folders_are_hidden(monkeypatch, layers):
+    chosen = use_layers(monkeypatch, layers)
+    folder = tempfile.mkdtemp(prefix="sandbox-secret-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        secret = os.path.join(folder, "token")
+        with open(secret, "w") as f:
+            f.write("hf_secret")
+        os.chmod(secret, 0o644)  # readable by anyone who can see it
+        out = run_program(f"import _io\nprint(_io.open({secret!r}).read())\n")
+        assert out.status == "failed" and "hf_secret" not in out.detail, out
+        listing = run_program("import os\nassert os.listdir('/tmp') == [os.path.basename(os.getcwd())], os.listdir('/tmp')\n")
+        if "landlock" in chosen:  # refuses the listing itself
+            assert "PermissionError" in listing.detail, listing
+        else:  # an empty tmpfs that holds only the working folder
+            assert listing.passed, listing
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_sigterm_cancels_run_many_at_once(tmp_path):
+    # The evaluator gets SIGTERM while two workers run programs that would sleep for a minute and
+    # four more wait in the queue: it must kill them, remove their folders and exit promptly.
+    tmpdir = tempfile.mkdtemp(prefix="sandbox-sigterm-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    os.chmod(tmpdir, 0o755)  # the program's uid must be able to reach its folder
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
+    code = (
+        f"import sys\nsys.path.insert(0, {repo!r})\nfrom compressor import sandbox\n"
+        "sandbox.run_many(['import time\\ntime.sleep(60)'] * 6, workers=2, timeout=60, progress=False)\n"
+        "print('finished')\n"
+    )
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TMPDIR": tmpdir},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while len(glob.glob(os.path.join(tmpdir, "compressor-sandbox-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.3)  # let the programs start
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=30)
+        assert time.monotonic() - start < 3.0
+        assert proc.returncode == 128 + signal.SIGTERM and "finished" not in stdout, stderr
+        assert os.listdir(tmpdir) == []
+        assert _processes_with(tmpdir) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# --- graceful degradation -------------------------------------------------------------------
+
+
+def test_no_os_isolation_warns_once_and_still_runs(monkeypatch, caplog):
+    # As on macOS: no OS layer at all. One warning, then programs run with rlimits, the timeout
+    # and the guard.
+    monkeypatch.setattr(sandbox, "_wanted", lambda: frozenset())
+    monkeypatch.setattr(sandbox, "_probed", {})
+    monkeypatch.setattr(sandbox, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="compressor.sandbox"):
+        assert run_program("print('ok')").passed
+        out = run_program(f"open('/tmp/sandbox-escape-{uuid.uuid4().hex}', 'w')")
+        assert out.status == "failed" and "not allowed" in out.detail
+        assert run_program("while True:\n    pass\n", timeout=0.5).status == "timeout"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no OS isolation" in warnings[0].getMessage()
+    assert sandbox.isolation() == frozenset()
+
+
+# As root: run a command as uid 1000 inside a user namespace that may not create further user
+# namespaces, i.e. a normal user on a kernel without them. The parent writes the uid map.
+NO_USERNS = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+ready, go = os.pipe(), os.pipe()
+pid = os.fork()
+if pid == 0:
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        os._exit(90)
+    os.write(ready[1], b"x")
+    os.read(go[0], 1)
+    os.setgid(0)
+    os.setuid(0)
+    with open("/proc/sys/user/max_user_namespaces", "w") as f:
+        f.write("0")
+    os.setgroups([])
+    os.setgid(1000)
+    os.setuid(1000)
+    os.execv(sys.argv[1], sys.argv[1:])
+os.read(ready[0], 1)
+for name in ("uid_map", "gid_map"):
+    with open(f"/proc/{pid}/{name}", "w") as f:
+        f.write("0 200000 65536")
+os.write(go[1], b"x")
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+AS_NORMAL_USER = r"""
+import logging, os, sys, uuid
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+sys.path.insert(0, sys.argv[1])
+from compressor import sandbox
+layers = sandbox.isolation()
+assert "userns" not in layers and "pidns" not in layers, layers
+assert sandbox.run_program("import math\nassert math.sqrt(4) == 2").passed
+target = f"/tmp/sandbox-escape-{uuid.uuid4().hex}"
+out = sandbox.run_program(UNGUARD + f"import posix\nposix.open({target!r}, posix.O_WRONLY | posix.O_CREAT)")
+assert out.status == "failed" and not os.path.exists(target), out
+out = sandbox.run_program(UNGUARD + "import posix\nposix.fork()")
+assert out.status == "failed" and "BlockingIOError" in out.detail, out
+out = sandbox.run_program(f"import _io\nprint(_io.open('/proc/{os.getpid()}/environ').read())")
+assert out.status == "failed" and "SANDBOX_TEST_SECRET" not in out.detail, out
+print("layers", ",".join(sorted(layers)))
+"""
+
+
+def _as_normal_user(*argv: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_USERNS, *argv], capture_output=True, text=True, cwd="/", **kwargs)
+
+
+def _interpreter_for_normal_user() -> str | None:
+    """An interpreter of this Python version that the unprivileged user can run (this one may
+    live below /root, mode 700)."""
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    for candidate in dict.fromkeys((sys.executable, shutil.which(version), f"/usr/bin/{version}")):
+        if candidate and os.path.exists(candidate) and _as_normal_user(candidate, "-c", "pass", timeout=60).returncode == 0:
+            return candidate
+    return None
+
+
+@needs_linux
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the simulation needs root")
+def test_normal_user_without_user_namespaces():
+    if _as_normal_user("/bin/true", timeout=60).returncode != 0:
+        pytest.skip("cannot simulate an unprivileged user here (user namespaces unavailable to root)")
+    python = _interpreter_for_normal_user()
+    if python is None:
+        pytest.skip("no interpreter of this version is readable by an unprivileged user")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
+    script = AS_NORMAL_USER.replace("UNGUARD + ", repr(UNGUARD) + " + ")
+    done = _as_normal_user(python, "-c", script, repo, timeout=120, env={"PATH": "/usr/bin:/bin", "SANDBOX_TEST_SECRET": "s3cret"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The fallback says so once, and the program still ran with the layers that remain.
+    assert done.stderr.count("WARNING sandbox:") == 1, done.stderr
+    assert "userns" in done.stderr and "unavailable" in done.stderr
+
+
+def test_isolation_report():
+    layers = sandbox.isolation()
+    assert layers <= set(sandbox.MECHANISMS)
+    assert sandbox.network_isolation() == ("namespace" if "netns" in layers else "landlock" if "landlock-net" in layers else "guard")
+    assert set(sandbox._guarantees(layers)) == {
+        "writes only in the working folder", "no process outlives the run", "the evaluator's environment is hidden",
+        "no fork bomb", "no network", "no unix sockets of the machine",
+    }
