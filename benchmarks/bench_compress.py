@@ -27,8 +27,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from compressor import api, models
-from compressor.pipeline import device_name
 from compressor import recipe as recipes
+from compressor.pipeline import device_name
 
 
 def parse_args(argv=None):
@@ -149,6 +149,8 @@ def run(args) -> dict:
     sync(device)
     result["compress"] = {"method": "whiten", "ratio": args.ratio, "wall_s": time.perf_counter() - t,
                           "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                          # What the caching allocator held at most: the figure nvidia-smi and an OOM see.
+                          "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
                           "achieved_linear_ratio": res.report["achieved_linear_ratio"], "params_after": res.report["params_after"]}
     print(f"  compress: {result['compress']}", flush=True)
 

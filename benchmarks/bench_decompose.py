@@ -22,6 +22,7 @@ The naive loop costs ~4 minutes on an H100 (1.12 s per 4096x4096 SVD, more for 4
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -31,7 +32,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from compressor import linalg, models, ranks as rank_policies
+from compressor import linalg, models
+from compressor import ranks as rank_policies
 from compressor.pipeline import device_name
 
 # Spectral decay per matrix role; attention projections decay faster than MLP ones in real models.
@@ -156,7 +158,9 @@ def run(args) -> dict:
     inter = args.intermediate or (1376 if args.quick else 11008)
     n_layers = args.layers or (2 if args.quick else 32)
     naive_layers = min(n_layers, args.naive_layers or n_layers)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=n_layers, num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128), vocab_size=32000)
+    heads = max(1, hidden // 128)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=n_layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000)
     shapes = layer_shapes(cfg)
     algorithms = [a for a in args.algorithms.split(",") if a]
     scenarios = {f"ratio {args.ratio:g}": rank_policies.uniform(shapes, args.ratio)}
@@ -183,7 +187,10 @@ def run(args) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rows = {name: {"shape": list(shapes[name]), "naive_s": 0.0, "naive_excess": 0.0} for name in shapes}
     totals = {"naive_s": 0.0, "generate_s": 0.0}
-    per_scenario = {sc: {a: {"time_s": 0.0, "max_excess": 0.0, "per_matrix": {n: {"rank": r[n], "algo": linalg.choose(shapes[n], r[n], device, a), "time_s": 0.0, "max_excess": 0.0} for n in shapes}} for a in algorithms} for sc, r in scenarios.items()}
+    def matrix_rows(r, a):
+        return {n: {"rank": r[n], "algo": linalg.choose(shapes[n], r[n], device, a), "time_s": 0.0, "max_excess": 0.0} for n in shapes}
+
+    per_scenario = {sc: {a: {"time_s": 0.0, "max_excess": 0.0, "per_matrix": matrix_rows(r, a)} for a in algorithms} for sc, r in scenarios.items()}
     naive_excess = {sc: 0.0 for sc in scenarios}
     start = time.perf_counter()
     for layer in range(n_layers):
@@ -193,7 +200,7 @@ def run(args) -> dict:
         mats = [weights[n][0] for n in names]
         if layer < naive_layers:
             for name, w in zip(names, mats):
-                (u, s, vh), dt = timed(lambda: naive(w), device)
+                (u, s, vh), dt = timed(functools.partial(naive, w), device)
                 rows[name]["naive_s"] += dt
                 totals["naive_s"] += dt
                 for sc, r in scenarios.items():
@@ -208,7 +215,7 @@ def run(args) -> dict:
                     continue
                 # One batched call per layer, exactly as the pipeline makes it.
                 try:
-                    facts, dt = timed(lambda: linalg.svd(mats, ranks=[r[n] for n in names], algorithm=algo), device)
+                    facts, dt = timed(functools.partial(linalg.svd, mats, ranks=[r[n] for n in names], algorithm=algo), device)
                 except RuntimeError as e:  # a driver refusing a shape must not cost the whole run
                     rec["error"], rec["time_s"], rec["max_excess"] = str(e)[:200], float("nan"), float("nan")
                     print(f"  {algo} failed: {rec['error']}", flush=True)
@@ -249,10 +256,12 @@ def run(args) -> dict:
     for sc in scenarios:
         for algo in algorithms:
             rec = per_scenario[sc][algo]
-            speedup = naive_total / rec["time_s"] if rec["time_s"] == rec["time_s"] and rec["time_s"] else math.inf
+            # A failed algorithm has no speed-up (NaN), not an infinite one.
+            speedup = math.nan if "error" in rec else (naive_total / rec["time_s"] if rec["time_s"] else math.inf)
             rec["speedup"] = speedup
             ok = rec["max_excess"] < 1e-3
-            print(f"{sc:22s} {algo:10s}: toolkit {rec['time_s']:8.2f} s vs naive {naive_total:8.2f} s{' (extrapolated from %d layers)' % naive_layers if naive_layers < n_layers else ''}"
+            extrapolated = f" (extrapolated from {naive_layers} layers)" if naive_layers < n_layers else ""
+            print(f"{sc:22s} {algo:10s}: toolkit {rec['time_s']:8.2f} s vs naive {naive_total:8.2f} s{extrapolated}"
                   f" -> {speedup:6.2f}x; worst truncation error excess {rec['max_excess']:.2e} (naive {naive_excess[sc]:.2e}) {'OK' if ok else 'ABOVE 1e-3'}")
             summary.append(f"{sc}/{algo} {speedup:.1f}x (excess {rec['max_excess']:.1e})")
     out = Path(args.out)
