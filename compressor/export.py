@@ -105,6 +105,10 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
+        # mkdtemp makes a private (0700) folder; the output gets what mkdir would give it.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         yield tmp
         if out.exists():
             # Moved aside, not deleted first: a crash in between leaves the old output, not none.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,6 +45,9 @@ def test_compress_then_eval(model_dir, tmp_path):
         assert key in report
     assert report["method"] == "welore" and report["target_ratio"] == 0.3
     assert {"config.json", "model.safetensors", "modeling_compressed.py", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask, "the output folder is as readable as any folder mkdir makes"
 
     results = tmp_path / "results.json"
     proc = run("eval", out, "--tasks", "code_ppl", "--seq-len", "64", "--limit", "4", "-o", results, "--device", "cpu")
