@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import compressor
-from compressor import export, models, pipeline, stages
+from compressor import distributed, export, models, pipeline, stages
 from compressor import recipe as recipes
 from compressor.calibration import token_windows
 from compressor.errors import CompressorError
@@ -76,7 +76,7 @@ def source_dtype(spec) -> str:
     from compressor.loading import resolve_model
 
     source = resolve_model(spec)
-    if source.kind == "gguf" or source.convert_to is not None:
+    if source.kind == "gguf" or source.origin is not None or source.convert_to is not None:
         return "bfloat16"
     if source.kind == "folder":
         try:
@@ -93,6 +93,8 @@ def source_size(spec) -> int | None:
     from compressor.loading import resolve_model
 
     source = resolve_model(spec)
+    if source.origin is not None:
+        return source.origin.stat().st_size
     path = Path(source.location)
     if source.kind == "gguf" and path.is_file():
         return path.stat().st_size
@@ -210,6 +212,12 @@ def compress(
             each compressed layer as it is done, for models larger than memory (compressor/streaming.py).
         resume: continue an interrupted streamed run from its last finished layer (implies stream).
     """
+    # distributed (torchrun / --nproc, docs/distributed.md): every rank runs this function; only
+    # rank 0 checks and writes the output folder, the others run with none. No-op in one process.
+    if distributed.init():
+        if stream or resume:
+            raise CompressorError("--stream/--resume are not distributed yet; run them in one process (leave out torchrun and --nproc)")
+        out = out if distributed.is_primary() else None
     recipe = preflight(model, recipe, out, ratio=ratio, samples=samples, seq_len=seq_len, overwrite=overwrite, eval_limit=eval_limit, eval_seq_len=eval_seq_len)
     if stream or resume:
         if not isinstance(model, (str, Path)) or out is None or eval_tasks:
@@ -252,7 +260,9 @@ def compress(
     cal = recipe.calibration
     gram_dtype = getattr(torch, cal.gram_dtype)
 
-    outcome = stages.run(model, recipe, dev, windows, cal.batch_size, gram_dtype)
+    with distributed.layer_split(windows is None):  # distributed: a data-free recipe's layers are split over the ranks
+        outcome = stages.run(model, recipe, dev, windows, cal.batch_size, gram_dtype)
+        distributed.gather_outcome(model, outcome, sync=bool(eval_tasks))
     specs = outcome.specs
 
     params_after, linear_after = _model_values(model), _linear_params(model)
@@ -283,8 +293,10 @@ def compress(
         "device_name": pipeline.device_name(dev),
         "versions": versions(),
     }
+    report.update(distributed.describe())  # {} in one process
     report["wall_seconds"] = round(time.time() - start, 3)
     model.to(getattr(torch, out_dtype))
+    distributed.barrier("the end of compression")  # distributed: rank 0 writes once every rank is done
     if out is not None:
         record = {"method": report["method"], "recipe": report["recipe"], "target_ratio": report["target_ratio"], "dtype": out_dtype}
         export.save(model, tokenizer, out, specs, record, report, overwrite=overwrite, quant=export.gptq_format(model, recipe, specs))

