@@ -49,3 +49,30 @@ def test_to_dict_round_trips():
     rec = recipe.load("welore", ratio=0.25)
     again = recipe.from_dict(rec.to_dict())
     assert again.to_dict() == rec.to_dict()
+
+
+@pytest.mark.parametrize("name", recipe.shipped())
+def test_every_shipped_recipe_compresses_and_reloads(name, tmp_path):
+    """Each shipped recipe, shrunk to a tiny llama's widths (group size 32), runs end to end and
+    its export reloads with the logits it had in memory."""
+    import torch
+
+    import compressor
+    from compressor.api import compress
+
+    from conftest import byte_tokenizer, tiny_model
+
+    data = recipe.load(name).to_dict()
+    for stage in data["stages"]:
+        if "group_size" in stage:
+            stage["group_size"] = 32
+        if stage["method"] == "eora" and stage.get("refine"):
+            stage["refine"] = 1
+    shrunk = recipe.from_dict(data, source=name)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    result = compress(tiny_model("llama"), shrunk, tmp_path / "out", tokenizer=byte_tokenizer(), samples=4, seq_len=32, device="cpu")
+    with torch.no_grad():
+        ours = result.model(ids).logits
+        again = compressor.load(tmp_path / "out")(ids).logits
+    assert torch.isfinite(ours).all()
+    assert torch.allclose(ours, again, atol=1e-4)
