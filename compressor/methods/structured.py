@@ -7,10 +7,11 @@ just says `intermediate_size: k`.
 
 Which channels, and what down becomes: with Z (tokens x I) the intermediate activations on the
 calibration data and C = Z^T Z / N (the input Gram of down, which the driver collects anyway), the
-kept set S is ranked by each channel's share of the MLP's output energy,
-C_jj * ||W_down[:, j]||^2 (`selection: energy`), or by ridge leverage, diag(C (C + lambda I)^-1)
-(`selection: leverage`, MoDeGPT's choice). down is then refitted to reproduce the full MLP's output
-from the kept channels alone, the least-squares solution
+kept set S comes from backward elimination (`selection: greedy`: repeatedly drop the channel whose
+loss raises the refitted output error least, given the channels still kept), or from a score per
+channel: its share of the MLP's output energy, C_jj * ||W_down[:, j]||^2 (`selection: energy`), or
+ridge leverage, diag(C (C + lambda I)^-1) (`selection: leverage`, MoDeGPT's choice). down is then
+refitted to reproduce the full MLP's output from the kept channels alone, the least-squares solution
     W_down' = W_down C[:, S] C[S, S]^-1,
 exact whenever the dropped channels are linear combinations of the kept ones on the data.
 
@@ -49,7 +50,7 @@ ALLOCATIONS = ("uniform", "budget")
 class StructuredConfig:
     """ratio: fraction of ALL decoder-linear parameters to remove, taken from the MLPs.
     allocation: uniform (same width in every layer) or budget (per-layer widths by measured error).
-    selection: energy or leverage (how intermediate channels are ranked).
+    selection: greedy, energy or leverage (how the kept intermediate channels are chosen).
     multiple_of: widths are multiples of this (GPTQ packing and GEMM tiles like 32).
     min_keep: with allocation budget, no layer keeps fewer than this fraction of its channels.
     ridge: leverage's lambda as a fraction of mean(diag C). damp: added to C[S, S] as a fraction of
@@ -57,7 +58,7 @@ class StructuredConfig:
 
     ratio: float = 0.2
     allocation: str = "uniform"
-    selection: str = "energy"
+    selection: str = "greedy"
     multiple_of: int = 32
     min_keep: float = 0.25
     ridge: float = 1e-2
