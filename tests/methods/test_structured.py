@@ -129,7 +129,35 @@ def _tok():
     return byte_tokenizer()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text", "starcoder2", "gpt2", "gpt_bigcode"])
+def test_refit_on_a_real_layer_equals_float64_least_squares(arch):
+    """Layer 0's new down_proj is the float64 least-squares fit of the dense MLP's output on the
+    calibration windows from the kept channels' activations (layer 0's input is the same before and
+    after, so this can be checked from outside)."""
+    from compressor.api import calibration_windows
+
+    dense = tiny_model(arch)
+    model = tiny_model(arch)
+    recipe_ = structured(structured={"damp": 0.0})
+    result = compress(model, recipe_, tokenizer=_tok(), **CALIB)
+    mlp = models.arch_for(dense).mlp
+    layer0, new0 = models.decoder_layers(dense)[0], models.decoder_layers(result.model)[0]
+    captured = []
+    hook = layer0.get_submodule(mlp.output).register_forward_hook(lambda m, a, o: captured.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    windows = calibration_windows(recipe_, _tok(), None, CALIB["samples"], CALIB["seq_len"])
+    with torch.no_grad():
+        dense(input_ids=windows)
+    hook.remove()
+    Z = torch.cat(captured).double()
+    W = models.weight_of(layer0.get_submodule(mlp.output)).detach().double()
+    old_rows = models.weight_of(layer0.get_submodule(mlp.inputs[0])).detach()
+    new_rows = models.weight_of(new0.get_submodule(mlp.inputs[0])).detach()
+    kept = torch.tensor([int((old_rows == r).all(1).nonzero()[0]) for r in new_rows])
+    ref = torch.linalg.lstsq(Z[:, kept], Z @ W.T).solution.T
+    ours = models.weight_of(new0.get_submodule(mlp.output)).detach().double()
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "starcoder2", "gpt2", "gpt_bigcode"])
 def test_uniform_export_is_a_standard_checkpoint(arch, tmp_path):
     model = tiny_model(arch)
     out = tmp_path / "out"
