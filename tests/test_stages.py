@@ -312,24 +312,24 @@ def test_merge_into_lowrank_is_exact(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("stages, message", [
-    ([{"method": "gptq", "bits": 5}], "bits must be 2, 3, 4 or 8"),
+    ([{"method": "gptq", "bits": 5}], "key 'bits' must be one of 2, 3, 4, 8; got 5"),
     ([{"method": "gptq", "group_size": 48}], "group_size 48 does not divide the 64 input features"),
     ([{"method": "eora", "rank": 8}], "needs a rank-reduction or quantisation stage before it"),
     ([{"method": "eora"}, {"method": "gptq", "group_size": 32}], "must come before 'eora'"),
     ([{"method": "gptq", "group_size": 32}, {"method": "rtn", "group_size": 32}], "only one quant stage"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "merge": True}], "cannot fold adapters into quantised weights"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank": 0}], "ranks must be positive"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank": 0}], "key 'rank' must be an integer >= 1, got 0"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "per-type"}], "needs sequential: false"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "best"}], "unknown rank_allocation 'best'"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "weighting": "fisher"}], "unknown weighting 'fisher'"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 5}], "bits must be 2, 3, 4 or 8"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1.5}], "propagation is the share of inherited error to correct, between 0 and 1"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "best"}], "key 'rank_allocation' must be one of uniform, per-type, global; got 'best'"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "weighting": "fisher"}], "key 'weighting' must be one of output, loss, loss-full; got 'fisher'"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 5}], "key 'bits' must be one of 2, 3, 4, 8; got 5"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1.5}], r"key 'propagation' must be a number in \[0, 1\], got 1.5"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "sequential": False}], "propagation corrects the inputs .* needs sequential: true"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "propagation_damp": -0.1}], "propagation_damp must be >= 0"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "propagation_damp": -0.1}], "key 'propagation_damp' must be a number >= 0, got -0.1"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 4, "sequential": False, "rank_allocation": "per-type"}], "bits quantises adapters as they are fitted"),
     ([{"method": "svd", "ratio": 0.3}, {"method": "gptq", "group_size": 32}, {"method": "eora", "refine": 2}], "eora refine re-quantises W - B A for dense linears"),
     ([{"method": "svd", "ratio": 0.3}, {"method": "eora", "refine": 2}], "eora refine re-quantises W - B A for dense linears"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "refine": -1}], "refine is a number of rounds"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "refine": -1}], "key 'refine' must be an integer >= 0, got -1"),
 ])
 def test_bad_input_is_one_line(stages, message, tokenizer):
     with pytest.raises(CompressorError, match=message) as err:

@@ -54,7 +54,7 @@ def test_check_names_layer_and_fix():
 
 
 def test_recipe_validates_bits():
-    with pytest.raises(CompressorError, match="bits must be 2, 3, 4 or 8, got 5"):
+    with pytest.raises(CompressorError, match="key 'bits' must be one of 2, 3, 4, 8; got 5"):
         recipe.from_dict({"stages": [{"method": "gptq", "bits": 5}]})
     with pytest.raises(CompressorError, match="key 'rank_pattern' must be"):
         recipe.from_dict({"stages": [{"method": "gptq"}, {"method": "eora", "rank_pattern": {"mlp.*": "big"}}]})
