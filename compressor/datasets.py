@@ -9,7 +9,6 @@ from pathlib import Path
 from compressor.errors import CompressorError
 
 
-
 def shipped_dir(name: str) -> Path:
     """compressor/<name> in an installed package (setup.cfg maps the top-level folder there), else
     the top-level <name>/ of a source checkout."""

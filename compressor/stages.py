@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from compressor import eora, models, modules, pipeline, sensitivity
-from compressor.methods import eora as eora_stage
 from compressor.errors import CompressorError
+from compressor.methods import eora as eora_stage
 from compressor.recipe import Recipe
 
 log = logging.getLogger("compressor.stages")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressor import linalg
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -21,6 +20,8 @@ from transformers import (
     Qwen3Config,
     Starcoder2Config,
 )
+
+from compressor import linalg
 
 VOCAB = 256
 _ATTN = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=256)

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer, tiny_model
 from safetensors.torch import load_file, save_file
 
-from compressor import api, export, streaming
+from compressor import api, streaming
 from compressor.cli import main
 from compressor.errors import CompressorError
-
-from conftest import byte_tokenizer, tiny_model
 
 NOISE = ("compressor.progress:", "Loading weights", "Writing model shards")  # progress lines, not messages
 

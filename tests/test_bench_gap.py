@@ -6,7 +6,6 @@ import math
 import sys
 
 import pytest
-
 from conftest import load_benchmark
 
 

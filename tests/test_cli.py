@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from conftest import byte_tokenizer, tiny_model
+from safetensors.torch import load_file, save_file
 
 
 def run(*args, cwd=None):

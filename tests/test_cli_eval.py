@@ -6,8 +6,8 @@ import json
 import sys
 
 import pytest
-
 from conftest import byte_tokenizer, tiny_model
+
 from compressor import cli, plots
 
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import byte_tokenizer, tiny_model
+
 from compressor import evaluate, lmeval
 from compressor.errors import CompressorError
 

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import compressor
 from compressor import recipe
 from compressor.api import compress
-
-from conftest import byte_tokenizer
 
 PYTHON = os.environ.get("COMPRESSOR_GPTQMODEL_PYTHON")
 LOADER = Path(__file__).resolve().parents[1] / "benchmarks" / "gptqmodel_load.py"

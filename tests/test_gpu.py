@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
+from test_stages import IDS, shipped
 
 import compressor
 from compressor.api import compress
 from compressor.evaluate import perplexity
-
-from conftest import tiny_model
-from test_stages import IDS, shipped
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CALIB = dict(samples=4, seq_len=32)

@@ -2,8 +2,8 @@ import json
 import os
 
 import pytest
-
 from conftest import byte_tokenizer, tiny_model
+
 from compressor import lmeval
 from compressor.errors import CompressorError
 

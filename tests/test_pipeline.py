@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 import compressor
@@ -13,8 +14,6 @@ from compressor import models, pipeline
 from compressor import ranks as ranks_mod
 from compressor.api import compress
 from compressor.modules import LowRankLinear
-
-from conftest import tiny_model
 
 
 def _truncation_error_fp64(w: torch.Tensor, rank: int) -> float:

@@ -56,11 +56,10 @@ def test_every_shipped_recipe_compresses_and_reloads(name, tmp_path):
     """Each shipped recipe, shrunk to a tiny llama's widths (group size 32), runs end to end and
     its export reloads with the logits it had in memory."""
     import torch
+    from conftest import byte_tokenizer, tiny_model
 
     import compressor
     from compressor.api import compress
-
-    from conftest import byte_tokenizer, tiny_model
 
     data = recipe.load(name).to_dict()
     for stage in data["stages"]:

@@ -1,12 +1,11 @@
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
 from compressor import models, sensitivity
 from compressor.errors import CompressorError
 from compressor.sensitivity import output_roots, output_sensitivity, row_weights
-
-from conftest import tiny_model
 
 WINDOWS = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
 

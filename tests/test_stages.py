@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -13,8 +14,6 @@ import compressor
 from compressor import models, modules, quant, recipe
 from compressor.api import calibration_windows, compress
 from compressor.errors import CompressorError
-
-from conftest import tiny_model
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 CALIB = dict(samples=4, seq_len=32, device="cpu")

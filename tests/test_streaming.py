@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from compressor import api, export, streaming
 from compressor import recipe as recipes
 from compressor.errors import CompressorError
-
-from conftest import byte_tokenizer, tiny_model
 
 
 def _write(model, folder: Path, shard: str = "60KB") -> Path:

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from compressor.methods.whiten import Whiten, WhitenConfig
-from compressor.methods.svd import SVD
 from compressor.methods.base import RankConfig
+from compressor.methods.svd import SVD
+from compressor.methods.whiten import Whiten, WhitenConfig
 
 from .helpers import correlated_inputs, gram, output_error
 
