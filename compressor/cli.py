@@ -30,7 +30,7 @@ def cli(verbose: bool) -> None:
     """Post-training compression of causal LMs (structured width reduction, SVD rank reduction,
     GPTQ, compensation adapters), export in standard formats, offline evaluation.
 
-    Start with: compressor compress demo -r gptq4-eora32 -o out/demo (see `compressor recipes`)."""
+    Start with: compressor compress demo -r gptq8 -o out/demo --eval code_ppl (see `compressor recipes`)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     # Progress lines (off a terminal, where tqdm bars are off) show without -v.
     logging.getLogger("compressor.progress").setLevel(logging.INFO)
