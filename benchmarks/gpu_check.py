@@ -397,6 +397,14 @@ def _dict_lines(log: Path) -> dict:
     return found
 
 
+def speed_rows(speed: dict) -> dict:
+    """Per model, tokens/s and their ratio to the dense row."""
+    dense = speed.get("dense") or {}
+    return {key: {"prefill_tok_s": finite(row.get("prefill_tok_s")), "decode_tok_s": finite(row.get("decode_tok_s")),
+                  "prefill_x_dense": ratio(row.get("prefill_tok_s"), dense.get("prefill_tok_s")),
+                  "decode_x_dense": ratio(row.get("decode_tok_s"), dense.get("decode_tok_s"))} for key, row in speed.items()}
+
+
 def compress_figures(ctx, rec, log: Path) -> None:
     found = sorted((ctx.out / "steps" / "compress").glob("bench_compress_*.json"))
     if found:
@@ -412,12 +420,9 @@ def compress_figures(ctx, rec, log: Path) -> None:
                        dtype=head.group(6), samples=int(head.group(7)), seq_len=int(head.group(8)))
         rec_json = None
     speed = res.get("speed") or {}
-    dense = speed.get("dense") or {}
-    rows = {}
+    rows = speed_rows(speed)
     for key, row in speed.items():
-        rows[key] = {"prefill_tok_s": finite(row.get("prefill_tok_s")), "decode_tok_s": finite(row.get("decode_tok_s")),
-                     "prefill_x_dense": ratio(row.get("prefill_tok_s"), dense.get("prefill_tok_s")),
-                     "decode_x_dense": ratio(row.get("decode_tok_s"), dense.get("decode_tok_s")), "structure": row.get("structure", "dense")}
+        rows[key]["structure"] = row.get("structure", "dense")
     c = res.get("compress") or {}
     peak = finite(c.get("peak_gpu_gib"))
     rec["figures"] = {
@@ -454,12 +459,7 @@ def structured_figures(ctx, rec, log: Path) -> None:
     path = ctx.out / "steps" / "structured" / "structured.json"
     res = json.loads(path.read_text()) if path.is_file() else {}
     speed = res.get("speed") or {}
-    dense = speed.get("dense") or {}
-    rows = {}
-    for key, row in speed.items():
-        rows[key] = {"prefill_tok_s": finite(row.get("prefill_tok_s")), "decode_tok_s": finite(row.get("decode_tok_s")),
-                     "prefill_x_dense": ratio(row.get("prefill_tok_s"), dense.get("prefill_tok_s")),
-                     "decode_x_dense": ratio(row.get("decode_tok_s"), dense.get("decode_tok_s"))}
+    rows = speed_rows(speed)
     c = res.get("compress") or {}
     peak = finite(c.get("peak_gpu_gib"))
     f = {"json": str(path.relative_to(ctx.out)) if path.is_file() else None, "partial": not res.get("complete", False),
