@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from compressor import progress
+from compressor import distributed, progress
 from compressor.errors import CompressorError
 
 PPL_TASKS = {"wikitext2_ppl": "wikitext2", "code_ppl": "code"}
@@ -63,9 +63,10 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit: int | No
         raise CompressorError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}; lower --seq-len")
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
     total, windows_nll = 0.0, []
-    with progress.bar(n_windows, "perplexity", "windows") as bar:
-        for start in range(0, n_windows, batch_size):
-            batch = windows[start : start + batch_size].to(device)
+    lo, hi = distributed.item_span(n_windows, batch_size)  # distributed: this rank's windows, whole batches; (0, n) in one process
+    with progress.bar(hi - lo, "perplexity", "windows") as bar:
+        for start in range(lo, hi, batch_size):
+            batch = windows[start : min(start + batch_size, hi)].to(device)
             logits = model(input_ids=batch, use_cache=False).logits.float()
             token_nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
             # Summed in float64: thousands of windows of float32 sums drift.
@@ -73,6 +74,12 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit: int | No
             windows_nll.extend(sums)
             total += sum(sums)
             bar.update(batch.shape[0])
+    if distributed.active():
+        # every rank's per-window sums in window order, totalled batch by batch as one process does
+        windows_nll = distributed.gather_list(windows_nll, "perplexity")
+        total = 0.0
+        for start in range(0, n_windows, batch_size):
+            total += sum(windows_nll[start : start + batch_size])
     count = n_windows * (seq_len - 1)
     found = {"ppl": math.exp(total / count), "windows": n_windows, "seq_len": seq_len, "tokens": count}
     return {**found, "window_nll": windows_nll} if per_window else found

@@ -253,11 +253,20 @@ def evaluate_humaneval(
         do_sample = n > 1
     start = time.time()
     items = problems(limit)
+    from compressor import distributed
+
+    # distributed: each rank generates for a contiguous share of the problems; rank 0 runs the tests
+    lo, hi = distributed.item_span(len(items))
     completions = generate(
-        model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
+        model, tokenizer, items[lo:hi], max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
         temperature=temperature, top_p=top_p, n=n, device=device, seed=seed, progress=progress,
     )
-    result = score(items, completions, ks, workers=workers, timeout=timeout, progress=progress)
+    if distributed.active():
+        completions = distributed.gather_list(completions, "humaneval completions")
+        found = score(items, completions, ks, workers=workers, timeout=timeout, progress=progress) if distributed.is_primary() else None
+        result = distributed.broadcast_object(found, 0, "humaneval scores")
+    else:
+        result = score(items, completions, ks, workers=workers, timeout=timeout, progress=progress)
     result["generation"] = {
         "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature if do_sample else None,
         "top_p": top_p if do_sample else None, "batch_size": batch_size, "seed": seed,

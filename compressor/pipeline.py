@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor import models, progress
+from compressor import distributed, models, progress
 from compressor.calibration import DriftCollector, GramCollector, one_per_group
 from compressor.errors import CompressorError
 from compressor.linalg import check_finite
@@ -30,10 +30,14 @@ log = logging.getLogger("compressor.pipeline")
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CompressorError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise CompressorError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and distributed.active():  # distributed: one GPU per rank
+        dev = torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
+    return dev
 
 
 def device_name(device: torch.device) -> str:
@@ -88,6 +92,7 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int, device: to
     Recording what the model itself passes each layer keeps this architecture-agnostic: models
     with per-layer attention types (Gemma 3's sliding and global layers) get the right mask each.
     """
+    windows = distributed.share(windows, batch_size)  # distributed: this rank's windows only (all in one process)
     layers = models.decoder_layers(model)
     originals = list(layers)
     sink: list = []
@@ -175,6 +180,8 @@ def collect(model, layer: nn.Module, acts: Activations, index: int, gram_dtype, 
             dense = _paired_pass(layer, acts, dense, index, collector, dense_layer)
     finally:
         collector.close()
+    if distributed.active():  # distributed: the sums over every rank's windows, added in rank order
+        distributed.reduce_collector(collector)
     return collector.grams(), None if dense is None else collector.crosses(), dense
 
 
@@ -204,8 +211,17 @@ def walk(
     home = next(model.parameters()).device
     acts = capture(model, windows, batch_size, device) if windows is not None else None
     dense = list(acts.hidden) if acts is not None and dense_stream else None
+    # distributed (compressor/distributed.py; nothing changes in one process): with calibration
+    # data every rank visits every layer and the ranks check they hold the same result; without,
+    # inside distributed.layer_split, rank r visits layers r, r + N, ...
+    shared = distributed.active()
+    split = shared and acts is None and distributed.splitting()
+    if shared and acts is not None:
+        visit = distributed.synced(visit)
     try:
         for i, layer in enumerate(progress.iterate(layers, desc, "layers", interval=0)):
+            if shared and not distributed.layer_turn(i, split):
+                continue
             layer.to(device)
             if acts is None:
                 visit(i, layer, None)
@@ -250,6 +266,9 @@ def layer_energies(model, method: RankMethod, index: int, layer: nn.Module, gram
     weights = [models.weight_of(m).detach() for m in linears.values()]
     arch = models.arch_for(model)
     hs = [grams[arch.linears[n]] for n in linears] if method.needs_gram else [None] * len(weights)
+    if distributed.spreading():  # distributed: each shape's matrices on one rank, results broadcast
+        found = distributed.spread(weights, lambda idx: method.energies([weights[j] for j in idx], [hs[j] for j in idx]), "spectra")
+        return {f"{prefix}.{name}": e.cpu() for name, e in zip(linears, found)}
     return {f"{prefix}.{name}": e.cpu() for name, e in zip(linears, method.energies(weights, hs))}
 
 
@@ -261,7 +280,7 @@ def collect_energies(model, method: RankMethod, device, windows=None, batch_size
         energies.update(layer_energies(model, method, i, layer, grams))
 
     walk(model, device, visit, windows if method.needs_gram else None, batch_size, gram_dtype, desc="spectra")
-    return energies
+    return distributed.merge_split(energies)  # distributed: every rank's layers' spectra (a no-op otherwise)
 
 
 def plan_ranks(model, method: RankMethod, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
@@ -286,7 +305,11 @@ def compress_layer(model, method: RankMethod, ranks: dict, index: int, layer: nn
         check_finite(f"weight {prefix}.{name}", w)
         weights.append(w)
     hs = [grams[arch.linears[n]] for n in todo] if method.needs_gram else [None] * len(weights)
-    factors = method.decompose(weights, hs, [ranks[f"{prefix}.{n}"] for n in todo])
+    if distributed.spreading():  # distributed: each shape's matrices on one rank, results broadcast
+        ks = [ranks[f"{prefix}.{n}"] for n in todo]
+        factors = distributed.spread(weights, lambda idx: method.decompose([weights[j] for j in idx], [hs[j] for j in idx], [ks[j] for j in idx]))
+    else:
+        factors = method.decompose(weights, hs, [ranks[f"{prefix}.{n}"] for n in todo])
     for (name, old), w, f in zip(todo.items(), weights, factors):
         spec = method.module_spec(tuple(w.shape), ranks[f"{prefix}.{name}"], old.bias is not None)
         new = build_module(spec, old)

@@ -9,6 +9,7 @@ the `compressor.progress` logger: every item for slow units (layers), otherwise 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -64,7 +65,7 @@ class LineProgress:
 def bar(total: int | None, desc: str, unit: str = "it", interval: float = 10.0, enabled: bool = True):
     """A progress object for `total` items: tqdm on a terminal, LineProgress otherwise.
     interval: seconds between log lines off a terminal (0: one line per item)."""
-    if not enabled:
+    if not enabled or os.environ.get("RANK", "0") not in ("", "0"):  # distributed: rank 0's progress only
         return tqdm(total=total, disable=True)
     if sys.stderr.isatty():
         return tqdm(total=total, desc=desc, unit=unit)

@@ -26,9 +26,8 @@ import os
 
 import torch
 from torch import nn
-from compressor import progress
 
-from compressor import models
+from compressor import distributed, models, progress
 from compressor.errors import CompressorError
 
 
@@ -68,6 +67,7 @@ def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.de
     hooks.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     home = next(model.parameters()).device
     tokens = 0
+    windows = distributed.share(windows)  # distributed: this rank's windows (all in one process)
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -86,6 +86,8 @@ def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.de
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.to(home)
+    if distributed.active():  # distributed: sums and token counts over every rank, added in rank order
+        sums, tokens = distributed.reduce_in_order(sums, "loss sensitivities"), distributed.reduce_counts({"tokens": tokens})["tokens"]
     missing = sorted(set(targets) - set(sums))
     if missing:
         raise CompressorError(f"loss weighting: no gradient reached {missing[0]} (and {len(missing) - 1} more); the loss does not depend on it")
