@@ -126,6 +126,12 @@ def new_linear_like(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor 
     return new
 
 
+def replace_linear(layer: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the linear `name` (e.g. "mlp.down_proj") sits inside `layer`."""
+    parent, _, child = name.rpartition(".")
+    setattr(layer.get_submodule(parent), child, module)
+
+
 def layer_linears(model: nn.Module, layer: nn.Module, names: Collection[str] | None = None) -> dict[str, nn.Module]:
     """Linear name -> module for one decoder layer, in the adapter's order; `names`: only those
     (the others may be compressed already)."""

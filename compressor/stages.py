@@ -117,7 +117,7 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
                 with clock(quant.name):
                     module, spec = quant.quantize_module(module, H, outcome.specs.get(full))
             if quantised:
-                _replace(layer, name, module)
+                models.replace_linear(layer, name, module)
                 outcome.specs[full] = spec
             if not adapted or outcome.specs.get(full, {}).get("type") in (None, "dense"):
                 continue
@@ -127,7 +127,7 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
                 module, outcome.specs[full] = adapter.attach(module, B, A, outcome.specs[full], H)
             (outcome.merged if adapter.config.merge else outcome.adapters)[full] = A.shape[0]
             if adapter.config.sequential or adapter.config.merge:
-                _replace(layer, name, module)
+                models.replace_linear(layer, name, module)
             else:
                 deferred.append((layer, name, full, module))
         log.info("layer %d%s: %s", i, "" if only is None else f" ({', '.join(sorted(only))})", clock)
@@ -146,7 +146,7 @@ def run(model: nn.Module, recipe: Recipe, device, windows=None, batch_size: int 
                 outcome.adapters[full] = final[full]
             else:
                 del outcome.adapters[full]
-        _replace(layer, name, module.to(home))
+        models.replace_linear(layer, name, module.to(home))
     outcome.removed = {n: eora.removed_share(e, final[n]) for n, (e, _, _) in fitted.items()}
     if structure is not None:
         structure.finish(model, outcome.specs)
@@ -174,8 +174,3 @@ class _Clock:
 def adapted_names(model: nn.Module, adapter) -> set[str]:
     """Full names of the linears the adapter stage may fit (before knowing which get compressed)."""
     return {full for full, name, _ in models.iter_linears(model) if adapter.targets(name)}
-
-
-def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(layer.get_submodule(parent), child, module)

@@ -299,10 +299,10 @@ class Structured(Method):
         specs = {}
         for name in mlp.inputs:
             module = layer.get_submodule(name)
-            _replace(layer, name, _select_rows(module, kept.to(module.weight.device)))
+            models.replace_linear(layer, name, _select_rows(module, kept.to(module.weight.device)))
             specs[f"{prefix}.{name}"] = _dense_spec(layer.get_submodule(name))
         bias = None if down.bias is None else down.bias.detach()
-        _replace(layer, mlp.output, models.new_linear_like(down, new_down.to(W.dtype).to(W.device), bias))
+        models.replace_linear(layer, mlp.output, models.new_linear_like(down, new_down.to(W.dtype).to(W.device), bias))
         specs[f"{prefix}.{mlp.output}"] = _dense_spec(layer.get_submodule(mlp.output))
         grams = dict(grams)
         grams[group] = Ck
@@ -337,8 +337,3 @@ class Structured(Method):
 def _dense_spec(module: nn.Module) -> dict:
     out_f, in_f = models.linear_shape(module)
     return {"type": "dense", "out": out_f, "in": in_f, "bias": module.bias is not None}
-
-
-def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(layer.get_submodule(parent), child, module)
