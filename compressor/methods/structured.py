@@ -109,22 +109,26 @@ def elimination_order(C: torch.Tensor, W_down: torch.Tensor, keep: int, damp: fl
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
     P = torch.linalg.inv(C + damp * C.diagonal().mean().clamp_min(1e-30) * eye)
     B = P @ (C @ W.T)  # (n, out): W^T up to the damping
-    alive = torch.ones(n, dtype=torch.bool, device=C.device)
+    index = torch.arange(n, device=C.device)  # the channel each row of P and B belongs to
     dropped: list[torch.Tensor] = []
     todo = n - keep
     per_step = max(1, math.ceil(todo / max_steps))
     while todo > 0:
         cost = B.square().sum(1) / P.diagonal().clamp_min(1e-300)
-        cost[~alive] = math.inf
         J = cost.topk(min(per_step, todo), largest=False).indices
-        PJ = P[J]  # (b, n), a copy: P is symmetric, so PJ.T is its columns J before the update
+        PJ = P[J]  # (b, m), a copy: P is symmetric, so PJ.T is its columns J before the update
+        m = P.shape[0]
         solve = torch.linalg.solve(PJ[:, J], torch.cat([PJ, B[J]], dim=1))  # P_JJ^-1 [P_J. | B_J]
-        P -= PJ.T @ solve[:, :n]
-        B -= PJ.T @ solve[:, n:]
-        alive[J] = False
-        dropped.append(J)
+        P.addmm_(PJ.T, solve[:, :m], alpha=-1)
+        B.addmm_(PJ.T, solve[:, m:], alpha=-1)
+        dropped.append(index[J])
         todo -= len(J)
-    survivors = alive.nonzero().squeeze(1)
+        # Drop the eliminated rows and columns: the update is memory-bound, so a P that shrinks
+        # with the alive set is what keeps this fast, and it needs no mask on the cost.
+        alive = torch.ones(m, dtype=torch.bool, device=C.device)
+        alive[J] = False
+        P, B, index = P[alive][:, alive], B[alive], index[alive]
+    survivors = index  # still in increasing channel order
     energy = channel_scores(C, W)[survivors]
     first = survivors[energy.argsort(descending=True)]
     rest = torch.cat(dropped[::-1]) if dropped else first.new_zeros(0)
