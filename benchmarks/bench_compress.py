@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from compressor import api, models
 from compressor import recipe as recipes
-from compressor.pipeline import device_name
+from compressor.environment import device_name
 
 
 def parse_args(argv=None):

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from compressor import linalg, models
 from compressor import ranks as rank_policies
-from compressor.pipeline import device_name
+from compressor.environment import device_name
 
 # Spectral decay per matrix role; attention projections decay faster than MLP ones in real models.
 ALPHA = {"q_proj": 0.6, "k_proj": 0.6, "v_proj": 0.4, "o_proj": 0.4, "gate_proj": 0.3, "up_proj": 0.3, "down_proj": 0.3}

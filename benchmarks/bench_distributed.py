@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from compressor.pipeline import device_name
+from compressor.environment import device_name
 
 RECIPES = ("whiten", "gptq4", "svd")
 

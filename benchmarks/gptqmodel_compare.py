@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compressor import recipe
-from compressor.api import calibration_windows
+from compressor.calibration.windows import calibration_windows
 from compressor.evaluate import run_tasks
 from compressor.loading import load_model
 

@@ -526,7 +526,7 @@ def structured_worker(argv=None) -> int:
 
     from compressor import api, models
     from compressor import recipe as recipes
-    from compressor.pipeline import device_name
+    from compressor.environment import device_name
 
     bc = load_module(BENCH / "bench_compress.py", "bench_compress")
     device = torch.device(a.device)

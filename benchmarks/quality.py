@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    from compressor.pipeline import resolve_device
+    from compressor.environment import resolve_device
 
     device = resolve_device(args.device)
     t = time.time()

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-from compressor import export, recipe
+from compressor import recipe
 from compressor.api import compress
+from compressor.environment import device_name, resolve_device
 from compressor.evaluate import run_tasks
+from compressor.export import peft
 from compressor.loading import load_model
 from compressor.methods import eora as eora_stage
 from compressor.modules import LoraAdapted
-from compressor.pipeline import device_name, resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
 TASKS = ["code_ppl", "wikitext2_ppl"]
@@ -197,13 +198,13 @@ def main() -> None:
         for r in sorted(args.ranks):
             truncate_adapters(model, full, r)
             adapter_dir = work / f"adapter-{r}"
-            export.save_adapter(export._adapted(model), adapter_dir)
+            peft.save_adapter(peft.adapted(model), adapter_dir)
             record(f"{label} + {eora_label} r{r}", model, base_bytes + weights_bytes(adapter_dir), wall, adapter_bytes=weights_bytes(adapter_dir), note=note)
             if args.allocate and r < top:
                 pattern = allocate(full, r)
                 truncate_adapters(model, full, pattern)
                 adapter_dir = work / f"adapter-{r}-per-type"
-                export.save_adapter(export._adapted(model), adapter_dir)
+                peft.save_adapter(peft.adapted(model), adapter_dir)
                 spread = sorted(pattern.values())
                 record(f"{label} + EoRA r{r} per-type", model, base_bytes + weights_bytes(adapter_dir), wall,
                        adapter_bytes=weights_bytes(adapter_dir), rank_min_median_max=[spread[0], spread[len(spread) // 2], spread[-1]], note=note)

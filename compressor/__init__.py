@@ -15,7 +15,7 @@ def compress(*args, **kwargs):
 
 
 def load(*args, **kwargs):
-    """Load a folder written by `compressor` without remote code; see `compressor.export.load`."""
-    from compressor.export import load as _load
+    """Load a folder written by `compressor` without remote code; see `compressor.export.checkpoint.load`."""
+    from compressor.export.checkpoint import load as _load
 
     return _load(*args, **kwargs)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor import pipeline
+from compressor import distributed, ranks
 from compressor import recipe as recipes
+from compressor.calibration import driver
+from compressor.calibration.windows import calibration_windows
+from compressor.environment import resolve_device
 from compressor.errors import CompressorError
+from compressor.loading import load_model
+from compressor.methods.base import target_shapes
 
 
 def analyze(model, recipe: str = "welore", ratio: float | None = None, device: str = "auto", tokenizer=None, calib: str | None = None) -> list[dict]:
@@ -15,26 +20,23 @@ def analyze(model, recipe: str = "welore", ratio: float | None = None, device: s
     kept_energy is the share of the truncated matrix's squared singular values that the rank keeps
     (for data-aware methods, of the whitened matrix, i.e. of the output energy on calibration data).
     """
-    from compressor import ranks
-
     rec = recipes.load(recipe, ratio) if isinstance(recipe, str) else recipe
     stage = next((s for s in rec.stages if s.kind == "rank"), None)
     if stage is None:
         raise CompressorError(f"recipe '{rec.name}' has no rank-reduction stage to analyse")
     if isinstance(model, str):
-        from compressor.loading import load_model
-
         model, tokenizer = load_model(model)
-    shapes = pipeline.target_shapes(model, stage)  # fails before any calibration when targets match nothing
-    dev = pipeline.resolve_device(device)
+    shapes = target_shapes(model, stage)  # fails before any calibration when targets match nothing
+    dev = resolve_device(device)
     windows = None
     if stage.needs_gram:
         if tokenizer is None:
             raise CompressorError(f"recipe '{rec.name}' is data-aware, so analysing an in-memory model needs its tokenizer")
-        from compressor.api import calibration_windows
-
         windows = calibration_windows(rec, tokenizer, calib)
-    energies = pipeline.collect_energies(model, stage, dev, windows, rec.calibration.batch_size)
+    energies: dict = {}
+    driver.walk(model, dev, lambda i, layer, grams: energies.update(stage.layer_energies(model, i, layer, grams)), windows, rec.calibration.batch_size,
+                desc="spectra")
+    energies = distributed.merge_split(energies)
     allocation = stage.allocate(shapes, energies)
     rows = []
     for name, e in energies.items():

@@ -2,62 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 
-import compressor
-from compressor import distributed, export, models, pipeline, stages
+from compressor import distributed, files, models
 from compressor import recipe as recipes
-from compressor.calibration import token_windows
-from compressor.errors import CompressorError
+from compressor.calibration import driver
+from compressor.calibration.driver import Result
+from compressor.calibration.windows import calibration_windows
+from compressor.environment import device_name, resolve_device, versions
+from compressor.errors import CompressorError, check_counts
+from compressor.evaluate import run_tasks
+from compressor.export import accounting, checkpoint
 from compressor.linalg import check_finite
+from compressor.loading import DTYPES, load_model, source_dtype, source_size
+from compressor.streaming import compress_streaming
 
 log = logging.getLogger("compressor")
 
 
-@dataclass
-class Result:
-    model: torch.nn.Module
-    tokenizer: object
-    report: dict
-    out: Path | None = None
-
-
-def _linear_params(model) -> int:
-    return sum(_values(m) for _, _, m in _compressible(model))
-
-
-def _values(module) -> int:
-    """Values a module stores, a quantised weight counted as its in x out codes; adapters excluded."""
-    from compressor.modules import LoraAdapted, QuantLinear
-
-    if isinstance(module, LoraAdapted):
-        return _values(module.base)
-    if isinstance(module, QuantLinear):
-        return module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
-    return sum(p.numel() for p in module.parameters(recurse=False)) + sum(_values(c) for c in module.children())
-
-
-def _model_values(model) -> int:
-    """count_params, with quantised weights counted by their logical size and adapters left out."""
-    linears = [m for _, _, m in _compressible(model)]
-    return models.count_params(model) - sum(sum(p.numel() for p in m.parameters()) for m in linears) + sum(_values(m) for m in linears)
-
-
-def _compressible(model):
-    """Every decoder linear, compressed or not (iter_linears refuses compressed ones)."""
-    return models.iter_linears_any(model)
-
-
 def _evaluate(model, tokenizer, tasks, seq_len, limit, device) -> dict:
-    from compressor.evaluate import run_tasks
-
     home = next(model.parameters()).device
     try:
         return run_tasks(model.to(device), tokenizer, tasks, seq_len, limit, device)
@@ -65,79 +33,9 @@ def _evaluate(model, tokenizer, tasks, seq_len, limit, device) -> dict:
         model.to(home)
 
 
-OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def source_dtype(spec) -> str:
-    """The precision a checkpoint is stored in: its config's dtype, bfloat16 for a GGUF (whose
-    4-6-bit blocks have no 16-bit original) and float32 when the config names none."""
-    import json
-
-    from compressor.loading import resolve_model
-
-    source = resolve_model(spec)
-    if source.kind == "gguf" or source.origin is not None or source.convert_to is not None:
-        return "bfloat16"
-    if source.kind == "folder":
-        try:
-            config = json.loads((Path(source.location) / "config.json").read_text())
-        except (OSError, ValueError):
-            return "float32"
-        found = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-        return found if found in OUTPUT_DTYPES else "float32"
-    return "float32"
-
-
-def source_size(spec) -> int | None:
-    """Bytes of the source's weight files (a GGUF file or a folder's safetensors/bin), or None."""
-    from compressor.loading import resolve_model
-
-    source = resolve_model(spec)
-    if source.origin is not None:
-        return source.origin.stat().st_size
-    path = Path(source.location)
-    if source.kind == "gguf" and path.is_file():
-        return path.stat().st_size
-    if source.kind == "folder":
-        return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")) or None
-    return None
-
-
-def versions() -> dict:
-    return {
-        "compressor": compressor.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def calibration_windows(recipe: recipes.Recipe, tokenizer, calib: str | None, samples: int | None = None, seq_len: int | None = None):
-    from compressor import datasets
-
-    check_counts(samples=samples, seq_len=seq_len)
-    cfg = recipe.calibration
-    texts = datasets.load_texts(calib or cfg.dataset)
-    # None, not 0, means "the recipe's": a zero is refused above, never replaced.
-    return token_windows(tokenizer, texts, cfg.samples if samples is None else samples, cfg.seq_len if seq_len is None else seq_len, cfg.seed)
-
-
-_LEAST = {"samples": 1, "seq_len": 2, "eval_limit": 1, "eval_seq_len": 2}
-
-
-def check_counts(**counts) -> None:
-    """Option counts against their real ranges (None: not given, the recipe's value applies)."""
-    for name, value in counts.items():
-        least = _LEAST[name]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
-            raise CompressorError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r} (leave it out to use the recipe's value)")
-
-
 def _context_length(model) -> int | None:
     """The model's context (max_position_embeddings) from a loaded model or a folder's config.json,
     without loading weights; None when unknown (GGUF files, hub ids, built-in names)."""
-    import json
-
     config = getattr(model, "config", None)
     if config is not None:
         config = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
@@ -164,8 +62,8 @@ def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None
     if isinstance(recipe, (str, Path)):
         recipe = recipes.load(str(recipe), ratio)
     if out is not None:
-        export.check_output_folder(out, overwrite, source=model if isinstance(model, (str, Path)) else None)
-        export.remove_stale_temps(out)
+        files.check_output_folder(out, overwrite, source=model if isinstance(model, (str, Path)) else None)
+        files.remove_stale_temps(out)
     if recipe.needs_calibration:
         wanted = recipe.calibration.seq_len if seq_len is None else seq_len
         context = _context_length(model)
@@ -222,8 +120,6 @@ def compress(
     if stream or resume:
         if not isinstance(model, (str, Path)) or out is None or eval_tasks:
             raise CompressorError("--stream/--resume read a local safetensors folder layer by layer and need -o; evaluate the result in a separate step")
-        from compressor.streaming import compress_streaming
-
         return compress_streaming(model, recipe, out, tokenizer=tokenizer, ratio=ratio, calib=calib, samples=samples, seq_len=seq_len,
                                   device=device, dtype=dtype, overwrite=overwrite, resume=resume)
     start = time.time()
@@ -231,23 +127,21 @@ def compress(
         recipe = recipes.load(recipe, ratio)
     if out is not None and Path(out).exists() and not overwrite:
         raise CompressorError(f"output folder {out} already exists; pass --overwrite or choose another -o")
-    dev = pipeline.resolve_device(device)
+    dev = resolve_device(device)
     source_bytes = None
     if isinstance(model, (str, Path)):
-        from compressor.loading import load_model
-
         out_dtype = source_dtype(model) if dtype == "auto" else dtype
         source_bytes = source_size(model)
         model, tokenizer = load_model(str(model), dtype="float32")
     else:
         out_dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if dtype == "auto" else dtype
-    if out_dtype not in OUTPUT_DTYPES:
-        raise CompressorError(f"unknown dtype '{out_dtype}'; use one of {', '.join(OUTPUT_DTYPES)} or auto")
+    if out_dtype not in DTYPES:
+        raise CompressorError(f"unknown dtype '{out_dtype}'; use one of {', '.join(DTYPES)} or auto")
     # Work in float32 on the weights as the output dtype stores them.
     model = model.to(getattr(torch, out_dtype)).float()
     for name, _, module in models.iter_linears(model):
         check_finite(f"weight {name}", models.weight_of(module).detach())
-    params_before, linear_before = models.count_params(model), _linear_params(model)
+    params_before, linear_before = models.count_params(model), accounting.linear_params(model)
     evaluation = {}
     if eval_tasks:
         evaluation["before"] = _evaluate(model, tokenizer, eval_tasks, eval_seq_len, eval_limit, dev)
@@ -261,18 +155,19 @@ def compress(
     gram_dtype = getattr(torch, cal.gram_dtype)
 
     with distributed.layer_split(windows is None):  # distributed: a data-free recipe's layers are split over the ranks
-        outcome = stages.run(model, recipe, dev, windows, cal.batch_size, gram_dtype)
-        distributed.gather_outcome(model, outcome, sync=bool(eval_tasks))
-    specs = outcome.specs
+        run = driver.run(model, recipe.stages, dev, windows, cal.batch_size, gram_dtype, cal.true_sequential)
+        distributed.gather_specs(model, run.specs, sync=bool(eval_tasks))
+    specs = run.specs
 
-    params_after, linear_after = _model_values(model), _linear_params(model)
+    params_after, linear_after = accounting.model_values(model), accounting.linear_params(model)
     # Rounded as it will be stored, so "after" measures the model written.
     model.to(getattr(torch, out_dtype)).float()
     if eval_tasks:
         evaluation["after"] = _evaluate(model, tokenizer, eval_tasks, eval_seq_len, eval_limit, dev)
-    stage_reports = {}
+    stage_reports, extra = {}, {}
     for stage in recipe.stages:
-        stage_reports.update(stage.report())
+        stage_reports.update(stage.report(model))
+        extra.update(stage.export(model, specs))
     report = {
         "method": "+".join(s.name for s in recipe.stages),
         "recipe": recipe.to_dict(),
@@ -282,15 +177,16 @@ def compress(
         "params_after": params_after,
         "linear_params_before": linear_before,
         "linear_params_after": linear_after,
-        "per_module": {name: specs[name]["rank"] if "rank" in specs.get(name, {}) else "dense" for name, _, _ in _compressible(model)},
-        **export.quant_report(model, recipe, outcome),
-        **stage_reports,
+        "per_module": {name: specs[name]["rank"] if "rank" in specs.get(name, {}) else "dense" for name, _, _ in models.iter_linears_any(model)},
+        **{k: v for k, v in stage_reports.items() if k == "quantization"},
+        "bits_per_dense_weight": accounting.bits_per_dense_weight(model),
+        **{k: v for k, v in stage_reports.items() if k != "quantization"},
         "dtype": out_dtype,
         "source_bytes": source_bytes,
         "calibration": None if windows is None else {"dataset": calib or cal.dataset, "samples": windows.shape[0], "seq_len": windows.shape[1]},
         "eval": evaluation or None,
         "device": str(dev),
-        "device_name": pipeline.device_name(dev),
+        "device_name": device_name(dev),
         "versions": versions(),
     }
     report.update(distributed.describe())  # {} in one process
@@ -299,7 +195,7 @@ def compress(
     distributed.barrier("the end of compression")  # distributed: rank 0 writes once every rank is done
     if out is not None:
         record = {"method": report["method"], "recipe": report["recipe"], "target_ratio": report["target_ratio"], "dtype": out_dtype}
-        export.save(model, tokenizer, out, specs, record, report, overwrite=overwrite, quant=export.gptq_format(model, recipe, specs))
-        report["output_bytes"] = export.weight_bytes(Path(out))
+        checkpoint.save(model, tokenizer, out, specs, record, report, overwrite=overwrite, extra=extra)
+        report["output_bytes"] = accounting.weight_bytes(Path(out))
         log.info("wrote %s", out)
     return Result(model, tokenizer, report, Path(out) if out is not None else None)

@@ -145,7 +145,7 @@ def _describe(task: str, res: dict) -> str:
 def _output_file(ctx, param, value):
     """Check an output file option before any model loads, so results are not lost at the end."""
     if value is not None:
-        from compressor.evaluate import check_output_file
+        from compressor.files import check_output_file
 
         check_output_file(value, param.opts[0])
     return value
@@ -153,7 +153,7 @@ def _output_file(ctx, param, value):
 
 def _output_dir(ctx, param, value):
     if value is not None:
-        from compressor.evaluate import check_output_dir
+        from compressor.files import check_output_dir
 
         check_output_dir(value, param.opts[0])
     return value
@@ -166,7 +166,7 @@ def _output_dir(ctx, param, value):
 @click.option("--self-check", is_flag=True, help="Instead of a model: check the HumanEval harness (canonical solutions pass, broken ones fail).")
 def evaluate(model, out, self_check, **kw):
     """Evaluate MODEL (anything `compressor compress` wrote, a model folder, a .gguf, 'demo')."""
-    from compressor.evaluate import write_json
+    from compressor.files import write_json
 
     if self_check:
         if model is not None:

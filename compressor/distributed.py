@@ -12,17 +12,16 @@ share of them, so activation memory per rank is its share. Per layer:
   float64 additions differs (the last bits).
 * compression: every rank compresses the layer itself, from those identical statistics. The
   alternative, spreading the layer's linears over the ranks by cost and broadcasting the results,
-  was not taken: compressor/stages.py runs a layer's stages as one sequence per linear (structure
-  changes the Grams the later stages see, adapters fit against the quantised base, eora's rank
-  allocation pools every linear's energies at the end) and splitting that would mean restructuring
-  it; the part that grows with the calibration set, the forward passes and the Gram products, is
-  what is split. Determinism is then checked, not assumed: after each visit the ranks compare a
+  is taken for the rank stage's decompositions only (`spread`); the later stages of a layer depend
+  on one another (structure changes the Grams the later stages see, adapters fit against the
+  quantised base, eora's rank allocation pools every linear's energies at the end). The part
+  that grows with the calibration set, the forward passes and the Gram products, is what is split. Determinism is then checked, not assumed: after each visit the ranks compare a
   fingerprint of the layer's tensors and, should they differ (non-deterministic GPU kernels,
   mixed hardware), rank 0's layer is broadcast to the others (`synced`), so the next layer's
   inputs always come from the layer rank 0 will write.
 * data-free recipes (no calibration: svd, welore, rtn8) have no activations to split; their
   layers are split instead, rank r compressing layers r, r + N, ... (`layer_split`, `layer_turn`),
-  and the compressed modules and their specs are all-gathered (`gather_outcome`).
+  and the compressed modules and their specs are all-gathered (`gather_specs`).
 
 Rank 0 alone checks and writes the output folder; the other ranks run with no output. Evaluation
 (`--eval`) splits perplexity windows and HumanEval problems (evaluate.py, humaneval.py).
@@ -430,7 +429,7 @@ def _to_cpu(value):
 @contextlib.contextmanager
 def layer_split(enabled: bool):
     """Within the block, walks without calibration data visit only this rank's layers (r, r + N,
-    ...); gather_outcome then shares the results. No effect in one process."""
+    ...); gather_specs then shares the results. No effect in one process."""
     previous = _state.split
     _state.split = bool(enabled) and active()
     _state.repairs = 0
@@ -473,15 +472,15 @@ def merge_split(found: dict, what: str = "spectra") -> dict:
     return merged
 
 
-def gather_outcome(model, outcome, sync: bool = False) -> None:
+def gather_specs(model, found: dict, sync: bool = False) -> None:
     """After a recipe ran on every rank: in a layer split, each layer's owner broadcasts its
     compressed modules and their specs, one layer at a time (so the extra memory is one layer's),
     and every rank installs them, the specs merged in layer order as one process records them.
     Otherwise, with `sync`, every rank's model is made rank 0's (for the evaluation that follows).
-    No-op in one process."""
+    `found`: full linear name -> spec, this rank's, replaced by every rank's. No-op in one process."""
     if not active():
         return
-    from compressor import models
+    from compressor import models  # here, not on top: the CLI imports this module before torch
 
     if not splitting():
         if sync:
@@ -489,7 +488,7 @@ def gather_outcome(model, outcome, sync: bool = False) -> None:
             if len(set(prints)) > 1:
                 broadcast_module(model, 0, "model broadcast")
         return
-    mine, specs = dict(outcome.specs), {}
+    mine, specs = dict(found), {}
     for i in range(len(models.decoder_layers(model))):
         prefix, owner = models.layer_prefix(model, i) + ".", i % world_size()
         payload = {full: (spec, model.get_submodule(full)) for full, spec in mine.items() if full.startswith(prefix)} if owner == rank() else None
@@ -498,13 +497,11 @@ def gather_outcome(model, outcome, sync: bool = False) -> None:
             specs[full] = spec
             if owner != rank():
                 model.set_submodule(full, module)
-    rest = all_gather_objects(({f: s for f, s in mine.items() if f not in specs}, outcome.adapters, outcome.merged), "specs")
-    for others, adapters, merged in rest:  # outside the decoder layers (none so far), in rank order
+    # A split walk is data-free, so no stage holds adapters or other per-rank state to merge.
+    for others in all_gather_objects({f: s for f, s in mine.items() if f not in specs}, "specs"):  # outside the layers (none so far), in rank order
         specs.update(others)
-        outcome.adapters.update(adapters)
-        outcome.merged.update(merged)
-    outcome.specs.clear()
-    outcome.specs.update(specs)
+    found.clear()
+    found.update(specs)
 
 
 # ----------------------------------------------------------------------------- --nproc

@@ -111,3 +111,14 @@ def check_choice(key: str, value, choices) -> None:
 def check_patterns(key: str, value) -> None:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
         raise CompressorError(f"key '{key}' must be a non-empty list of glob patterns such as ['*'] or ['mlp.*'], got {value!r}")
+
+
+_LEAST = {"samples": 1, "seq_len": 2, "eval_limit": 1, "eval_seq_len": 2}
+
+
+def check_counts(**counts) -> None:
+    """Option counts against their real ranges (None: not given, the recipe's value applies)."""
+    for name, value in counts.items():
+        least = _LEAST[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise CompressorError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r} (leave it out to use the recipe's value)")

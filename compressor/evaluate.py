@@ -12,18 +12,19 @@ installed and must find the task's data offline.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
-from compressor import distributed, progress
+from compressor import datasets, distributed, humaneval, models, progress
+from compressor.environment import resolve_device, versions
 from compressor.errors import CompressorError
+from compressor.export import checkpoint
+from compressor.loading import check_checkpoint, load_model, resolve_model
+from compressor.modules import LoraAdapted
 
 PPL_TASKS = {"wikitext2_ppl": "wikitext2", "code_ppl": "code"}
 HUMANEVAL_TASKS = ("humaneval",)
@@ -32,8 +33,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def _text_for(name: str) -> str:
-    from compressor import datasets
-
     text = datasets.eval_text(name)
     if name == "wikitext2":
         # The papers join the dataset's rows (the raw file's lines) with blank lines.
@@ -189,8 +188,6 @@ def default_pass_k(samples: int) -> list[int]:
 
 
 def _humaneval(model, tokenizer, limit, device, batch_size, max_new_tokens, samples, temperature, top_p, pass_k, workers, timeout, seed) -> dict:
-    from compressor import humaneval
-
     if samples < 1:
         raise CompressorError(f"--samples-per-task must be at least 1, got {samples}")
     if samples > 1 and temperature <= 0:
@@ -204,23 +201,16 @@ def _humaneval(model, tokenizer, limit, device, batch_size, max_new_tokens, samp
 
 
 def load_any(model: str, dtype: str = "float32", device: str = "cpu", adapter: bool = True):
-    """A folder written by compressor (or any HF folder) via export.load, with its PEFT adapter
+    """A folder written by compressor (or any HF folder) via export.checkpoint.load, with its PEFT adapter
     unless adapter=False; else the loader's specs."""
-    from transformers import AutoTokenizer
-
-    from compressor import export
-    from compressor.loading import load_model
-
     path = Path(model)
     if (path / "config.json").is_file():
-        from compressor.loading import check_checkpoint
-
         check_checkpoint(path)  # T5, no weights, truncated or incomplete checkpoints: one clear error
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise CompressorError(f"{path} has no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); save one beside the model") from None
-        return export.load(path, dtype=dtype, device=device, adapter=adapter), tokenizer
+        return checkpoint.load(path, dtype=dtype, device=device, adapter=adapter), tokenizer
     loaded, tokenizer = load_model(model, dtype=dtype)
     return loaded.to(device).eval(), tokenizer
 
@@ -229,8 +219,6 @@ def disk_bytes(model: str) -> int | None:
     """Bytes of weight files behind a model spec (a folder's weights, a .gguf, a built-in's folder)."""
     path = Path(model).expanduser()
     if not path.exists():
-        from compressor.loading import resolve_model
-
         try:
             source = resolve_model(model)
         except CompressorError:
@@ -245,8 +233,6 @@ def disk_bytes(model: str) -> int | None:
 
 
 def model_info(model, spec: str | None) -> dict:
-    from compressor import models
-
     config = getattr(model, "config", None)
     compression = getattr(config, "compression", None)
     summary = None
@@ -275,16 +261,12 @@ def evaluate_model(
 
     `options` are `run_tasks`' keyword arguments (batch_size, max_new_tokens, samples_per_task, ...).
     """
-    from compressor.pipeline import resolve_device
-
     check_tasks(tasks)
     dev = resolve_device(device)
     start = time.time()
     loaded, tokenizer = load_any(model, dtype, str(dev), adapter)
     load_seconds = round(time.time() - start, 3)
     results = evaluate_loaded(loaded, tokenizer, tasks, seq_len, limit, dev, name=str(model), **options)
-    from compressor.modules import LoraAdapted
-
     adapted = any(isinstance(m, LoraAdapted) for m in loaded.modules())
     results.update(dtype=dtype, adapters_applied=adapted, load_seconds=load_seconds, wall_seconds=round(time.time() - start, 3))
     return results
@@ -292,8 +274,6 @@ def evaluate_model(
 
 def evaluate_loaded(model, tokenizer, tasks: list[str], seq_len: int = 2048, limit: int | None = None, device="cpu", *, name: str | None = None, **options) -> dict:
     """`evaluate_model` for a model already in memory; `name` (a spec or folder) sizes it on disk."""
-    from compressor.api import versions
-
     start = time.time()
     results = run_tasks(model, tokenizer, tasks, seq_len, limit, device, **options)
     settings = {"seq_len": seq_len, "limit": limit, **{k: v for k, v in options.items() if k != "include_path"}}
@@ -307,85 +287,3 @@ def evaluate_loaded(model, tokenizer, tasks: list[str], seq_len: int = 2048, lim
         "versions": versions(),
         "wall_seconds": round(time.time() - start, 3),
     }
-
-
-def check_writable(path: str | Path, what: str) -> None:
-    """Refuse, before any work, a path that cannot be written: the nearest folder that exists above
-    it must be a writable folder (missing folders in between are created when writing)."""
-    from compressor.errors import EnvironmentFault
-
-    path = Path(path)
-    probe = path.parent if str(path.parent) else Path(".")
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CompressorError(f"{what} {path}: {probe} is a file, not a folder; choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        try:
-            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
-        except OSError:
-            read_only = False
-        reason = "the file system is read-only" if read_only else "permission denied"
-        raise EnvironmentFault(f"cannot write {what} {path}: {reason} in {probe}; fix its permissions or choose another path")
-
-
-def check_output_file(path: str | Path, what: str = "-o") -> None:
-    """An output file (eval -o, compare -o) checked before evaluating, so results are not lost."""
-    path = Path(path)
-    if path.is_dir():
-        raise CompressorError(f"{what} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
-    check_writable(path, what)
-
-
-def check_output_dir(path: str | Path, what: str) -> None:
-    """An output folder (analyze --plots) checked before the model loads."""
-    from compressor.errors import EnvironmentFault
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CompressorError(f"{what} {path} is a file; give a folder (it is created if missing)")
-    if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise EnvironmentFault(f"cannot write {what} {path}: permission denied; fix its permissions or choose another folder")
-        return
-    check_writable(path, what)
-
-
-def write_atomic(path: str | Path, content: str | Callable[[str], None], suffix: str = ".tmp") -> Path:
-    """Write `content` (text, or a function writing to the path it gets) via a temporary sibling,
-    so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    try:
-        if callable(content):
-            os.close(fd)
-            content(tmp)
-        else:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(content)
-        public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def public_mode(path) -> None:
-    """The permissions a plain open() would have given (mkstemp makes files private to the owner)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def write_json(path: str | Path, data) -> Path:
-    return write_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

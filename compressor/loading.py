@@ -334,9 +334,10 @@ def _expected(config):
 
     with torch.device("meta"):
         if getattr(config, "compression", None) is not None:
-            from compressor import export, modules
+            from compressor import modules
+            from compressor.export import checkpoint
 
-            model = modules.compressed_class(export.base_class(config))(config)
+            model = modules.compressed_class(checkpoint.base_class(config))(config)
         else:
             model = AutoModelForCausalLM.from_config(config)
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -425,3 +426,35 @@ def _check_device(device: str) -> str:
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # what a compressed model can be stored in
+
+
+def source_dtype(spec) -> str:
+    """The precision a checkpoint is stored in: its config's dtype, bfloat16 for a GGUF (whose
+    4-6-bit blocks have no 16-bit original) and float32 when the config names none."""
+    source = resolve_model(spec)
+    if source.kind == "gguf" or source.origin is not None or source.convert_to is not None:
+        return "bfloat16"
+    if source.kind == "folder":
+        try:
+            config = json.loads((Path(source.location) / "config.json").read_text())
+        except (OSError, ValueError):
+            return "float32"
+        found = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+        return found if found in DTYPES else "float32"
+    return "float32"
+
+
+def source_size(spec) -> int | None:
+    """Bytes of the source's weight files (a GGUF file or a folder's safetensors/bin), or None."""
+    source = resolve_model(spec)
+    if source.origin is not None:
+        return source.origin.stat().st_size
+    path = Path(source.location)
+    if source.kind == "gguf" and path.is_file():
+        return path.stat().st_size
+    if source.kind == "folder":
+        return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")) or None
+    return None

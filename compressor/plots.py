@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.evaluate import write_atomic
+from compressor.files import write_atomic
 
 INSTALL_HINT = 'plots need matplotlib, which is not installed: pip install matplotlib (or pip install -e ".[eval]")'
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+)$")

@@ -17,6 +17,7 @@ import yaml
 from compressor import methods
 from compressor.datasets import shipped_dir
 from compressor.errors import CompressorError, check_choice, check_int
+from compressor.methods.base import check_stages
 
 RECIPES_DIR = shipped_dir("recipes")
 # What users compress for; `compressor recipes` marks the shipped recipe recommended for each.
@@ -138,14 +139,13 @@ def from_dict(data: dict, source: str = "<memory>", ratio: float | None = None) 
         except CompressorError as exc:
             raise CompressorError(f"{where}: {exc}") from None
         config = _build(method_cls.Config, raw, f"{where} ({method_cls.name})")
-        if ratio is not None and hasattr(config, "ratio"):
-            config.ratio = ratio
-        if hasattr(config, "ratio"):
-            _check_ratio(config.ratio, where)
         try:
+            if ratio is not None and "ratio" in {f.name for f in dataclasses.fields(config)}:
+                config = dataclasses.replace(config, ratio=ratio)  # --ratio: validated again by the config itself
             stages.append(method_cls(config))
         except CompressorError as exc:
             raise CompressorError(f"{where} ({method_cls.name}): {exc}") from None
+    check_stages(stages, calib, source)
     data.setdefault("name", Path(source).stem)
     unknown = set(data) - {"name", "description", "version", "goal"}
     if unknown:

@@ -190,7 +190,7 @@ def markdown(table: dict) -> str:
 
 def write(table: dict, out: str | Path, results: list[dict] | None = None) -> tuple[Path, Path]:
     """`out` as markdown and the same stem with .json (the table plus every model's full results)."""
-    from compressor.evaluate import write_atomic, write_json
+    from compressor.files import write_atomic, write_json
 
     out = Path(out)
     md_path = out if out.suffix.lower() == ".md" else out.with_suffix(".md")

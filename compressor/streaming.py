@@ -22,7 +22,6 @@ adapter stages are refused with a message, not silently skipped.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,10 +32,15 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compressor import export, models, pipeline
+from compressor import files, models
 from compressor import recipe as recipes
+from compressor.calibration import driver
+from compressor.calibration.windows import calibration_windows
+from compressor.environment import device_name, resolve_device, versions
 from compressor.errors import CompressorError
-from compressor.methods.base import RankMethod
+from compressor.export import checkpoint
+from compressor.loading import check_checkpoint, source_dtype
+from compressor.methods.base import RankMethod, target_shapes
 
 PROGRESS = "progress.json"
 
@@ -187,18 +191,12 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CompressorError(f"tensor {name} holds NaN or Inf values, so the output would be broken; check the source checkpoint")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    files.write_atomic(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}), suffix=".safetensors.tmp")
 
 
 def _write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    files.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _release_host_memory() -> None:
@@ -226,7 +224,7 @@ _TRIM = None
 
 
 def _stream_walk(model, ckpt, device, dtype, visit, windows, batch_size, gram_dtype, start=0, finished=None):
-    """pipeline.walk for a meta skeleton: layers come from the shards and go back to meta.
+    """driver.walk for a meta skeleton: layers come from the shards and go back to meta.
 
     Layers before `start` are already done: `finished(i)` returns them (compressed) only so that
     their forward pass regenerates the calibration inputs of the next layers.
@@ -234,21 +232,21 @@ def _stream_walk(model, ckpt, device, dtype, visit, windows, batch_size, gram_dt
     layers = models.decoder_layers(model)
     acts = None
     if windows is not None:
-        acts = pipeline.capture(model, windows, batch_size, device)
+        acts = driver.capture(model, windows, batch_size, device)
         _outside_layers_to(model, "cpu")
     for i in range(len(layers)):
         if i < start:
             if acts is not None:
                 layer = finished(i)
-                acts.hidden = pipeline.run_layer(layer, acts, i)
+                acts.hidden = driver.run_layer(layer, acts, i)
                 layers[i] = layer.to("meta")
             continue
         layer = _load_layer(model, ckpt, i, dtype, device)
-        grams = pipeline.collect(model, layer, acts, i, gram_dtype)[0] if acts is not None else None
+        grams = driver.collect(model, layer, acts, i, gram_dtype)[0] if acts is not None else None
         visit(i, layer, grams)
         del grams
         if acts is not None and i + 1 < len(layers):
-            acts.hidden = pipeline.run_layer(layers[i], acts, i)
+            acts.hidden = driver.run_layer(layers[i], acts, i)
         layers[i] = layers[i].to("meta")
         _release_host_memory()
         if device.type == "cuda":
@@ -277,8 +275,6 @@ def compress_streaming(
     layer; the result is byte-identical to an uninterrupted run. `_after_layer(i)` is a test hook
     called after layer i is durably written.
     """
-    from compressor import api
-
     started = time.time()
     source, out = Path(source), Path(out)
     if not (source / "config.json").is_file():
@@ -294,14 +290,12 @@ def compress_streaming(
         raise CompressorError(f"output folder {out} already exists; pass --overwrite or choose another -o")
     work = out.with_name(f".{out.name}.partial")
     if dtype == "auto":
-        dtype = getattr(api, "source_dtype", lambda _: "float32")(source)
+        dtype = source_dtype(source)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise CompressorError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16 or auto")
     torch_dtype = getattr(torch, dtype)
-    dev = pipeline.resolve_device(device)
+    dev = resolve_device(device)
     # Everything that can be refused is refused here, before the partial folder exists.
-    from compressor.loading import check_checkpoint
-
     check_checkpoint(source)  # a causal LM, intact shards, no tensor missing, unexpected or mis-shaped
     ckpt = Checkpoint(source)
     model = skeleton(source, ckpt, torch_dtype)
@@ -325,10 +319,10 @@ def compress_streaming(
         if progress is not None and progress["identity"] != identity:
             raise CompressorError(f"{work} was started with other settings (source, recipe, dtype or calibration); pass --overwrite instead of --resume to start over")
 
-    windows = api.calibration_windows(recipe, tokenizer, calib, samples, seq_len) if recipe.needs_calibration else None
+    windows = calibration_windows(recipe, tokenizer, calib, samples, seq_len) if recipe.needs_calibration else None
     cal = recipe.calibration
     gram_dtype = getattr(torch, cal.gram_dtype)
-    shapes = pipeline.target_shapes(model, method)
+    shapes = target_shapes(model, method)
     created = not work.exists()
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -338,15 +332,16 @@ def compress_streaming(
                 energies = {}
 
                 def spectra(i, layer, grams):
-                    energies.update(pipeline.layer_energies(model, method, i, layer, grams))
+                    energies.update(method.layer_energies(model, i, layer, grams))
 
                 _stream_walk(model, ckpt, dev, torch_dtype, spectra, windows if method.needs_gram else None, cal.batch_size, gram_dtype)
             progress = {"identity": identity, "done": 0, "ranks": method.allocate(shapes, energies), "specs": {}}
             _write_json_atomic(progress, work / PROGRESS)
         ranks, specs = progress["ranks"], progress["specs"]
+        method.ranks = ranks
 
         def visit(i, layer, grams):
-            new_specs = pipeline.compress_layer(model, method, ranks, i, layer, grams)
+            new_specs = method.compress_layer(model, i, layer, grams)
             prefix = f"{models.layer_prefix(model, i)}."
             _save_atomic({prefix + k: v for k, v in layer.state_dict().items()}, work / _shard_name(i, total))
             specs.update(new_specs)
@@ -383,13 +378,13 @@ def compress_streaming(
         linear_after = sum(s[0] * s[1] if ranks[n] is None else specs[n]["rank"] * (s[0] + s[1]) + method.extra_params(s) for n, s in shapes.items())
         record = {"method": method.name, "recipe": recipe.to_dict(), "target_ratio": getattr(method.config, "ratio", None)}
         config = model.config
-        base = export.base_class(config)
-        config.compression = {"format_version": export.FORMAT_VERSION, **record, "modules": dict(sorted(specs.items()))}
-        config.auto_map = {"AutoModelForCausalLM": f"{export.SHIM_NAME}.CompressedForCausalLM"}
+        base = checkpoint.base_class(config)
+        config.compression = {"format_version": checkpoint.FORMAT_VERSION, **record, "modules": dict(sorted(specs.items()))}
+        config.auto_map = {"AutoModelForCausalLM": f"{checkpoint.SHIM_NAME}.CompressedForCausalLM"}
         config.save_pretrained(work)
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
-        (work / f"{export.SHIM_NAME}.py").write_text(export.shim_source(base.__name__))
+        (work / f"{checkpoint.SHIM_NAME}.py").write_text(checkpoint.shim_source(base.__name__))
         report = {
             **record,
             "streamed": True,
@@ -401,8 +396,8 @@ def compress_streaming(
             "per_module": {n: ranks[n] if ranks[n] is not None else "dense" for n in sorted(shapes)},
             "calibration": None if windows is None else {"dataset": calib or cal.dataset, "samples": windows.shape[0], "seq_len": windows.shape[1]},
             "device": str(dev),
-            "device_name": pipeline.device_name(dev),
-            "versions": api.versions(),
+            "device_name": device_name(dev),
+            "versions": versions(),
         }
         (work / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (work / PROGRESS).unlink()
@@ -422,7 +417,7 @@ def compress_streaming(
         raise noted from exc
 
     report["wall_seconds"] = round(time.time() - started, 3)
-    return api.Result(None, tokenizer, report, out)
+    return driver.Result(None, tokenizer, report, out)
 
 
 def _read_progress(work: Path, total: int) -> dict:

@@ -27,6 +27,8 @@ from conftest import byte_tokenizer, tiny_model
 from safetensors.torch import load_file, save_file
 
 from compressor import api, streaming
+from compressor.calibration import driver
+from compressor.calibration.windows import calibration_windows
 from compressor.cli import main
 from compressor.errors import CompressorError
 
@@ -200,7 +202,7 @@ def test_zero_is_never_the_recipes_value(zoo, tmp_path, tokenizer):
         with pytest.raises(CompressorError, match=fragment):
             api.compress(str(zoo["llama"]), "whiten", tmp_path / "out", device="cpu", **kw)
         with pytest.raises(CompressorError, match=fragment):
-            api.calibration_windows(api.recipes.load("whiten"), tokenizer, None, **kw)
+            calibration_windows(api.recipes.load("whiten"), tokenizer, None, **kw)
     assert not (tmp_path / "out").exists()
 
 
@@ -230,12 +232,10 @@ def test_disk_full_during_save(zoo, tmp_path, capfd, monkeypatch):
 
 
 def test_internal_error_is_one_line_and_v_shows_the_traceback(zoo, tmp_path, capfd, monkeypatch):
-    from compressor import stages
-
     def boom(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(stages, "run", boom)
+    monkeypatch.setattr(driver, "run", boom)
     args = ["compress", zoo["llama"], "-r", "svd", "-o", tmp_path / "out", "--device", "cpu"]
     code, _, err = _cli(capfd, *args)
     assert _one_error(code, err, 1, "") == "error: internal error: RuntimeError: boom (run with -v for the traceback)"

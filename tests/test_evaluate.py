@@ -123,16 +123,6 @@ def test_unknown_task_fails_before_the_model_loads(tmp_path, monkeypatch):
         evaluate.evaluate_model(str(tmp_path / "no-such-model"), ["nope"])
 
 
-def test_write_json_is_atomic(tmp_path):
-    path = tmp_path / "sub" / "r.json"
-    evaluate.write_json(path, {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1}
-    with pytest.raises(TypeError):
-        evaluate.write_json(path, {"a": object()})
-    assert json.loads(path.read_text()) == {"a": 1}  # the old file survives a failed write
-    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
-
-
 def test_evaluate_loaded_matches_evaluate_model(saved, llama):
     from_disk = evaluate.evaluate_model(str(saved), ["code_ppl"], seq_len=32, limit=2, device="cpu")
     in_memory = evaluate.evaluate_loaded(llama, byte_tokenizer(), ["code_ppl"], seq_len=32, limit=2, name=str(saved))

@@ -15,9 +15,10 @@ import torch
 from conftest import byte_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from compressor import api, export, streaming
+from compressor import api, streaming
 from compressor import recipe as recipes
 from compressor.errors import CompressorError
+from compressor.export import checkpoint
 
 
 def _write(model, folder: Path, shard: str = "60KB") -> Path:
@@ -42,8 +43,8 @@ def test_streaming_equals_in_memory(tmp_path, arch, recipe):
     src = _write(tiny_model(arch), tmp_path / "src")
     kw = dict(samples=4, seq_len=64, device="cpu")
     streamed = streaming.compress_streaming(src, recipe, tmp_path / "stream", **kw)
-    api.compress(export.load(src), recipe, tmp_path / "mem", tokenizer=byte_tokenizer(), **kw)
-    a, b = export.load(tmp_path / "stream").state_dict(), export.load(tmp_path / "mem").state_dict()
+    api.compress(checkpoint.load(src), recipe, tmp_path / "mem", tokenizer=byte_tokenizer(), **kw)
+    a, b = checkpoint.load(tmp_path / "stream").state_dict(), checkpoint.load(tmp_path / "mem").state_dict()
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     mem_cfg = json.loads((tmp_path / "mem" / "config.json").read_text())["compression"]["modules"]
@@ -103,7 +104,8 @@ _CHILD = textwrap.dedent(
     import sys
     from pathlib import Path
     import torch
-    from compressor import export, streaming
+    from compressor import streaming
+    from compressor.export import checkpoint
 
     def peak():
         # VmHWM, not ru_maxrss: the latter survives exec and would report pytest's own peak.
@@ -115,7 +117,7 @@ _CHILD = textwrap.dedent(
     base = peak()
     streaming.compress_streaming(src, "svd", out, device="cpu")
     stream = peak()
-    model = export.load(src)
+    model = checkpoint.load(src)
     sum(float(p.double().sum()) for p in model.parameters())  # really resident, not just mapped
     print(base, stream, peak())
     """

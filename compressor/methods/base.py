@@ -1,15 +1,138 @@
-"""What every method provides to the pipeline."""
+"""The one interface every method implements, and the shared base of rank-reduction methods.
+
+A method is a stage of a recipe. The recipe loader builds it from its config (which validates its
+own values) and calls `bind` with the whole recipe, where the method checks the rules it has with
+other stages. The driver (compressor/calibration/driver.py) then calls, knowing nothing else:
+
+    prepare(run)    once, on the dense model, before the layer walk (plans, spectra, sensitivities)
+    apply(work)     per decoder layer (per input group with true_sequential): change the layer's
+                    linears through work.replace, recording each new module's spec
+    finish(run)     once after the walk (decisions that need every layer)
+    report(model)   entries for compression_report.json
+    export(model, specs)   entries the export writes (see compressor/export/checkpoint.py: save)
+
+and reads `needs_gram`, `needs_dense_stream()`, `needs_reference()` and `sets_reference` to know
+what to collect. Stages run in the order of KINDS inside every layer.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import nn
 
+from compressor import distributed, models
 from compressor import ranks as rank_policies
 from compressor.errors import CompressorError, check_choice, check_int, check_patterns
+from compressor.linalg import check_finite
+from compressor.modules import build_module
+
+# What a stage does to a layer, in the order stages run: change its shapes (structured widths),
+# factorise linears, quantise them, compensate the error with adapters. One stage per kind.
+KINDS = ("structure", "rank", "quant", "adapter")
+
+
+class Method:
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    kind: ClassVar[str] = "rank"
+    needs_gram: ClassVar[bool] = False
+    # True when what this stage leaves is the model later stages approximate (a structured stage
+    # gives a smaller dense model, the reference for the adapters' error).
+    sets_reference: ClassVar[bool] = False
+
+    def __init__(self, config):
+        self.config = config
+        self._handed_off: list[Callable[[str], bool]] = []
+
+    # --- recipe time
+
+    def bind(self, stages: list[Method], calibration) -> None:
+        """Check the rules this stage has with the recipe's other stages and its calibration
+        settings (raise CompressorError naming the fix); link to the stages it works with."""
+
+    def hand_off(self, takes: Callable[[str], bool]) -> None:
+        """Another stage does this stage's work on the linears `takes` accepts (eora's refine
+        quantises inside its own fit)."""
+        self._handed_off.append(takes)
+
+    def targets(self, linear_name: str) -> bool:
+        """Whether the linear named `linear_name` inside a decoder layer is this stage's to change
+        (every method's config has `targets`: glob patterns on those names)."""
+        return any(fnmatch.fnmatch(linear_name, pat) for pat in self.config.targets)
+
+    def does(self, linear_name: str) -> bool:
+        """targets, less what was handed off to another stage."""
+        return self.targets(linear_name) and not any(takes(linear_name) for takes in self._handed_off)
+
+    # --- what the walk must collect
+
+    def needs_dense_stream(self) -> bool:
+        """Carry the dense model's hidden states beside the compressed ones (crosses in LayerWork)."""
+        return False
+
+    def needs_reference(self) -> bool:
+        """Keep each layer's weights as they were before the approximating stages (work.reference)."""
+        return False
+
+    # --- run time
+
+    def prepare(self, run) -> None:
+        """Before the walk, on the dense model."""
+
+    def apply(self, work) -> None:
+        raise NotImplementedError
+
+    def finish(self, run) -> None:
+        """After the walk."""
+
+    def report(self, model) -> dict:
+        """Entries this stage adds to compression_report.json (after the run)."""
+        return {}
+
+    def export(self, model, specs: dict) -> dict:
+        """Entries for the export: "quantization_config" (a GPTQ v1 config to declare) and
+        "adapter_required" (the base is no model without its adapters)."""
+        return {}
+
+
+def check_stages(stages: list[Method], calibration, source: str) -> None:
+    """The recipe-wide rules: one stage per kind, in KINDS order; then each stage's own `bind`."""
+    seen: dict[str, Method] = {}
+    for stage in stages:
+        if stage.kind in seen:
+            raise CompressorError(f"{source}: only one {stage.kind} stage per recipe, got '{seen[stage.kind].name}' and '{stage.name}'")
+        later = [k for k in seen if KINDS.index(k) > KINDS.index(stage.kind)]
+        if later:
+            raise CompressorError(f"{source}: stage '{stage.name}' must come before '{seen[later[0]].name}' (order: rank reduction, quantisation, adapters)")
+        seen[stage.kind] = stage
+    for stage in stages:
+        try:
+            stage.bind(stages, calibration)
+        except CompressorError as exc:
+            raise CompressorError(f"{source}: {exc}") from None
+
+
+def of_kind(stages: list[Method], kind: str) -> Method | None:
+    return next((s for s in stages if s.kind == kind), None)
+
+
+def target_shapes(model, method: Method) -> dict[str, tuple[int, int]]:
+    """Per full module name of a linear `method` targets, its weight's (out, in); an error when
+    the targets match nothing."""
+    shapes = {full: tuple(models.weight_of(m).shape) for full, local, m in models.iter_linears(model) if method.targets(local)}
+    if not shapes:
+        raise CompressorError(
+            f"{method.name}: targets {method.config.targets} match no linear layer; names look like {next(iter(models.arch_for(model).linears))}"
+        )
+    return shapes
+
+
+# ----------------------------------------------------------------------------- rank reduction
 
 
 @dataclass
@@ -35,29 +158,15 @@ class RankConfig:
         check_patterns("targets", self.targets)
 
 
-class Method:
-    name: ClassVar[str]
-    Config: ClassVar[type]
-    needs_gram: ClassVar[bool] = False
-    kind: ClassVar[str] = "rank"
-
-    def __init__(self, config):
-        self.config = config
-
-    def report(self) -> dict:
-        """Entries this stage adds to compression_report.json (after the run)."""
-        return {}
-
-    def targets(self, linear_name: str) -> bool:
-        """Whether the linear named `linear_name` inside a decoder layer is this stage's to change
-        (every method's config has `targets`: glob patterns on those names)."""
-        return any(fnmatch.fnmatch(linear_name, pat) for pat in self.config.targets)
-
-
 class RankMethod(Method):
-    """Replaces a weight W (out x in) by factors up (out x r) @ down (r x in)."""
+    """Replaces a weight W (out x in) by factors up (out x r) @ down (r x in). A method provides
+    `energies` and `decompose`; planning ranks and rebuilding the layer are shared here."""
 
     Config = RankConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.ranks: dict[str, int | None] = {}  # full name -> rank (None: stays dense)
 
     def energies(self, weights: list[torch.Tensor], grams: list) -> list[torch.Tensor]:
         """Per matrix, the squared singular values of what gets truncated, descending."""
@@ -84,3 +193,68 @@ class RankMethod(Method):
 
     def module_spec(self, shape: tuple[int, int], rank: int, bias: bool) -> dict:
         return {"type": "lowrank", "out": shape[0], "in": shape[1], "rank": rank, "bias": bias}
+
+    def _linears(self, model, layer: nn.Module, only: set[str] | None = None) -> dict[str, nn.Module]:
+        return {n: m for n, m in models.layer_linears(model, layer, only).items() if self.targets(n)}
+
+    def layer_energies(self, model, index: int, layer: nn.Module, grams: dict | None) -> dict[str, torch.Tensor]:
+        """Per targeted full module name in one decoder layer, the component energies (descending)."""
+        prefix = models.layer_prefix(model, index)
+        linears = self._linears(model, layer)
+        weights = [models.weight_of(m).detach() for m in linears.values()]
+        arch = models.arch_for(model)
+        hs = [grams[arch.linears[n]] for n in linears] if self.needs_gram else [None] * len(weights)
+        if distributed.spreading():  # distributed: each shape's matrices on one rank, results broadcast
+            found = distributed.spread(weights, lambda idx: self.energies([weights[j] for j in idx], [hs[j] for j in idx]), "spectra")
+        else:
+            found = self.energies(weights, hs)
+        return {f"{prefix}.{name}": e.cpu() for name, e in zip(linears, found)}
+
+    def plan_ranks(self, model, energies: dict | None) -> dict:
+        """Per full module name, the rank (or None: stays dense) the allocation gives."""
+        return self.allocate(target_shapes(model, self), energies)
+
+    def prepare(self, run) -> None:
+        energies = None
+        if self.needs_energies():
+            energies = {}
+            run.walk(lambda i, layer, grams: energies.update(self.layer_energies(run.model, i, layer, grams)), "spectra", self.needs_gram)
+            energies = distributed.merge_split(energies)  # distributed: every rank's layers' spectra (a no-op otherwise)
+        self.ranks = self.plan_ranks(run.model, energies)
+        run.plan.update({n: {"type": "lowrank", "rank": r} for n, r in self.ranks.items() if r is not None})
+
+    def apply(self, work) -> None:
+        work.run.specs.update(self.compress_layer(work.run.model, work.index, work.layer, work.grams, work.only))
+
+    def compress_layer(self, model, index: int, layer: nn.Module, grams: dict | None, only: set[str] | None = None) -> dict:
+        """Replace the targeted linears of one decoder layer (those named in `only`, if given) by
+        their factorisation; returns their specs."""
+        arch = models.arch_for(model)
+        prefix = models.layer_prefix(model, index)
+        specs: dict[str, dict] = {}
+        todo = {n: m for n, m in self._linears(model, layer, only).items() if self.ranks.get(f"{prefix}.{n}") is not None}
+        if not todo:
+            return specs
+        weights = []
+        for name, module in todo.items():
+            w = models.weight_of(module).detach()
+            check_finite(f"weight {prefix}.{name}", w)
+            weights.append(w)
+        hs = [grams[arch.linears[n]] for n in todo] if self.needs_gram else [None] * len(weights)
+        ks = [self.ranks[f"{prefix}.{n}"] for n in todo]
+        if distributed.spreading():  # distributed: each shape's matrices on one rank, results broadcast
+            factors = distributed.spread(weights, lambda idx: self.decompose([weights[j] for j in idx], [hs[j] for j in idx], [ks[j] for j in idx]))
+        else:
+            factors = self.decompose(weights, hs, ks)
+        for (name, old), w, f, k in zip(todo.items(), weights, factors, ks):
+            spec = self.module_spec(tuple(w.shape), k, old.bias is not None)
+            new = build_module(spec, old)
+            state = new.state_dict()
+            with torch.no_grad():
+                for key, value in f.items():
+                    state[key].copy_(value)
+                if old.bias is not None:
+                    new.up.bias.copy_(old.bias)
+            models.replace_linear(layer, name, new)
+            specs[f"{prefix}.{name}"] = spec
+        return specs

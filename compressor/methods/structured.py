@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from compressor import models
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, check_float
 from compressor.methods import register
 from compressor.methods.base import Method
 
@@ -66,6 +66,7 @@ class StructuredConfig:
     targets: list[str] = field(default_factory=lambda: ["mlp.*"])
 
     def __post_init__(self):
+        check_float("ratio", self.ratio, 0, 1, low_open=True, high_open=True)
         if self.allocation not in ALLOCATIONS:
             raise CompressorError(f"structured: allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.selection not in SELECTIONS:
@@ -199,14 +200,37 @@ def allocate_widths(curves: list[torch.Tensor], keep_total: int, step: int, floo
 # ----------------------------------------------------------------------------- the method
 
 
-def _mlp(model) -> models.Mlp:
+def uniform_width(model, ratio: float, multiple_of: int, who: str = "structured") -> tuple[int, int]:
+    """(the MLPs' intermediate width, the width k, a multiple of `multiple_of`, that removes
+    `ratio` of ALL decoder-linear parameters when every layer's MLP keeps k channels)."""
+    mlp = mlp_layout(model)
+    layers = models.decoder_layers(model)
+    widths = {models.weight_of(layer.get_submodule(mlp.output)).shape[1] for layer in layers}
+    if len(widths) != 1:
+        raise CompressorError(f"{who}: the source model's MLP widths differ between layers; start from the original checkpoint")
+    (full,) = widths
+    first = layers[0]
+    # one intermediate channel is a row of each input linear and a column of the output one
+    per_channel = sum(models.weight_of(first.get_submodule(n)).shape[1] for n in mlp.inputs) + models.weight_of(first.get_submodule(mlp.output)).shape[0]
+    total = sum(math.prod(models.linear_shape(m)) for _, _, m in models.iter_linears(model))
+    remove = ratio * total / per_channel  # channels over all layers
+    keep_uniform = full - remove / len(layers)
+    if keep_uniform < multiple_of:
+        raise CompressorError(
+            f"{who}: ratio {ratio} would take {remove / (len(layers) * full):.0%} of every MLP's channels; "
+            "the MLPs hold too little of the decoder-linear parameters for that ratio, choose a smaller one"
+        )
+    return full, max(multiple_of, int(round(keep_uniform / multiple_of)) * multiple_of)
+
+
+def mlp_layout(model) -> models.Mlp:
     arch = models.arch_for(model)
     if arch.mlp is None:
         raise CompressorError(f"structured: no MLP layout known for '{model.config.model_type}'")
     return arch.mlp
 
 
-def _select_rows(module: nn.Module, kept: torch.Tensor) -> nn.Module:
+def select_rows(module: nn.Module, kept: torch.Tensor) -> nn.Module:
     """A copy of an input linear (gate/up/c_fc) with only the kept output channels."""
     weight = models.weight_of(module).detach()[kept]
     bias = None if module.bias is None else module.bias.detach()[kept]
@@ -221,6 +245,7 @@ class Structured(Method):
     Config = StructuredConfig
     kind = "structure"
     needs_gram = True
+    sets_reference = True  # later stages (GPTQ, adapters) approximate the narrower dense layer
 
     def __init__(self, config):
         super().__init__(config)
@@ -229,32 +254,19 @@ class Structured(Method):
         self.intermediate: int | None = None
         self.error: dict[int, float] = {}  # layer index -> relative output error on calibration data
 
-    # The driver calls prepare once before the walk, apply on every layer, finish after it.
+    def bind(self, stages, calibration) -> None:
+        if any(s.kind == "rank" for s in stages):
+            raise CompressorError(f"'{self.name}' changes the layer shapes a rank stage plans on; use one of them")
+        if calibration.true_sequential:
+            raise CompressorError(f"'{self.name}' needs the whole layer's Grams at once; set calibration.true_sequential: false")
 
-    def prepare(self, model, device, windows, batch_size, gram_dtype) -> None:
-        from compressor import pipeline
-
-        mlp = _mlp(model)
-        layers = models.decoder_layers(model)
-        widths = {models.weight_of(layer.get_submodule(mlp.output)).shape[1] for layer in layers}
-        if len(widths) != 1:
-            raise CompressorError("structured: the source model's MLP widths differ between layers; start from the original checkpoint")
-        (full,) = widths
+    def prepare(self, run) -> None:
+        model = run.model
+        mlp = mlp_layout(model)
+        full, k = uniform_width(model, self.config.ratio, self.config.multiple_of, self.name)
         self.intermediate = full
-        first = layers[0]
-        # one intermediate channel is a row of each input linear and a column of the output one
-        per_channel = sum(models.weight_of(first.get_submodule(n)).shape[1] for n in mlp.inputs) + models.weight_of(first.get_submodule(mlp.output)).shape[0]
-        total = sum(math.prod(models.linear_shape(m)) for _, _, m in models.iter_linears(model))
-        remove = self.config.ratio * total / per_channel  # channels over all layers
-        L = len(layers)
+        L = len(models.decoder_layers(model))
         step = self.config.multiple_of
-        keep_uniform = full - remove / L
-        if keep_uniform < step:
-            raise CompressorError(
-                f"structured: ratio {self.config.ratio} would take {remove / (L * full):.0%} of every MLP's channels; "
-                "the MLPs hold too little of the decoder-linear parameters for that ratio, choose a smaller one"
-            )
-        k = max(step, int(round(keep_uniform / step)) * step)
         if self.config.allocation == "uniform":
             self.widths = {i: k for i in range(L)}
             return
@@ -267,7 +279,7 @@ class Structured(Method):
             order = self._order(C, W, floor)
             curves[i] = error_curve(C, W, order, self.config.damp).cpu()
 
-        pipeline.walk(model, device, visit, windows, batch_size, gram_dtype, desc="structured: error curves")
+        run.walk(visit, "structured: error curves")
         got = allocate_widths([curves[i] for i in range(L)], k * L, step, floor)
         self.widths = dict(enumerate(got))
         log.info("structured widths: %s", got)
@@ -275,10 +287,14 @@ class Structured(Method):
     def _order(self, C, W, keep):
         return channel_order(C, W, self.config.selection, keep, self.config.ridge, self.config.damp)
 
-    def apply(self, model, index: int, layer: nn.Module, grams: dict) -> tuple[dict, dict]:
-        """Shrink one layer's MLP in place; returns (specs of the changed linears, the grams as the
-        changed layer sees them: down's input Gram restricted to the kept channels)."""
-        mlp = _mlp(model)
+    def apply(self, work) -> None:
+        """Shrink one layer's MLP in place, record the changed linears' specs and give later stages
+        the Grams the changed layer sees (down's input Gram restricted to the kept channels)."""
+        specs, work.grams = self.shrink(work.run.model, work.index, work.layer, work.grams)
+        work.run.specs.update(specs)
+
+    def shrink(self, model, index: int, layer: nn.Module, grams: dict) -> tuple[dict, dict]:
+        mlp = mlp_layout(model)
         arch = models.arch_for(model)
         group = arch.linears[mlp.output]
         C = grams[group]
@@ -303,26 +319,27 @@ class Structured(Method):
         specs = {}
         for name in mlp.inputs:
             module = layer.get_submodule(name)
-            models.replace_linear(layer, name, _select_rows(module, kept.to(module.weight.device)))
-            specs[f"{prefix}.{name}"] = _dense_spec(layer.get_submodule(name))
+            models.replace_linear(layer, name, select_rows(module, kept.to(module.weight.device)))
+            specs[f"{prefix}.{name}"] = dense_spec(layer.get_submodule(name))
         bias = None if down.bias is None else down.bias.detach()
         models.replace_linear(layer, mlp.output, models.new_linear_like(down, new_down.to(W.dtype).to(W.device), bias))
-        specs[f"{prefix}.{mlp.output}"] = _dense_spec(layer.get_submodule(mlp.output))
+        specs[f"{prefix}.{mlp.output}"] = dense_spec(layer.get_submodule(mlp.output))
         grams = dict(grams)
         grams[group] = Ck
         return specs, grams
 
-    def finish(self, model, specs: dict) -> None:
+    def finish(self, run) -> None:
         """With one width everywhere the model is its own class with a smaller config: the dense
         specs go and `intermediate_size` says k. Otherwise the specs carry the per-layer shapes."""
+        specs = run.specs
         widths = set(self.done.values())
         if len(widths) == 1:
             (k,) = widths
-            setattr(model.config, _mlp(model).config_key, k)
+            setattr(run.model.config, mlp_layout(run.model).config_key, k)
             for name in [n for n, s in specs.items() if s.get("type") == "dense"]:
                 del specs[name]
 
-    def report(self) -> dict:
+    def report(self, model) -> dict:
         uniform = len(set(self.done.values())) == 1
         return {
             "structured": {
@@ -338,6 +355,6 @@ class Structured(Method):
         }
 
 
-def _dense_spec(module: nn.Module) -> dict:
+def dense_spec(module: nn.Module) -> dict:
     out_f, in_f = models.linear_shape(module)
     return {"type": "dense", "out": out_f, "in": in_f, "bias": module.bias is not None}

@@ -1,4 +1,4 @@
-"""EoRA compensation adapters as a recipe stage (the maths: compressor/eora.py).
+"""EoRA compensation adapters as a recipe stage (the maths: fit.py; loss weights: sensitivity.py).
 
 For every linear an earlier stage compressed, dW = W - W_hat, where W is the weight before any
 stage touched it and W_hat is what the compressed module really computes (dequantised codes,
@@ -17,7 +17,7 @@ with rank 0 (no adapter). It needs `sequential: false`, since ranks are chosen o
 error is known.
 
 `weighting: loss` weighs each output channel's error by how much the calibration loss cares about it
-(the mean squared loss gradient there, compressor/sensitivity.py): the adapters solve
+(the mean squared loss gradient there, sensitivity.py): the adapters solve
 min ||W_d (dW - B A) X|| with W_d = diag(sqrt(D)), i.e. the same truncated SVD of W_d dW Q L^1/2,
 with B divided by the weights afterwards. `weighting: loss-full` keeps the whole matrix
 G = mean g g^T of those gradients instead of its diagonal (the output side of a Kronecker-factored
@@ -26,12 +26,12 @@ afterwards. Either costs one forward and backward pass of the dense model per ca
 before the walk; loss-full also keeps an out x out float64 matrix per adapted linear.
 
 `propagation: 1` also corrects what earlier layers' compression did to this layer's input: the
-adapters then aim at the dense model's output X_d W^T instead of X W^T (compressor/eora.py; after
+adapters then aim at the dense model's output X_d W^T instead of X W^T (fit.py; after
 QEP, arXiv 2504.09629). The walk carries the dense model's hidden states beside the compressed
 ones (one more layer forward per batch, and one more in x in Gram per input). Values between 0
 and 1 correct that share of the inherited error; it needs `sequential: true`, since the inputs it
 corrects must be the ones the adapted model really sees. `propagation_damp` ridges the correction
-(compressor/eora.py): without it, directions the calibration inputs barely visit are fitted to noise.
+(fit.py): without it, directions the calibration inputs barely visit are fitted to noise.
 
 `bits: 4` (2, 3, 4 or 8) quantises the adapters themselves with GPTQ, as the gptq stage does a
 low-rank factor: A with the layer's input Gram H, then B with A_hat H A_hat^T, the Gram of what B
@@ -68,13 +68,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor import eora, models, ranks
+from compressor import models, modules, ranks
 from compressor.errors import CompressorError, check_choice, check_float, check_int, check_patterns
+from compressor.export.peft import ADAPTER_DIR
 from compressor.methods import register
-from compressor.methods.base import Method
+from compressor.methods.base import Method, of_kind
+from compressor.methods.eora import fit as eora
+from compressor.methods.eora.sensitivity import output_roots, output_sensitivity, row_weights
 from compressor.methods.gptq import Gptq, GptqConfig
 from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear, linear_from, pack_chunk
-from compressor.sensitivity import output_roots, row_weights
 
 
 @dataclass
@@ -164,6 +166,106 @@ class Eora(Method):
                 raise CompressorError("eora: bits quantises adapters as they are fitted, so it needs rank_allocation: uniform and no merge")
             self.quantizer = Gptq(GptqConfig(bits=config.bits, group_size=config.group_size))
         super().__init__(config)
+        self.base = None  # with refine: the quantisation stage whose work on our targets we do
+        self.weights: dict[str, torch.Tensor] = {}  # full name -> loss sensitivity (weighting: loss / loss-full)
+        self.fitted: dict[str, tuple] = {}  # full name -> (component energies, nominal rank, shape)
+        self.deferred: list[tuple[nn.Module, str, str, nn.Module]] = []  # sequential: false, installed in finish
+        self.ranks: dict[str, int] = {}  # full name -> rank of its separate adapter
+        self.merged: dict[str, int] = {}  # full name -> adapter rank folded into the low-rank weight
+        self.removed: dict[str, float] = {}  # full name -> share of calibration output error the adapter removes
+
+    # --- the driver's interface
+
+    def bind(self, stages, calibration) -> None:
+        quant = of_kind(stages, "quant")
+        if len(stages) == 1:
+            raise CompressorError(f"'{self.name}' compensates a compression error, so it needs a rank-reduction or quantisation stage before it")
+        if self.config.refine and (quant is None or of_kind(stages, "rank") is not None):
+            raise CompressorError("eora refine re-quantises W - B A for dense linears, so it needs a quantisation stage and no rank-reduction stage; drop 'refine'")
+        if self.config.merge and quant is not None:
+            raise CompressorError("eora merge: true cannot fold adapters into quantised weights; drop 'merge' to keep them as a PEFT adapter")
+        structure = of_kind(stages, "structure")
+        if structure is not None and (self.config.weighting != "output" or self.config.propagation > 0):
+            raise CompressorError(
+                f"after '{structure.name}' the adapters' reference is the narrower dense layer; use eora weighting: output and propagation: 0"
+            )
+        if self.config.refine:
+            self.base = quant
+            quant.hand_off(self.targets)  # the base is quantised inside the adapter fit, from W - B A
+
+    def needs_dense_stream(self) -> bool:
+        return self.config.propagation > 0
+
+    def needs_reference(self) -> bool:
+        return True
+
+    def prepare(self, run) -> None:
+        if self.config.weighting != "output":  # measured on the dense model, before any stage changes it
+            names = {full for full, name, _ in models.iter_linears(run.model) if self.targets(name)}
+            self.weights = output_sensitivity(run.model, run.windows, run.device, names, full=self.config.weighting == "loss-full")
+
+    def apply(self, work) -> None:
+        specs = work.run.specs
+        for name in work.names:
+            if not self.targets(name):
+                continue
+            full, H, cross = work.full(name), work.gram(name), work.cross(name)
+            module = work.module(name)
+            fit = None  # (B, A, energies) when the base was fitted together with its adapters
+            if self.base is not None and self.base.targets(name):
+                def quantize(w, bias=module.bias):  # Conv1D's bias is (out,) too
+                    return self.base.quantize_module(modules.linear_from(w, None if bias is None else bias.detach()), H, None)
+                module, spec, *fit = self.refined(work.reference[name].to(H.device), quantize, H, self.fit_rank(name), self.weights.get(full), cross)
+                work.replace(name, module, spec)
+            if specs.get(full, {}).get("type") in (None, "dense"):
+                continue
+            B, A, energies = fit or self.adapters(work.reference[name].to(H.device), module, H, self.fit_rank(name), self.weights.get(full), cross)
+            self.fitted[full] = (energies, min(self.rank_for(name), energies.numel()), tuple(work.reference[name].shape))
+            module, specs[full] = self.attach(module, B, A, specs[full], H)
+            (self.merged if self.config.merge else self.ranks)[full] = A.shape[0]
+            if self.config.sequential or self.config.merge:
+                work.replace(name, module)
+            else:
+                self.deferred.append((work.layer, name, full, module))
+
+    def finish(self, run) -> None:
+        home = next(run.model.parameters()).device
+        final = self.allocate(self.fitted)
+        for layer, name, full, module in self.deferred:
+            if final[full] != self.ranks[full]:
+                module = truncate(module, final[full])
+                if final[full]:
+                    self.ranks[full] = final[full]
+                else:
+                    del self.ranks[full]
+            models.replace_linear(layer, name, module.to(home))
+        self.deferred = []
+        self.removed = {n: eora.removed_share(e, final[n]) for n, (e, _, _) in self.fitted.items()}
+
+    def report(self, model) -> dict:
+        if not (self.ranks or self.merged):
+            return {}
+        adapted = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
+        quantized = bool(adapted) and all(isinstance(m.lora_A, QuantLinear) for m in adapted.values())
+        return {
+            "adapters": {
+                "method": self.name,
+                "merged": bool(self.merged),
+                "ranks": self.merged or self.ranks,
+                "params": sum(m.lora_A.in_features * m.lora_A.out_features + m.lora_B.in_features * m.lora_B.out_features for m in adapted.values()),
+                "bits": self.config.bits if quantized else None,
+                "path": None if self.merged or quantized else ADAPTER_DIR,
+                # Squared output error on the calibration data, per module: how much of it rank r removes.
+                "error_removed": {n: round(v, 4) for n, v in self.removed.items()},
+                "error_removed_mean": round(sum(self.removed.values()) / len(self.removed), 4) if self.removed else None,
+            }
+        }
+
+    def export(self, model, specs: dict) -> dict:
+        # refine quantised W - B A: the base is then no model without its adapters
+        return {"adapter_required": bool(self.config.refine)}
+
+    # --- the maths
 
     def rank_for(self, linear_name: str) -> int:
         return next((r for pat, r in self.config.rank_pattern.items() if fnmatch.fnmatch(linear_name, pat)), self.config.rank)

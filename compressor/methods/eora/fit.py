@@ -112,22 +112,3 @@ def allocate_ranks(energies: dict[str, torch.Tensor], costs: dict[str, int], ran
                 left -= costs[n]
         out.update(taken)
     return out
-
-
-def eora_adapters(dW: torch.Tensor, H: torch.Tensor, rank: int, eps: float | None = None, eigen=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B (out, r), A (r, in)) in dW's float dtype minimising ||(dW - B A) X||_F with H = X^T X / N.
-
-    eps: eigenvalues of H at or below it are treated as zero; default max(L) * in * eps_float32.
-    eigen: gram_eigen(H), when already computed. A rank above min(out, in) is clamped to it.
-    """
-    B, A, _ = eora_fit(dW, H, rank, eps, eigen)
-    return B, A
-
-
-def svd_adapters(dW: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Baseline: truncated SVD of dW itself (minimises the weight error, not the output error)."""
-    r = _check(dW, rank)
-    (U, S, Vh), = linalg.svd([dW.to(torch.float64)], dtype=torch.float64)
-    B, A = linalg.split_factors(U, S, Vh, r)
-    dtype = dW.dtype if dW.is_floating_point() else torch.float32
-    return B.to(dtype), A.to(dtype)

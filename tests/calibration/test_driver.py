@@ -1,4 +1,5 @@
-"""End to end on tiny models of every supported architecture: compress, export, reload both ways."""
+"""The driver (compressor/calibration/driver.py), end to end on tiny models of every supported
+architecture: compress, export, reload both ways; sequential calibration; the dense stream."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor import models, pipeline
+from compressor import models
 from compressor import ranks as ranks_mod
 from compressor.api import compress
+from compressor.calibration import driver
+from compressor.calibration.collect import GramCollector
+from compressor.calibration.windows import calibration_windows
+from compressor.environment import device_name
 from compressor.modules import LowRankLinear
 
 
@@ -82,7 +87,7 @@ def test_data_aware_compress_export_reload(arch, recipe, tokenizer, tmp_path):
     result = compress(tiny_model(arch), recipe, out, tokenizer=tokenizer, ratio=0.3, samples=4, seq_len=32, device="cpu")
     report = result.report
     assert report["calibration"] == {"dataset": "code", "samples": 4, "seq_len": 32}
-    assert report["device"] == "cpu" and report["device_name"] == pipeline.device_name(torch.device("cpu")) != ""
+    assert report["device"] == "cpu" and report["device_name"] == device_name(torch.device("cpu")) != ""
     assert any(r != "dense" for r in report["per_module"].values())
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -98,24 +103,22 @@ def test_data_aware_compress_export_reload(arch, recipe, tokenizer, tmp_path):
 def test_sequential_calibration_sees_compressed_layers(tokenizer):
     """Layer 1's Gram must come from compressed layer 0's outputs, not the dense model's."""
     from compressor import recipe as recipes
-    from compressor.api import calibration_windows
-    from compressor.calibration import GramCollector
 
     rec = recipes.load("whiten", ratio=0.5)
     method, cpu = rec.stages[0], torch.device("cpu")
     windows = calibration_windows(rec, tokenizer, None, samples=2, seq_len=16)
 
     dense = tiny_model("llama")
-    acts = pipeline.capture(dense, windows, 2, cpu)
+    acts = driver.capture(dense, windows, 2, cpu)
     layers = models.decoder_layers(dense)
-    acts.hidden = pipeline.run_layer(layers[0], acts, 0)
+    acts.hidden = driver.run_layer(layers[0], acts, 0)
     collector = GramCollector(models.layer_linears(dense, layers[1]), models.arch_for(dense).linears)
-    pipeline.run_layer(layers[1], acts, 1)
+    driver.run_layer(layers[1], acts, 1)
     collector.close()
     dense_gram = collector.grams()["attn_in"]
 
     seen = {}
-    real_walk = pipeline.walk
+    real_walk = driver.walk
 
     def spy(model_, device, visit, *args, **kwargs):
         def recording(i, layer, grams):
@@ -125,12 +128,11 @@ def test_sequential_calibration_sees_compressed_layers(tokenizer):
         return real_walk(model_, device, recording, *args, **kwargs)
 
     model = tiny_model("llama")
-    ranks = pipeline.plan_ranks(model, method, cpu, windows, 2)
-    pipeline.walk = spy
+    driver.walk = spy
     try:
-        pipeline.apply_rank_method(model, method, ranks, cpu, windows, 2)
+        driver.run(model, [method], cpu, windows, 2)
     finally:
-        pipeline.walk = real_walk
+        driver.walk = real_walk
     assert not torch.allclose(seen[1], dense_gram, rtol=1e-3)
 
 
@@ -148,7 +150,7 @@ def test_dense_stream_pairs_the_dense_models_inputs_with_the_compressed_ones():
             for m in models.layer_linears(model, layer).values():
                 m.weight.mul_(0.5)
 
-    pipeline.walk(model, torch.device("cpu"), visit, windows, batch_size=2, dense_stream=True)
+    driver.walk(model, torch.device("cpu"), visit, windows, batch_size=2, dense_stream=True)
 
     def q_input(m):
         kept = []
@@ -197,7 +199,7 @@ def test_true_sequential_visits_each_group_on_what_the_compressed_layer_feeds_it
                 for name in only or linears:
                     linears[name].weight.mul_(0.5)
 
-        pipeline.walk(model, torch.device("cpu"), visit, windows, batch_size=2, dense_stream=True, true_sequential=true_sequential)
+        driver.walk(model, torch.device("cpu"), visit, windows, batch_size=2, dense_stream=True, true_sequential=true_sequential)
         return model, seen
 
     model, seen = run(True)

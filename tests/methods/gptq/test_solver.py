@@ -4,18 +4,16 @@ import pytest
 import torch
 from activations import correlated, gram
 
+from compressor import modules
 from compressor.errors import CompressorError
-from compressor.quant import (
+from compressor.export.gptq_v1 import dequantize_gptq_v1, effective_bits, pack_gptq_v1, unpack_gptq_v1
+from compressor.methods.gptq.solver import (
     QuantConfig,
-    QuantLinear,
-    dequantize_gptq_v1,
-    effective_bits,
     gptq_quantize,
     grid_params,
-    pack_gptq_v1,
     quantize_codes,
     rtn_quantize,
-    unpack_gptq_v1,
+    to_module,
 )
 
 
@@ -43,10 +41,10 @@ def small():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=5), "bits must be 2, 3, 4 or 8"),
-    (dict(group_size=0), "group_size must be -1"),
-    (dict(group_size=-2), "group_size must be -1"),
-    (dict(damp=1.5), "damp must be in"),
+    (dict(bits=5), "'bits' must be one of 2, 3, 4, 8"),
+    (dict(group_size=0), "'group_size' must be -1"),
+    (dict(group_size=-2), "'group_size' must be -1"),
+    (dict(damp=1.5), r"'damp' must be a number in \[0, 1\)"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(CompressorError, match=match):
@@ -68,7 +66,7 @@ def as_u32(t: torch.Tensor) -> list[int]:
 
 
 def fake_result(q: torch.Tensor, bits: int, zero: int = 1):
-    from compressor.quant import QuantResult
+    from compressor.methods.gptq.solver import QuantResult
 
     out_f, in_f = q.shape
     scales = torch.ones(1, out_f, dtype=torch.float16)
@@ -247,12 +245,12 @@ def test_quant_linear_forward_and_state_dict(small):
     W, H = small
     res = gptq_quantize(W, H, QuantConfig(bits=4, group_size=32, act_order=True))
     bias = torch.randn(64)
-    mod = QuantLinear.from_result(res, group_size=32, bias=bias)
+    mod = to_module(res, group_size=32, bias=bias)
     x = torch.randn(5, 7, 256)
     assert torch.allclose(mod(x), x @ res.w_hat.T + bias, atol=1e-5)
     assert set(mod.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
 
-    fresh = QuantLinear(256, 64, bits=4, group_size=32, bias=True, dtype=torch.float32)
+    fresh = modules.QuantLinear(256, 64, bits=4, group_size=32, bias=True, dtype=torch.float32)
     fresh(x)  # fills the cache with zeros; loading must invalidate it
     fresh.load_state_dict(mod.state_dict())
     assert torch.equal(fresh(x), mod(x))
@@ -262,10 +260,10 @@ def test_quant_linear_forward_and_state_dict(small):
     assert yb.dtype == torch.bfloat16
     assert torch.allclose(yb.float(), x @ res.w_hat.T + bias, atol=0.1, rtol=0.05)
     with torch.inference_mode():
-        cached = QuantLinear.from_result(res, group_size=32, bias=bias)
+        cached = to_module(res, group_size=32, bias=bias)
         cached(x)
     xg = x.clone().requires_grad_()
     cached(xg).sum().backward()  # cache built under inference_mode still works with autograd
     assert torch.allclose(xg.grad[0, 0], res.w_hat.sum(0), atol=1e-5)
-    no_bias = QuantLinear.from_result(res, group_size=32)
+    no_bias = to_module(res, group_size=32)
     assert torch.allclose(no_bias(x), x @ res.w_hat.T, atol=1e-5)

@@ -1,7 +1,8 @@
 """GPTQ (and its round-to-nearest baseline) as a recipe stage, on dense and low-rank layers.
 
-The maths (the column sweep with the inverse-Hessian Cholesky factor, the grid, the v1 packing)
-is in compressor/quant.py; this file decides what to quantise and with which Gram:
+The maths (the column sweep with the inverse-Hessian Cholesky factor, the grid) is in solver.py,
+the checkpoint packing in compressor/export/gptq_v1.py; this file decides what to quantise and
+with which Gram:
   dense W (out x in):           GPTQ(W, H), H = the layer input's Gram;
   low-rank W ~ up @ down:       GPTQ(down, H), then GPTQ(up, D H D^T) where D is the *quantised*
                                 down, because that is what up really receives.
@@ -24,40 +25,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor import models
-from compressor.errors import CompressorError, check_choice, check_float, check_patterns
+import compressor
+from compressor import models, modules
+from compressor.errors import CompressorError, check_patterns
+from compressor.export import gptq_v1
 from compressor.methods import register
-from compressor.methods.base import Method
+from compressor.methods.base import Method, target_shapes
+from compressor.methods.gptq.solver import QuantConfig, QuantResult, gptq_quantize, rtn_quantize, to_module
 from compressor.modules import LowRankLinear, pack_chunk
-from compressor.quant import QuantConfig, QuantResult, gptq_quantize, rtn_quantize
-from compressor.quant import QuantLinear as BuildableQuantLinear
 
 
 @dataclass
-class GptqConfig:
-    """bits: 2, 3, 4 or 8. group_size: input columns sharing a scale (-1: one per output row).
-    sym: symmetric grid. act_order: quantise columns by decreasing activation energy (GPTQ's
-    desc_act); static_groups: with act_order, keep groups contiguous (g_idx = i // group_size,
-    which fast kernels want). damp: fraction of mean(diag H) added to H. targets: glob patterns on
-    linear names inside a decoder layer."""
+class GptqConfig(QuantConfig):
+    """The grid (solver.QuantConfig: bits, group_size, sym, act_order, damp, static_groups), plus
+    targets: glob patterns on linear names inside a decoder layer."""
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    act_order: bool = False
-    static_groups: bool = False
-    damp: float = 0.01
     targets: list[str] = field(default_factory=lambda: ["*"])
 
     def __post_init__(self):
-        check_choice("bits", self.bits, BITS)
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (self.group_size == -1 or self.group_size >= 1):
-            raise CompressorError(f"key 'group_size' must be -1 (one scale per output row) or an integer >= 1 such as 128, got {self.group_size!r}")
-        check_float("damp", self.damp, 0, 1, high_open=True)
+        super().__post_init__()
         check_patterns("targets", self.targets)
-
-
-BITS = (2, 3, 4, 8)
 
 
 @register
@@ -69,11 +56,10 @@ class Gptq(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        c = config
-        self.quant = QuantConfig(bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order, damp=c.damp, static_groups=c.static_groups)
+        self._specs: dict = {}
 
     def _solve(self, W: torch.Tensor, H: torch.Tensor | None) -> QuantResult:
-        return gptq_quantize(W, H, self.quant)
+        return gptq_quantize(W, H, self.config)
 
     def format(self) -> dict:
         """The grid, as recorded in specs and in the GPTQ quantization_config."""
@@ -90,13 +76,22 @@ class Gptq(Method):
             if name not in lowrank and (in_f % per or out_f % per):
                 raise CompressorError(f"{self.name}: {self.config.bits}-bit packing needs in and out features divisible by {per}, but {name} is {out_f} x {in_f}; leave it out of 'targets'")
 
+    def prepare(self, run) -> None:
+        self.check(target_shapes(run.model, self), {n for n, s in run.plan.items() if s["type"] == "lowrank"})
+
+    def apply(self, work) -> None:
+        for name in work.names:
+            if self.does(name):
+                module, spec = self.quantize_module(work.module(name), work.gram(name), work.run.specs.get(work.full(name)))
+                work.replace(name, module, spec)
+
     def quantize_module(self, module: nn.Module, H: torch.Tensor | None, spec: dict | None) -> tuple[nn.Module, dict]:
         """The quantised replacement of `module` and its spec for config.compression."""
         if isinstance(module, LowRankLinear):
             return self._quantize_lowrank(module, H, dict(spec))
         W = models.weight_of(module).detach()
         bias = module.bias.detach() if module.bias is not None else None
-        new = BuildableQuantLinear.from_result(self._solve(W, H), self.config.group_size, bias)
+        new = to_module(self._solve(W, H), self.config.group_size, bias)
         out_f, in_f = W.shape
         spec = {"type": "quant", "out": out_f, "in": in_f, "bias": bias is not None, "bits": self.config.bits, "group_size": self.config.group_size}
         return new, spec
@@ -112,11 +107,43 @@ class Gptq(Method):
         H_up = None if H is None else self._factor_gram(q_down.w_hat, H)
         q_up = self._solve(up, H_up)
         bias = module.up.bias.detach() if module.up.bias is not None else None
-        module.down = BuildableQuantLinear.from_result(q_down, self.config.group_size)
-        module.up = BuildableQuantLinear.from_result(q_up, self.config.group_size, bias)
+        module.down = to_module(q_down, self.config.group_size)
+        module.up = to_module(q_up, self.config.group_size, bias)
         module.rank = rank
         spec.update(rank=rank, quant={"bits": self.config.bits, "group_size": self.config.group_size})
         return module, spec
+
+    def report(self, model) -> dict:
+        c = self.config
+        linears = [m for _, _, m in models.iter_linears_any(model)]
+        bases = [m.base if isinstance(m, modules.LoraAdapted) else m for m in linears]
+        qlayers = [q for m in bases for q in m.modules() if isinstance(q, modules.QuantLinear)]
+        sizes = [q.in_features * q.out_features for q in qlayers]
+        bits = [gptq_v1.effective_bits(c.bits, c.group_size, q.in_features, q.out_features) for q in qlayers]
+        return {
+            "quantization": {
+                "method": self.name,
+                **self.format(),
+                "act_order": c.act_order,
+                "static_groups": c.static_groups,
+                "damp": c.damp,
+                # Per quantised weight, as GPTQ papers count it (codes + fp16 scale and zero per group).
+                "effective_bits": None if not qlayers else sum(b * n for b, n in zip(bits, sizes)) / sum(sizes),
+                "gptq_checkpoint": all(gptq_v1.gptq_only(spec) for spec in self._specs.values()),
+            }
+        }
+
+    def finish(self, run) -> None:
+        self._specs = run.specs
+
+    def export(self, model, specs: dict) -> dict:
+        """A GPTQ v1 quantization_config when this stage is the only compression. Low-rank models
+        are not declared GPTQ: a GPTQ loader would look for dense layers that are not there."""
+        if not all(gptq_v1.gptq_only(spec) for spec in specs.values()):
+            return {}
+        skipped = [name for name, _, _ in models.iter_linears_any(model) if name not in specs]
+        return {"quantization_config": gptq_v1.quantization_config(self.format(), self.config.damp, self.config.static_groups, self.name, skipped,
+                                                                   compressor.__version__)}
 
     @staticmethod
     def _factor_gram(down: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -132,7 +159,7 @@ class Rtn(Gptq):
     needs_gram = False
 
     def _solve(self, W, H):
-        return rtn_quantize(W, self.quant)
+        return rtn_quantize(W, self.config)
 
     def _factor_gram(self, down, H):
         return None

@@ -4,10 +4,22 @@ import pytest
 import torch
 from activations import correlated, gram
 
-from compressor.eora import allocate_ranks, eora_adapters, eora_fit, removed_share, svd_adapters
+from compressor import linalg
 from compressor.errors import CompressorError
-from compressor.quant import QuantConfig, gptq_quantize
+from compressor.methods.eora.fit import allocate_ranks, eora_fit, removed_share
+from compressor.methods.gptq.solver import QuantConfig, gptq_quantize
 
+
+def eora_adapters(dW, H, rank, eps=None):
+    B, A, _ = eora_fit(dW, H, rank, eps)
+    return B, A
+
+
+def svd_adapters(dW, rank):
+    """The baseline EoRA must beat: a truncated SVD of dW itself (the weight error, not the output's)."""
+    (U, S, Vh), = linalg.svd([dW.to(torch.float64)], dtype=torch.float64)
+    B, A = linalg.split_factors(U, S, Vh, rank)
+    return B.float(), A.float()
 
 def rms_out_err(dW, B, A, X) -> float:
     """||(dW - B A) X^T||_F / sqrt(N)."""

@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor import models, modules, quant, recipe
-from compressor.api import calibration_windows, compress
+from compressor import models, modules, recipe
+from compressor.api import compress
+from compressor.calibration.windows import calibration_windows
 from compressor.errors import CompressorError
+from compressor.export import gptq_v1
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 CALIB = dict(samples=4, seq_len=32, device="cpu")
@@ -100,8 +102,8 @@ def test_gptq_v1_tensors(tokenizer, tmp_path):
         # permutation of the contiguous layout: every group still holds exactly 32 columns.
         assert t["g_idx"].dtype == torch.int32
         assert torch.equal(t["g_idx"].sort().values, torch.arange(in_f, dtype=torch.int32) // 32)
-        assert torch.equal(quant.dequantize_gptq_v1(t, 4, in_f, out_f), module.dequantized_weight())
-    assert report_bits(out) == pytest.approx(quant.effective_bits(4, 32, 64, 64), rel=0.2)
+        assert torch.equal(gptq_v1.dequantize_gptq_v1(t, 4, in_f, out_f), module.dequantized_weight())
+    assert report_bits(out) == pytest.approx(gptq_v1.effective_bits(4, 32, 64, 64), rel=0.2)
 
 
 def report_bits(out):

@@ -1,4 +1,4 @@
-"""Weight-only integer quantisation: round-to-nearest, GPTQ, and the GPTQ v1 checkpoint format.
+"""Weight-only integer quantisation: round-to-nearest and GPTQ (the checkpoint format: compressor/export/gptq_v1.py).
 
 Grid. Each group of `group_size` consecutive input columns of W (out x in) has, per output row, a
 scale s and an integer zero z; a weight is stored as a code q in [0, 2^bits - 1] and read back as
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from compressor import modules
-from compressor.errors import CompressorError
-from compressor.modules import dequantize, pack_chunk, unpack_rows
+from compressor.errors import CompressorError, check_choice, check_float
+from compressor.export.gptq_v1 import pack_gptq_v1
 
 BLOCK = 128
+BITS = (2, 3, 4, 8)
 FP16 = torch.finfo(torch.float16)
 
 
@@ -44,12 +45,9 @@ class QuantConfig:
     static_groups: bool = False
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
-            raise CompressorError(f"quantisation bits must be 2, 3, 4 or 8, got {self.bits}")
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (self.group_size == -1 or self.group_size > 0):
-            raise CompressorError(f"group_size must be -1 (per output channel) or a positive integer such as 128, got {self.group_size!r}")
-        if not 0 <= self.damp < 1:
-            raise CompressorError(f"damp must be in [0, 1) (a fraction of mean(diag H); 0.01 is usual), got {self.damp}")
+        check_choice("bits", self.bits, BITS)
+        check_group_size(self.group_size)
+        check_float("damp", self.damp, 0, 1, high_open=True)
 
     @property
     def maxq(self) -> int:
@@ -57,6 +55,11 @@ class QuantConfig:
 
     def n_groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+
+
+def check_group_size(group_size) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size >= 1):
+        raise CompressorError(f"key 'group_size' must be -1 (one scale per output row) or an integer >= 1 such as 128, got {group_size!r}")
 
 
 @dataclass
@@ -225,98 +228,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantRe
     return QuantResult(Q[:, inv].contiguous(), codes[:, inv].contiguous(), scales, zeros, g_idx, cfg.bits)
 
 
-# ----------------------------------------------------------------------------- GPTQ v1 packing
-#
-# Layout (AutoGPTQ / GPTQModel "gptq" checkpoint format, int32 words, little-endian bit order):
-#   qweight [in*bits/32, out]: column o holds the codes q[o, :] of output row o. Consecutive INPUT
-#       indices are packed as a bit stream, code i occupying stream bits [bits*i, bits*i + bits),
-#       stream bit p living in word p // 32 at bit p % 32 (low bits first). For 2/4/8 bits this is
-#       32/bits whole codes per word; for 3 bits 32 codes fill 3 words and codes 10 and 21 straddle
-#       a word boundary (code 10: bits 30-31 of word 0 + bit 0 of word 1; code 21: bit 31 of word 1
-#       + bits 0-1 of word 2), exactly AutoGPTQ's `pack` for 3 bits.
-#   qzeros [n_groups, out*bits/32]: the same stream along consecutive OUTPUT columns, storing
-#       zero - 1 (the v1 convention; v2 stores zero itself).
-#   scales [n_groups, out] fp16.   g_idx [in] int32: group of each input column.
-#   Dequantised weight (transposed layout): W^T[i, o] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o]).
-
-# The unpacking half lives in compressor/modules.py, which exported checkpoints carry.
-_chunk, _unpack_rows = pack_chunk, unpack_rows
-
-
-def _pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack (n, m) codes along dim 0 into (n*bits/32, m) int32 words."""
-    per, n_words = _chunk(bits)
-    n, m = vals.shape
-    v = vals.to(torch.int64).reshape(n // per, per, m)
-    words = torch.zeros(n // per, n_words, m, dtype=torch.int64, device=vals.device)
-    for k in range(per):
-        w, s = divmod(bits * k, 32)
-        words[:, w] |= (v[:, k] << s) & 0xFFFFFFFF
-        if s + bits > 32:  # spills into the next word
-            words[:, w + 1] |= v[:, k] >> (32 - s)
-    words = words.reshape(-1, m)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _check_packable(bits: int, in_features: int, out_features: int) -> None:
-    if bits not in (2, 3, 4, 8):
-        raise CompressorError(f"GPTQ packing supports 2, 3, 4 or 8 bits, got {bits}")
-    per, _ = _chunk(bits)
-    if in_features % per or out_features % per:
-        raise CompressorError(f"{bits}-bit GPTQ packing needs in and out features divisible by {per}, got {in_features} x {out_features}; leave this layer unquantised")
-
-
-def pack_gptq_v1(result: QuantResult, bits: int | None = None) -> dict[str, torch.Tensor]:
-    """The tensors a GPTQ v1 checkpoint stores for one linear layer (CPU tensors)."""
-    bits = result.bits if bits is None else bits
-    out_f, in_f = result.q.shape
-    _check_packable(bits, in_f, out_f)
-    if int(result.q.max()) > 2**bits - 1 or int(result.q.min()) < 0:
-        raise CompressorError(f"quantised codes do not fit in {bits} bits")
-    zeros = result.zeros.cpu()
-    if int(zeros.min()) < 1 or int(zeros.max()) > 2**bits - 1:
-        raise CompressorError("a zero-point outside [1, 2^bits - 1] cannot be stored in the GPTQ v1 format (it stores zero - 1)")
-    return {
-        "qweight": _pack_rows(result.q.cpu().T, bits),
-        "qzeros": _pack_rows((zeros - 1).T, bits).T.contiguous(),
-        "scales": result.scales.cpu().to(torch.float16).contiguous(),
-        "g_idx": result.g_idx.cpu().to(torch.int32).contiguous(),
-    }
-
-
-def unpack_gptq_v1(tensors: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int):
-    """(q (out, in) int32, zeros (n_groups, out) int32, scales (n_groups, out) fp16, g_idx (in,) int32)."""
-    _check_packable(bits, in_features, out_features)
-    qweight, qzeros = tensors["qweight"], tensors["qzeros"]
-    if tuple(qweight.shape) != (in_features * bits // 32, out_features) or qzeros.shape[1] != out_features * bits // 32:
-        raise CompressorError(f"GPTQ tensors have shapes qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}; expected {in_features}x{out_features} at {bits} bits")
-    q = _unpack_rows(qweight, bits).T.contiguous()
-    zeros = _unpack_rows(qzeros.T, bits).T.contiguous() + 1
-    return q, zeros, tensors["scales"], tensors["g_idx"].to(torch.int32)
-
-
-def dequantize_gptq_v1(tensors: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int) -> torch.Tensor:
-    return dequantize(*unpack_gptq_v1(tensors, bits, in_features, out_features))
-
-
-def effective_bits(bits: int, group_size: int, in_features: int, out_features: int, scale_bits: int = 16) -> float:
-    """Stored bits per weight: codes, plus per group an fp16 scale and a `bits`-wide zero, plus g_idx."""
-    n_groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
-    total = in_features * out_features * bits + n_groups * out_features * (scale_bits + bits) + in_features * 32
-    return total / (in_features * out_features)
-
-
 # ----------------------------------------------------------------------------- module
 
-class QuantLinear(modules.QuantLinear):
-    """The runtime GPTQ layer (compressor/modules.py), plus its construction from a QuantResult."""
 
-    @classmethod
-    def from_result(cls, result: QuantResult, group_size: int, bias: torch.Tensor | None = None) -> QuantLinear:
-        out_f, in_f = result.q.shape
-        mod = cls(in_f, out_f, result.bits, group_size, bias=bias is not None, dtype=bias.dtype if bias is not None else torch.float16)
-        for name, t in pack_gptq_v1(result).items():
-            getattr(mod, name).copy_(t)
-        if bias is not None:
-            mod.bias.copy_(bias.detach())
-        return mod.to(result.w_hat.device)
+def to_module(result: QuantResult, group_size: int, bias: torch.Tensor | None = None) -> modules.QuantLinear:
+    """The runtime GPTQ layer (compressor/modules.py) holding `result`, packed as GPTQ v1."""
+    out_f, in_f = result.q.shape
+    mod = modules.QuantLinear(in_f, out_f, result.bits, group_size, bias=bias is not None, dtype=bias.dtype if bias is not None else torch.float16)
+    for name, t in pack_gptq_v1(result).items():
+        getattr(mod, name).copy_(t)
+    if bias is not None:
+        mod.bias.copy_(bias.detach())
+    return mod.to(result.w_hat.device)

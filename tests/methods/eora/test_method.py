@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from compressor import eora
 from compressor.errors import CompressorError
 from compressor.methods.eora import Eora, EoraConfig, effective_weight
+from compressor.methods.eora import fit as eora
+from compressor.methods.gptq.solver import QuantConfig, rtn_quantize, to_module
 from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear
-from compressor.quant import QuantConfig, QuantLinear, rtn_quantize
 
 
 def test_effective_weight_is_what_the_module_computes():
@@ -18,7 +18,7 @@ def test_effective_weight_is_what_the_module_computes():
         for p in sparse.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
         sparse.sparse_cols.copy_(torch.tensor([1, 7, 30, 63]))
-    q = QuantLinear.from_result(rtn_quantize(torch.randn(32, 64, generator=gen), QuantConfig(bits=4, group_size=32)), 32)
+    q = to_module(rtn_quantize(torch.randn(32, 64, generator=gen), QuantConfig(bits=4, group_size=32)), 32)
     for m in (sparse, q, torch.nn.Linear(64, 32, bias=False)):
         assert torch.allclose(m(x), x @ effective_weight(m).T, atol=1e-4)
 
@@ -35,7 +35,7 @@ def test_attach_and_merge_equal_adapter_arithmetic():
     stage = Eora(EoraConfig(rank=4))
     B, A, energies = stage.adapters(W, m, H, 4)
     assert energies.shape == (32,) and (energies[:-1] >= energies[1:]).all()
-    B_ref, A_ref = eora.eora_adapters(W.double() - effective_weight(m).double(), H, 4)
+    B_ref, A_ref, _ = eora.eora_fit(W.double() - effective_weight(m).double(), H, 4)
     assert torch.allclose(B @ A, B_ref @ A_ref)
     want = m(x) + x @ (B @ A).float().T
     wrapped, spec = stage.attach(m, B, A, {"rank": 6})
@@ -47,7 +47,7 @@ def test_attach_and_merge_equal_adapter_arithmetic():
 
 
 def test_merge_refuses_quantised():
-    q = QuantLinear.from_result(rtn_quantize(torch.randn(32, 64), QuantConfig(bits=4, group_size=32)), 32)
+    q = to_module(rtn_quantize(torch.randn(32, 64), QuantConfig(bits=4, group_size=32)), 32)
     with pytest.raises(CompressorError, match="unquantised low-rank weights only"):
         Eora(EoraConfig(rank=2, merge=True)).attach(q, torch.zeros(32, 2), torch.zeros(2, 64), {})
 
@@ -138,13 +138,13 @@ def test_propagation_is_optimal_for_the_blended_target(weighting):
 
 def _recording_gptq(H, cfg):
     """A refine `quantize` callable (GPTQ against H) and the list of weights it was given."""
-    from compressor.quant import gptq_quantize
+    from compressor.methods.gptq.solver import gptq_quantize
 
     seen = []
 
     def quantize(w):
         seen.append(w.clone())
-        return QuantLinear.from_result(gptq_quantize(w, H, cfg), cfg.group_size), {"type": "quant"}
+        return to_module(gptq_quantize(w, H, cfg), cfg.group_size), {"type": "quant"}
 
     return quantize, seen
 

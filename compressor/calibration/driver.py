@@ -1,54 +1,161 @@
-"""Layer-sequential driver.
+"""The one layer-sequential driver. It knows no method: a recipe's stages are plug-ins
+(compressor/methods/base.py: Method) and this file only moves layers and statistics.
 
-Decoder layers are visited one at a time: the layer is moved to the compute device, its linears'
-input Grams are collected from calibration activations, the recipe's stages compress it, and the
-compressed layer produces the inputs of the next one. So layer i+1 is calibrated on what compressed
-layer i really outputs, and the device holds one layer plus its activations, never the model.
+    for each stage: stage.prepare(run)            # on the dense model: plans, spectra, sensitivities
+    for each decoder layer i (on the compute device):
+        collect what the stages need from the calibration inputs of layer i (input Grams, and with
+            a dense stream the cross-Grams against the dense model's inputs), in one pass;
+        for each stage, in recipe order: stage.apply(LayerWork)   # change the layer's linears
+        run the finished layer to get layer i+1's inputs
+    for each stage: stage.finish(run)             # decisions that need every layer (allocations)
+
+So layer i+1 is calibrated on what the finished layer i really outputs, and the device holds one
+layer plus its activations, never the model. With `true_sequential`, a layer is visited once per
+linear input group (q/k/v, then o, gate/up, then down), each group's Gram collected after the
+groups before it were compressed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-import platform
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from compressor import distributed, models, progress
-from compressor.calibration import DriftCollector, GramCollector, one_per_group
-from compressor.errors import CompressorError
-from compressor.linalg import check_finite
-from compressor.methods.base import RankMethod
-from compressor.modules import build_module
+from compressor.calibration.collect import DriftCollector, GramCollector, one_per_group
 
-log = logging.getLogger("compressor.pipeline")
+log = logging.getLogger("compressor.driver")
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise CompressorError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-        dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None and distributed.active():  # distributed: one GPU per rank
-        dev = torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
-    return dev
+@dataclass
+class Result:
+    """What a compression returns (api.compress, streaming.compress_streaming)."""
+
+    model: nn.Module | None
+    tokenizer: object
+    report: dict
+    out: object = None  # the output folder (a Path), or None when nothing was written
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's or the CPU's model name, for reports: GPTQ's rounding decisions, and so its codes,
-    differ between them (the same run gave 15.34 and 15.74 code perplexity on two CPUs, README)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-    return model or platform.processor() or "cpu"
+@dataclass
+class Run:
+    """What one compression run shares with its stages."""
+
+    model: nn.Module
+    device: torch.device
+    windows: torch.Tensor | None  # calibration token windows (None: data-free)
+    batch_size: int
+    gram_dtype: torch.dtype
+    stages: list
+    true_sequential: bool = False
+    specs: dict[str, dict] = field(default_factory=dict)  # full linear name -> compressed module spec (for export)
+    plan: dict[str, dict] = field(default_factory=dict)  # full linear name -> the spec a stage plans for it (in prepare)
+
+    def walk(self, visit: Callable, desc: str, with_grams: bool = True) -> None:
+        """A walk over the layers of the model as it is now (a stage's prepare, e.g. spectra on the
+        dense model), with input Grams when `with_grams` and calibration windows exist."""
+        walk(self.model, self.device, visit, self.windows if with_grams else None, self.batch_size, self.gram_dtype, desc=desc)
+
+
+@dataclass
+class LayerWork:
+    """One decoder layer as the stages see it, visit by visit.
+
+    grams / crosses: per linear input group, the Gram of what the layer's linears receive (and the
+    cross-Gram against the dense model's inputs), as the layer is now; a stage that changes a
+    layer's shapes replaces them. reference: per linear, the weight later stages measure their
+    error against (the layer before any approximating stage touched it)."""
+
+    run: Run
+    index: int
+    layer: nn.Module
+    grams: dict | None = None
+    crosses: dict | None = None
+    only: set[str] | None = None  # true_sequential: the linears of this visit's input group
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return models.layer_prefix(self.run.model, self.index)
+
+    @property
+    def names(self) -> list[str]:
+        """The layer's linears this visit covers, in the architecture's order."""
+        return [n for n in models.arch_for(self.run.model).linears if self.only is None or n in self.only]
+
+    def full(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def gram(self, name: str) -> torch.Tensor | None:
+        return None if self.grams is None else self.grams[models.arch_for(self.run.model).linears[name]]
+
+    def cross(self, name: str) -> torch.Tensor | None:
+        return None if self.crosses is None else self.crosses[models.arch_for(self.run.model).linears[name]]
+
+    def module(self, name: str) -> nn.Module:
+        return self.layer.get_submodule(name)
+
+    def replace(self, name: str, module: nn.Module, spec: dict | None = None) -> None:
+        models.replace_linear(self.layer, name, module)
+        if spec is not None:
+            self.run.specs[self.full(name)] = spec
+
+
+def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Tensor | None = None, batch_size: int = 8,
+        gram_dtype: torch.dtype = torch.float64, true_sequential: bool = False) -> Run:
+    """Run `stages` (built and cross-checked by the recipe loader) on `model`, in place."""
+    state = Run(model, device, windows, batch_size, gram_dtype, list(stages), true_sequential)
+    for stage in stages:
+        stage.prepare(state)
+    wants_reference = any(stage.needs_reference() for stage in stages)
+
+    def visit(i, layer, grams, crosses=None, only=None):
+        work = LayerWork(state, i, layer, grams, crosses, only)
+        clock = _Clock()
+        stale = True
+        for stage in stages:
+            if wants_reference and stale and not stage.sets_reference:
+                work.reference = {n: models.weight_of(m).detach().clone() for n, m in models.layer_linears(model, layer, work.names).items()}
+                stale = False
+            with clock(stage.name):
+                stage.apply(work)
+            stale = stale or stage.sets_reference
+        log.info("layer %d%s: %s", i, "" if only is None else f" ({', '.join(sorted(only))})", clock)
+
+    names = "+".join(stage.name for stage in stages)
+    needs_gram = any(stage.needs_gram for stage in stages)
+    walk(model, device, visit, windows if needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({names})",
+         dense_stream=any(stage.needs_dense_stream() for stage in stages), true_sequential=true_sequential)
+    for stage in stages:
+        stage.finish(state)
+    return state
+
+
+class _Clock:
+    """Seconds spent per stage within one layer, for the -v log."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {secs:.1f} s" for name, secs in self.spent.items()) or "nothing to do"
+
+
+# ----------------------------------------------------------------------------- the walk
 
 
 class _Stop(Exception):
@@ -242,95 +349,3 @@ def walk(
             layer.to(home)
     finally:
         model.to(home)
-
-
-def _targets(model, method: RankMethod, layer: nn.Module, only: set[str] | None = None) -> dict[str, nn.Module]:
-    return {n: m for n, m in models.layer_linears(model, layer, only).items() if method.targets(n)}
-
-
-def target_shapes(model, method) -> dict[str, tuple[int, int]]:
-    """Per full module name of a linear `method` targets, its weight's (out, in); an error when
-    the targets match nothing."""
-    shapes = {full: tuple(models.weight_of(m).shape) for full, local, m in models.iter_linears(model) if method.targets(local)}
-    if not shapes:
-        raise CompressorError(
-            f"{method.name}: targets {method.config.targets} match no linear layer; names look like {next(iter(models.arch_for(model).linears))}"
-        )
-    return shapes
-
-
-def layer_energies(model, method: RankMethod, index: int, layer: nn.Module, grams: dict | None) -> dict[str, torch.Tensor]:
-    """Per targeted full module name in one decoder layer, the method's component energies (descending)."""
-    prefix = models.layer_prefix(model, index)
-    linears = _targets(model, method, layer)
-    weights = [models.weight_of(m).detach() for m in linears.values()]
-    arch = models.arch_for(model)
-    hs = [grams[arch.linears[n]] for n in linears] if method.needs_gram else [None] * len(weights)
-    if distributed.spreading():  # distributed: each shape's matrices on one rank, results broadcast
-        found = distributed.spread(weights, lambda idx: method.energies([weights[j] for j in idx], [hs[j] for j in idx]), "spectra")
-        return {f"{prefix}.{name}": e.cpu() for name, e in zip(linears, found)}
-    return {f"{prefix}.{name}": e.cpu() for name, e in zip(linears, method.energies(weights, hs))}
-
-
-def collect_energies(model, method: RankMethod, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
-    """Per targeted full module name, the method's component energies (descending)."""
-    energies: dict[str, torch.Tensor] = {}
-
-    def visit(i, layer, grams):
-        energies.update(layer_energies(model, method, i, layer, grams))
-
-    walk(model, device, visit, windows if method.needs_gram else None, batch_size, gram_dtype, desc="spectra")
-    return distributed.merge_split(energies)  # distributed: every rank's layers' spectra (a no-op otherwise)
-
-
-def plan_ranks(model, method: RankMethod, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
-    """Per full module name, the rank (or None: stays dense) the method's allocation gives."""
-    shapes = target_shapes(model, method)
-    energies = collect_energies(model, method, device, windows, batch_size, gram_dtype) if method.needs_energies() else None
-    return method.allocate(shapes, energies)
-
-
-def compress_layer(model, method: RankMethod, ranks: dict, index: int, layer: nn.Module, grams: dict | None, only: set[str] | None = None) -> dict:
-    """Replace the targeted linears of one decoder layer (those named in `only`, if given) by their
-    factorisation; returns their specs."""
-    arch = models.arch_for(model)
-    prefix = models.layer_prefix(model, index)
-    specs: dict[str, dict] = {}
-    todo = {n: m for n, m in _targets(model, method, layer, only).items() if ranks.get(f"{prefix}.{n}") is not None}
-    if not todo:
-        return specs
-    weights = []
-    for name, module in todo.items():
-        w = models.weight_of(module).detach()
-        check_finite(f"weight {prefix}.{name}", w)
-        weights.append(w)
-    hs = [grams[arch.linears[n]] for n in todo] if method.needs_gram else [None] * len(weights)
-    if distributed.spreading():  # distributed: each shape's matrices on one rank, results broadcast
-        ks = [ranks[f"{prefix}.{n}"] for n in todo]
-        factors = distributed.spread(weights, lambda idx: method.decompose([weights[j] for j in idx], [hs[j] for j in idx], [ks[j] for j in idx]))
-    else:
-        factors = method.decompose(weights, hs, [ranks[f"{prefix}.{n}"] for n in todo])
-    for (name, old), w, f in zip(todo.items(), weights, factors):
-        spec = method.module_spec(tuple(w.shape), ranks[f"{prefix}.{name}"], old.bias is not None)
-        new = build_module(spec, old)
-        state = new.state_dict()
-        with torch.no_grad():
-            for key, value in f.items():
-                state[key].copy_(value)
-            if old.bias is not None:
-                new.up.bias.copy_(old.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(layer.get_submodule(parent), child, new)
-        specs[f"{prefix}.{name}"] = spec
-    return specs
-
-
-def apply_rank_method(model, method: RankMethod, ranks: dict, device, windows=None, batch_size=8, gram_dtype=torch.float64) -> dict:
-    """Compress every targeted linear in place; returns the module specs for export."""
-    specs: dict[str, dict] = {}
-
-    def visit(i, layer, grams):
-        specs.update(compress_layer(model, method, ranks, i, layer, grams))
-
-    walk(model, device, visit, windows if method.needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({method.name})")
-    return specs

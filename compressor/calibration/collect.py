@@ -1,4 +1,4 @@
-"""Calibration: text -> token windows, and Gram matrices H = X^T X / N of linear-layer inputs."""
+"""Gram matrices H = X^T X / N of linear-layer inputs (and cross-Grams against the dense model's), collected by forward hooks."""
 
 from __future__ import annotations
 
@@ -6,30 +6,6 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
-
-
-def token_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """`samples` windows of `seq_len` tokens drawn at seeded random offsets from the joined texts.
-
-    Random windows over one long stream (the GPTQ / SVD-LLM convention) mix files and languages
-    in every batch instead of letting one long file dominate a contiguous block.
-    """
-    # Tokenise only as much text as the windows can use (four times their total), not the corpus.
-    wanted, pieces, have = 4 * samples * seq_len, [], 0
-    for text in texts:
-        piece = tokenizer(text + "\n\n", return_tensors="pt", add_special_tokens=False).input_ids[0]
-        pieces.append(piece)
-        have += piece.numel()
-        if have >= wanted:
-            break
-    ids = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-    if ids.numel() <= seq_len:
-        raise CompressorError(
-            f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; give more text or a smaller seq_len"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=gen)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
 class GramCollector:

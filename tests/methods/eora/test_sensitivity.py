@@ -3,9 +3,10 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from compressor import models, sensitivity
+from compressor import models
 from compressor.errors import CompressorError
-from compressor.sensitivity import output_roots, output_sensitivity, row_weights
+from compressor.methods.eora import sensitivity
+from compressor.methods.eora.sensitivity import output_roots, output_sensitivity, row_weights
 
 WINDOWS = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
 
