@@ -220,7 +220,7 @@ def uniform_width(model, ratio: float, multiple_of: int, who: str = "structured"
             f"{who}: ratio {ratio} would take {remove / (len(layers) * full):.0%} of every MLP's channels; "
             "the MLPs hold too little of the decoder-linear parameters for that ratio, choose a smaller one"
         )
-    return full, max(multiple_of, int(round(keep_uniform / multiple_of)) * multiple_of)
+    return full, min(full, max(multiple_of, int(round(keep_uniform / multiple_of)) * multiple_of))
 
 
 def mlp_layout(model) -> models.Mlp:
