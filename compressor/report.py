@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 from compressor.errors import CompressorError
+from compressor.evaluate import check_tasks, evaluate_model
+from compressor.files import write_atomic, write_json
 
 # Metrics where a smaller number is the better model.
 LOWER_IS_BETTER = {"ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
@@ -54,8 +56,6 @@ def is_results_file(spec: str) -> bool:
 
 def gather(specs: list[str], tasks: list[str] | None, **eval_options) -> list[dict]:
     """Results for every spec: a results file is read, anything else is evaluated on `tasks`."""
-    from compressor.evaluate import check_tasks, evaluate_model
-
     if len(specs) < 2:
         raise CompressorError("compare needs the dense model and at least one compressed model")
     for spec in specs:
@@ -190,8 +190,6 @@ def markdown(table: dict) -> str:
 
 def write(table: dict, out: str | Path, results: list[dict] | None = None) -> tuple[Path, Path]:
     """`out` as markdown and the same stem with .json (the table plus every model's full results)."""
-    from compressor.files import write_atomic, write_json
-
     out = Path(out)
     md_path = out if out.suffix.lower() == ".md" else out.with_suffix(".md")
     json_path = md_path.with_suffix(".json")

@@ -37,10 +37,11 @@ from compressor import recipe as recipes
 from compressor.calibration import driver
 from compressor.calibration.windows import calibration_windows
 from compressor.environment import device_name, resolve_device, versions
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, EnvironmentFault, Interrupted, environment_fault
 from compressor.export import checkpoint
 from compressor.loading import check_checkpoint, source_dtype
 from compressor.methods.base import RankMethod, target_shapes
+from compressor.modules import build_module
 
 PROGRESS = "progress.json"
 
@@ -173,8 +174,6 @@ def _load_finished(model, folder: Path, index: int, specs: dict, dtype, device) 
 
 
 def _build_meta(spec: dict, dtype) -> nn.Module:
-    from compressor.modules import build_module
-
     like = nn.Linear(1, 1, device="meta", dtype=dtype)
     return build_module(spec, like)
 
@@ -444,8 +443,6 @@ def _read_progress(work: Path, total: int) -> dict:
 
 def _with_note(exc: BaseException, kept: str, work: Path) -> BaseException:
     """The failure of a streamed run, saying what was kept of the partial folder and how to go on."""
-    from compressor.errors import EnvironmentFault, Interrupted, environment_fault
-
     if isinstance(exc, Interrupted):
         exc.hint = kept
         return exc

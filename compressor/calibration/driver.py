@@ -307,7 +307,7 @@ def walk(
 
     dense_stream: also carry the dense model's hidden states through the walk and call
     visit(..., crosses=crosses), crosses[group] = X_d^T X / N of the dense model's inputs against
-    the compressed model's (what the eora stage's `propagation` corrects for).
+    the compressed model's (for stages that correct what earlier layers' compression changed in a layer's input).
     true_sequential: visit each layer once per linear input group, in the order the layer runs
     them, as visit(..., only=names of that group's linears) with that group's Gram collected after
     the visits before it compressed theirs (so o_proj sees compressed q/k/v). The dense stream

@@ -1,0 +1,86 @@
+"""The package's shape: no import cycles, imports at the top of modules, a driver that knows no method."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from compressor import methods
+
+PACKAGE = Path(__file__).resolve().parents[1] / "compressor"
+# Modules the CLI imports before it knows what work there is: they keep their compressor imports
+# inside functions, so that `compressor recipes` or a bad argument answers without loading torch
+# or transformers (tests/test_cli.py checks that).
+LAZY = {"compressor", "compressor.cli", "compressor.loading", "compressor.distributed"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def _imported(node: ast.AST, module: str, is_package: bool, known: dict) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name in known]
+    base = node.module or ""
+    if node.level:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+    names = [f"{base}.{a.name}" for a in node.names]
+    return [n if n in known else base for n in names if n in known or base in known]
+
+
+def _graph():
+    known = _modules()
+    top, inner = {m: set() for m in known}, []
+    for module, path in known.items():
+        tree = ast.parse(path.read_text())
+        at_top = {id(n) for n in tree.body}
+        for block in tree.body:  # imports under a top-level if/try are still module-level
+            if isinstance(block, (ast.If, ast.Try)):
+                at_top |= {id(n) for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                targets = {t for t in _imported(node, module, path.name == "__init__.py", known) if t != module}
+                if id(node) in at_top:
+                    top[module] |= targets
+                elif targets:
+                    inner.append((module, node.lineno, sorted(targets)))
+    return top, inner
+
+
+def test_no_import_cycles():
+    top, _ = _graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m, path):
+        state[m] = 1
+        for n in sorted(top[m]):
+            if state.get(n) == 1:
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(top):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_imports_are_at_module_top_outside_the_cli_path():
+    _, inner = _graph()
+    assert [(m, line, t) for m, line, t in inner if m not in LAZY] == []
+
+
+def test_the_driver_names_no_method():
+    text = (PACKAGE / "calibration" / "driver.py").read_text().lower()
+    for name in methods.names():
+        for word in {name, methods.get(name).__name__.lower()}:
+            assert not re.search(rf"\b{re.escape(word)}\b", text), f"driver.py names the method '{word}'"
