@@ -222,34 +222,39 @@ def _release_host_memory() -> None:
 _TRIM = None
 
 
-def _stream_walk(model, ckpt, device, dtype, visit, windows, batch_size, gram_dtype, start=0, finished=None):
-    """driver.walk for a meta skeleton: layers come from the shards and go back to meta.
+class ShardLayers(driver.MemoryLayers):
+    """The driver's layer source for a meta skeleton: each layer is read from the source shards for
+    its turn and put back on the meta device after it; in the compressing walk (`sink`), a finished
+    layer is first written as its own shard. Layers before `finished` are done already: they are
+    read back compressed from the output only to replay their forward pass."""
 
-    Layers before `start` are already done: `finished(i)` returns them (compressed) only so that
-    their forward pass regenerates the calibration inputs of the next layers.
-    """
-    layers = models.decoder_layers(model)
-    acts = None
-    if windows is not None:
-        acts = driver.capture(model, windows, batch_size, device)
-        _outside_layers_to(model, "cpu")
-    for i in range(len(layers)):
-        if i < start:
-            if acts is not None:
-                layer = finished(i)
-                acts.hidden = driver.run_layer(layer, acts, i)
-                layers[i] = layer.to("meta")
-            continue
-        layer = _load_layer(model, ckpt, i, dtype, device)
-        grams = driver.collect(model, layer, acts, i, gram_dtype)[0] if acts is not None else None
-        visit(i, layer, grams)
-        del grams
-        if acts is not None and i + 1 < len(layers):
-            acts.hidden = driver.run_layer(layers[i], acts, i)
-        layers[i] = layers[i].to("meta")
+    def __init__(self, model, ckpt: Checkpoint, dtype, sink=None, finished: int = 0, replay=None):
+        self.model, self.ckpt, self.dtype = model, ckpt, dtype
+        self.layers = models.decoder_layers(model)
+        self.sink, self.finished, self._replay = sink, finished, replay
+
+    def load(self, index, device):
+        return _load_layer(self.model, self.ckpt, index, self.dtype, device)
+
+    def replay(self, index, device):
+        return self._replay(index)
+
+    def release(self, index, layer, visited):
+        if visited and self.sink is not None:
+            self.sink(index, layer)
+        self.layers[index] = layer.to("meta")
         _release_host_memory()
-        if device.type == "cuda":
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def captured(self, model):
+        _outside_layers_to(model, "cpu")
+
+    def close(self, model):
+        pass  # the outside parts went home after capture; the layers are meta
+
+    def reader(self):
+        return ShardLayers(self.model, self.ckpt, self.dtype)
 
 
 def compress_streaming(
@@ -280,7 +285,7 @@ def compress_streaming(
         raise CompressorError(f"streaming needs a local model folder with config.json and safetensors shards; {source} is not one")
     if isinstance(recipe, str):
         recipe = recipes.load(recipe, ratio)
-    if len(recipe.stages) != 1 or not isinstance(recipe.stages[0], RankMethod):
+    if len(recipe.stages) != 1 or not isinstance(recipe.stages[0], RankMethod):  # the export below writes low-rank layers only
         raise CompressorError(f"{recipe.source}: streaming supports recipes with one rank-reduction stage; run quantisation or adapter stages without --stream")
     if recipe.calibration.true_sequential:
         raise CompressorError(f"{recipe.source}: streaming collects each layer's Grams in one pass; drop calibration.true_sequential or run without --stream")
@@ -317,6 +322,8 @@ def compress_streaming(
         progress = _read_progress(work, total) if (work / PROGRESS).is_file() else None
         if progress is not None and progress["identity"] != identity:
             raise CompressorError(f"{work} was started with other settings (source, recipe, dtype or calibration); pass --overwrite instead of --resume to start over")
+        for torn in work.glob("*.tmp"):  # a write the killed process did not finish
+            torn.unlink()
 
     windows = calibration_windows(recipe, tokenizer, calib, samples, seq_len) if recipe.needs_calibration else None
     cal = recipe.calibration
@@ -326,32 +333,23 @@ def compress_streaming(
     try:
         work.mkdir(parents=True, exist_ok=True)
         if progress is None:
-            energies = None
-            if method.needs_energies():
-                energies = {}
-
-                def spectra(i, layer, grams):
-                    energies.update(method.layer_energies(model, i, layer, grams))
-
-                _stream_walk(model, ckpt, dev, torch_dtype, spectra, windows if method.needs_gram else None, cal.batch_size, gram_dtype)
-            progress = {"identity": identity, "done": 0, "ranks": method.allocate(shapes, energies), "specs": {}}
+            progress = {"identity": identity, "done": 0, "specs": {}}
             _write_json_atomic(progress, work / PROGRESS)
-        ranks, specs = progress["ranks"], progress["specs"]
-        method.ranks = ranks
+        specs = progress["specs"]
 
-        def visit(i, layer, grams):
-            new_specs = method.compress_layer(model, i, layer, grams)
+        def sink(i, layer):
             prefix = f"{models.layer_prefix(model, i)}."
             _save_atomic({prefix + k: v for k, v in layer.state_dict().items()}, work / _shard_name(i, total))
-            specs.update(new_specs)
             progress["done"] = i + 1
             _write_json_atomic(progress, work / PROGRESS)
             if _after_layer is not None:
                 _after_layer(i)
 
-        start = progress["done"]
-        _stream_walk(model, ckpt, dev, torch_dtype, visit, windows if method.needs_gram else None, cal.batch_size, gram_dtype,
-                     start=start, finished=lambda i: _load_finished(model, work, i, specs, torch_dtype, dev))
+        # The one driver, with layers from the shards; a resumed run plans the same ranks again
+        # (the same spectra of the same source) and replays its finished layers.
+        source = ShardLayers(model, ckpt, torch_dtype, sink, progress["done"], lambda i: _load_finished(model, work, i, specs, torch_dtype, dev))
+        driver.run(model, recipe.stages, dev, windows, cal.batch_size, gram_dtype, layers=source, specs=specs)
+        ranks = method.ranks
 
         # Everything outside the decoder layers, as the checkpoint has it, in the last shard.
         layer_prefix = models.arch_for(model).layers + "."
@@ -424,7 +422,7 @@ def _read_progress(work: Path, total: int) -> dict:
     path = work / PROGRESS
     try:
         progress = json.loads(path.read_text(encoding="utf-8"))
-        done, _, _ = progress["done"], progress["ranks"], progress["specs"]
+        done, _ = progress["done"], progress["specs"]
         progress["identity"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CompressorError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); pass --overwrite instead of --resume to start over") from None

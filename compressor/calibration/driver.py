@@ -54,13 +54,15 @@ class Run:
     gram_dtype: torch.dtype
     stages: list
     true_sequential: bool = False
+    layers: MemoryLayers | None = None  # where the layers come from (None: the model in memory)
     specs: dict[str, dict] = field(default_factory=dict)  # full linear name -> compressed module spec (for export)
     plan: dict[str, dict] = field(default_factory=dict)  # full linear name -> the spec a stage plans for it (in prepare)
 
     def walk(self, visit: Callable, desc: str, with_grams: bool = True) -> None:
         """A walk over the layers of the model as it is now (a stage's prepare, e.g. spectra on the
         dense model), with input Grams when `with_grams` and calibration windows exist."""
-        walk(self.model, self.device, visit, self.windows if with_grams else None, self.batch_size, self.gram_dtype, desc=desc)
+        walk(self.model, self.device, visit, self.windows if with_grams else None, self.batch_size, self.gram_dtype, desc=desc,
+             layers=None if self.layers is None else self.layers.reader())
 
 
 @dataclass
@@ -108,9 +110,13 @@ class LayerWork:
 
 
 def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Tensor | None = None, batch_size: int = 8,
-        gram_dtype: torch.dtype = torch.float64, true_sequential: bool = False) -> Run:
-    """Run `stages` (built and cross-checked by the recipe loader) on `model`, in place."""
-    state = Run(model, device, windows, batch_size, gram_dtype, list(stages), true_sequential)
+        gram_dtype: torch.dtype = torch.float64, true_sequential: bool = False, layers: MemoryLayers | None = None,
+        specs: dict | None = None) -> Run:
+    """Run `stages` (built and cross-checked by the recipe loader) on `model`, in place.
+    layers: the layer source (see walk); specs: those of layers a resumed run finished before."""
+    state = Run(model, device, windows, batch_size, gram_dtype, list(stages), true_sequential, layers)
+    if specs is not None:
+        state.specs = specs
     for stage in stages:
         stage.prepare(state)
     wants_reference = any(stage.needs_reference() for stage in stages)
@@ -131,7 +137,7 @@ def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Ten
     names = "+".join(stage.name for stage in stages)
     needs_gram = any(stage.needs_gram for stage in stages)
     walk(model, device, visit, windows if needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({names})",
-         dense_stream=any(stage.needs_dense_stream() for stage in stages), true_sequential=true_sequential)
+         dense_stream=any(stage.needs_dense_stream() for stage in stages), true_sequential=true_sequential, layers=layers)
     for stage in stages:
         stage.finish(state)
     return state
@@ -292,6 +298,39 @@ def collect(model, layer: nn.Module, acts: Activations, index: int, gram_dtype, 
     return collector.grams(), None if dense is None else collector.crosses(), dense
 
 
+class MemoryLayers:
+    """Where the walk gets each decoder layer and puts it back: for a model in memory, the layer
+    moves to the compute device for its turn and back home after it. (compressor/streaming.py has
+    the other source: layers read from safetensors shards and written out as they are finished.)"""
+
+    finished = 0  # layers before this one are done already (a resumed run): replayed, never visited
+
+    def __init__(self, model: nn.Module):
+        self.layers = models.decoder_layers(model)
+        self.home = next(model.parameters()).device
+
+    def load(self, index: int, device: torch.device) -> nn.Module:
+        return self.layers[index].to(device)
+
+    def replay(self, index: int, device: torch.device) -> nn.Module:
+        """A finished layer, for its forward pass only (the inputs of the layers after it)."""
+        raise NotImplementedError
+
+    def release(self, index: int, layer: nn.Module, visited: bool) -> None:
+        """The walk is done with `layer` (visited: the stages changed it; False: replayed)."""
+        layer.to(self.home)
+
+    def captured(self, model: nn.Module) -> None:
+        """The layer-0 inputs are recorded: what sits outside the layers may leave the device."""
+
+    def close(self, model: nn.Module) -> None:
+        model.to(self.home)
+
+    def reader(self) -> MemoryLayers:
+        """The source for a walk that only reads (spectra, error curves), not the one that compresses."""
+        return self
+
+
 def walk(
     model: nn.Module,
     device: torch.device,
@@ -302,21 +341,26 @@ def walk(
     desc: str = "layers",
     dense_stream: bool = False,
     true_sequential: bool = False,
+    layers: MemoryLayers | None = None,
 ) -> None:
     """Visit every decoder layer on `device`, with its input Grams when `windows` are given.
 
     dense_stream: also carry the dense model's hidden states through the walk and call
     visit(..., crosses=crosses), crosses[group] = X_d^T X / N of the dense model's inputs against
-    the compressed model's (for stages that correct what earlier layers' compression changed in a layer's input).
+    the compressed model's (for stages that correct what earlier layers' compression changed in a
+    layer's input).
     true_sequential: visit each layer once per linear input group, in the order the layer runs
     them, as visit(..., only=names of that group's linears) with that group's Gram collected after
     the visits before it compressed theirs (so o_proj sees compressed q/k/v). The dense stream
     then runs through a dense copy of the layer.
+    layers: where the layers come from and go to (MemoryLayers(model) by default).
     """
     arch = models.arch_for(model)
-    layers = models.decoder_layers(model)
-    home = next(model.parameters()).device
+    source = layers if layers is not None else MemoryLayers(model)
+    count = len(models.decoder_layers(model))
     acts = capture(model, windows, batch_size, device) if windows is not None else None
+    if acts is not None:
+        source.captured(model)
     dense = list(acts.hidden) if acts is not None and dense_stream else None
     # distributed (compressor/distributed.py; nothing changes in one process): with calibration
     # data every rank visits every layer and the ranks check they hold the same result; without,
@@ -326,15 +370,22 @@ def walk(
     if shared and acts is not None:
         visit = distributed.synced(visit)
     try:
-        for i, layer in enumerate(progress.iterate(layers, desc, "layers", interval=0)):
+        for i in progress.iterate(range(count), desc, "layers", interval=0):
+            if i < source.finished:
+                if acts is not None:
+                    layer = source.replay(i, device)
+                    acts.hidden = run_layer(layer, acts, i)
+                    source.release(i, layer, visited=False)
+                continue
             if shared and not distributed.layer_turn(i, split):
                 continue
-            layer.to(device)
+            layer = source.load(i, device)
             if acts is None:
                 visit(i, layer, None)
             elif not true_sequential:
                 grams, crosses, dense = collect(model, layer, acts, i, gram_dtype, dense)
                 visit(i, layer, grams, **({} if dense is None else {"crosses": crosses}))
+                del grams, crosses
             else:
                 original = copy.deepcopy(layer) if dense is not None else None
                 following = dense
@@ -344,8 +395,8 @@ def walk(
                     visit(i, layer, grams, only=names, **({} if dense is None else {"crosses": crosses}))
                 dense = following
                 del original
-            if acts is not None and i + 1 < len(layers):
+            if acts is not None and i + 1 < count:
                 acts.hidden = run_layer(layer, acts, i)
-            layer.to(home)
+            source.release(i, layer, visited=True)
     finally:
-        model.to(home)
+        source.close(model)
