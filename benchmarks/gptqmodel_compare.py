@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from compressor import recipe
 from compressor.calibration.windows import calibration_windows
-from compressor.evaluate import run_tasks
+from compressor.eval.tasks import run_tasks
 from compressor.loading import load_model
 
 HERE = Path(__file__).resolve().parent

@@ -1,7 +1,7 @@
 """Quality of each rank-reduction method on a real pretrained model: perplexity against reduction.
 
 Rows are shipped recipes, columns are linear-parameter reductions; each cell holds code and
-WikiText-2 perplexity (papers' protocol, see compressor/evaluate.py) and the compression wall time.
+WikiText-2 perplexity (papers' protocol, see compressor/eval/perplexity.py) and the compression wall time.
 Every cell starts from the same dense weights and is evaluated on the same windows, so the table
 compares methods, not noise. Results are written after every cell so a long run that is stopped
 keeps what it measured.
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from compressor import evaluate
 from compressor.api import compress
+from compressor.eval import tasks as eval_tasks
 from compressor.loading import load_model
 
 METHODS = "svd,welore,whiten,whiten-budget,lord,lord-weight,lost"
@@ -73,7 +73,7 @@ def _earlier(out: Path, result: dict) -> dict | None:
 
 
 def _ppl(model, tokenizer, args, device) -> dict:
-    res = evaluate.run_tasks(model, tokenizer, TASKS, args.eval_seq_len, args.eval_limit, device)
+    res = eval_tasks.run_tasks(model, tokenizer, TASKS, args.eval_seq_len, args.eval_limit, device)
     return {task: res[task]["ppl"] for task in TASKS}
 
 

@@ -31,7 +31,7 @@ import torch
 from compressor import recipe
 from compressor.api import compress
 from compressor.environment import device_name, resolve_device
-from compressor.evaluate import run_tasks
+from compressor.eval.tasks import run_tasks
 from compressor.export import peft
 from compressor.loading import load_model
 from compressor.methods import eora as eora_stage

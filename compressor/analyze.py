@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor import distributed, plots, ranks
+from compressor import distributed, ranks
 from compressor import recipe as recipes
 from compressor.calibration import driver
 from compressor.calibration.windows import calibration_windows
 from compressor.environment import resolve_device
 from compressor.errors import CompressorError
+from compressor.eval import plots
 from compressor.loading import load_model
 from compressor.methods.base import target_shapes
 

@@ -16,7 +16,7 @@ from compressor.calibration.driver import Result
 from compressor.calibration.windows import calibration_windows
 from compressor.environment import device_name, resolve_device, versions
 from compressor.errors import CompressorError, check_counts
-from compressor.evaluate import run_tasks
+from compressor.eval.tasks import run_tasks
 from compressor.export import accounting, checkpoint
 from compressor.linalg import check_finite
 from compressor.loading import DTYPES, load_model, source_dtype, source_size

@@ -137,7 +137,7 @@ def _describe(task: str, res: dict) -> str:
         ks = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k.startswith("pass@"))
         mode = "greedy" if not res["generation"]["do_sample"] else f"sampled, T={res['generation']['temperature']}"
         return f"{ks} ({res['n_problems']} problems x {res['n_samples']} samples, {mode})"
-    from compressor.report import metrics_of
+    from compressor.eval.report import metrics_of
 
     return " ".join(f"{k} {v:.4f}" for k, v in metrics_of(task, res).items()) + f" ({res.get('n_samples')} documents, lm-eval)"
 
@@ -171,7 +171,7 @@ def evaluate(model, out, self_check, **kw):
     if self_check:
         if model is not None:
             raise CompressorError("--self-check checks the harness and takes no MODEL; run it on its own")
-        from compressor.humaneval import self_check as run_check
+        from compressor.eval.humaneval import self_check as run_check
 
         if kw["limit"] is not None and kw["limit"] < 1:
             raise CompressorError(f"--limit must be at least 1, got {kw['limit']}")
@@ -192,7 +192,7 @@ def evaluate(model, out, self_check, **kw):
         return
     if model is None:
         raise CompressorError("missing MODEL: pass a model folder, a .gguf file or 'demo' (or --self-check)")
-    from compressor.evaluate import evaluate_model
+    from compressor.eval.runner import evaluate_model
 
     opts = _run_options(kw)
     results = evaluate_model(model, _tasks(kw["tasks"]), **opts)
@@ -214,13 +214,13 @@ def compare(dense, compressed, out, plot_path, **kw):
 
     Each argument is a results file of `compressor eval -o` (reused) or a model (evaluated on --tasks).
     """
-    from compressor import report
+    from compressor.eval import report
 
     specs = [dense, *compressed]
     opts = _run_options(kw)
     tasks = _tasks(kw["tasks"]) if any(not report.is_results_file(s) for s in specs) else None
     if plot_path is not None:
-        from compressor import plots
+        from compressor.eval import plots
 
         if not plots.available():
             raise CompressorError(plots.INSTALL_HINT)
@@ -230,7 +230,7 @@ def compare(dense, compressed, out, plot_path, **kw):
     click.echo(report.markdown(table), nl=False)
     click.echo(f"wrote {md_path} and {json_path}")
     if plot_path is not None:
-        from compressor import plots
+        from compressor.eval import plots
 
         click.echo(f"wrote {plots.comparison(table, plot_path)}")
 
@@ -248,7 +248,7 @@ def analyze(model, recipe, ratio, calib, plots_dir, per_matrix, device):
     from compressor import analyze as analysis
 
     if plots_dir is not None:
-        from compressor import plots
+        from compressor.eval import plots
 
         # Checked before the model loads, so a missing matplotlib costs no minutes.
         if not plots.available():

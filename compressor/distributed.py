@@ -24,7 +24,7 @@ share of them, so activation memory per rank is its share. Per layer:
   and the compressed modules and their specs are all-gathered (`gather_specs`).
 
 Rank 0 alone checks and writes the output folder; the other ranks run with no output. Evaluation
-(`--eval`) splits perplexity windows and HumanEval problems (evaluate.py, humaneval.py).
+(`--eval`) splits perplexity windows and HumanEval problems (eval/perplexity.py, eval/humaneval.py).
 
 In one process (no WORLD_SIZE > 1 in the environment, no initialised process group) every helper
 here returns at once and the results are those of the plain path, bit for bit.

@@ -23,6 +23,7 @@ from transformers import (
 
 from compressor import linalg
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout, for tests that start a fresh interpreter on it
 VOCAB = 256
 _ATTN = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=256)
 

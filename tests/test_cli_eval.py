@@ -8,7 +8,8 @@ import sys
 import pytest
 from conftest import byte_tokenizer, tiny_model
 
-from compressor import cli, plots
+from compressor import cli
+from compressor.eval import plots
 
 
 def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
@@ -32,7 +33,7 @@ def assert_clean_error(result, fragment):
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
-    from test_humaneval import tiny_llama_long_context
+    from eval.test_humaneval import tiny_llama_long_context
 
     path = tmp_path_factory.mktemp("cli-eval") / "dense"
     tok = byte_tokenizer()
@@ -74,7 +75,7 @@ def test_eval_applies_the_adapter_unless_told_not_to(monkeypatch, capsys, dense,
     model compress returned; --no-adapter gives the base's."""
     from compressor import recipe
     from compressor.api import compress
-    from compressor.evaluate import run_tasks
+    from compressor.eval.tasks import run_tasks
 
     rec = recipe.from_dict({"stages": [{"method": "gptq", "group_size": 32}, {"method": "eora", "rank": 4, "sequential": False}]})
     out = tmp_path / "eora"
@@ -100,7 +101,7 @@ def test_self_check_on_a_subset(monkeypatch, capsys, tmp_path):
 
 
 def test_self_check_fails_when_the_harness_is_wrong(monkeypatch, capsys):
-    from compressor import humaneval
+    from compressor.eval import humaneval
 
     # A harness that forgot to call check() would pass everything: the broken solutions expose it.
     monkeypatch.setattr(humaneval, "build_program", lambda problem, completion: problem["prompt"] + completion)
@@ -128,7 +129,7 @@ def test_eval_without_model_or_with_both(monkeypatch, capsys, dense):
 
 
 def test_eval_unknown_task_without_lm_eval(monkeypatch, capsys, dense):
-    from compressor import lmeval
+    from compressor.eval import lmeval
 
     monkeypatch.setattr(lmeval, "available", lambda: False)
     assert_clean_error(run(monkeypatch, capsys, "eval", dense, "--tasks", "humaneva"), "did you mean 'humaneval'")
@@ -161,7 +162,7 @@ def test_compare_reuses_results_and_evaluates_models(monkeypatch, capsys, dense,
 
 
 def test_compare_flags_runs_that_do_not_match(tmp_path):
-    from compressor import report
+    from compressor.eval import report
 
     a = {"model": "a", "tasks": {"code_ppl": {"ppl": 10.0, "windows": 4, "seq_len": 64}}}
     b = {"model": "b", "tasks": {"code_ppl": {"ppl": 12.0, "windows": 8, "seq_len": 64}}}

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
-from test_stages import IDS, shipped
+from test_api import IDS, shipped
 
 import compressor
 from compressor.api import compress
-from compressor.evaluate import perplexity
+from compressor.eval.perplexity import perplexity
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CALIB = dict(samples=4, seq_len=32)

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor import evaluate
 from compressor.api import compress
+from compressor.eval import perplexity as ppl_eval
 from compressor.loading import load_model
 
 pytestmark = [
@@ -35,8 +35,8 @@ pytestmark = [
 def test_welore_20_on_gemma3_270m(tmp_path):
     model, tokenizer = load_model("demo")
     model.eval()
-    text = evaluate._text_for("code")
-    dense = evaluate.perplexity(model, tokenizer, text, seq_len=512, limit=1)["ppl"]
+    text = ppl_eval._text_for("code")
+    dense = ppl_eval.perplexity(model, tokenizer, text, seq_len=512, limit=1)["ppl"]
 
     out = tmp_path / "gemma-welore20"
     result = compress(model, "welore", out, tokenizer=tokenizer, ratio=0.2, device="cpu")
@@ -56,7 +56,7 @@ def test_welore_20_on_gemma3_270m(tmp_path):
         assert torch.allclose(remote(ids).logits, ref, atol=1e-4, rtol=0)
     assert reloaded.num_parameters() == report["params_after"]
 
-    after = evaluate.perplexity(reloaded, tokenizer, text, seq_len=512, limit=1)["ppl"]
+    after = ppl_eval.perplexity(reloaded, tokenizer, text, seq_len=512, limit=1)["ppl"]
     print(f"\ncode perplexity, 1 window of 512 tokens: dense {dense:.2f}, WeLore 20 % {after:.2f}")
     assert math.isfinite(after)
     assert dense < after < model.config.vocab_size

@@ -150,7 +150,7 @@ def rank_map(rows: list[dict], path: str | Path, title: str = "") -> Path:
 
 
 def comparison(table: dict, path: str | Path) -> Path:
-    """Bar chart per metric of a `compressor.report.compare` table: each model against the dense one."""
+    """Bar chart per metric of a `compressor.eval.report.compare` table: each model against the dense one."""
     metrics = table["metrics"]
     if not metrics:
         raise CompressorError("nothing to plot: the comparison has no metrics")

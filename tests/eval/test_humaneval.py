@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
-from conftest import _ATTN, byte_tokenizer
+from conftest import _ATTN, REPO, byte_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from compressor import humaneval
 from compressor.errors import CompressorError
-from compressor.humaneval import STOP_SEQUENCES, build_program, pass_at_k, truncate
+from compressor.eval import humaneval
+from compressor.eval.humaneval import STOP_SEQUENCES, build_program, pass_at_k, truncate
 
 
 def tiny_llama_long_context(seed: int = 0):
@@ -187,9 +187,9 @@ def test_ctrl_c_cancels_the_evaluation_at_once():
     # in a child process with its own TMPDIR, so the folders counted are only its own.
     tmpdir = tempfile.mkdtemp(prefix="humaneval-sigint-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.chmod(tmpdir, 0o755)  # the program's uid must be able to reach its folder
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(humaneval.__file__)))
+    repo = str(REPO)
     code = (
-        f"import sys\nsys.path.insert(0, {repo!r})\nfrom compressor import humaneval\n"
+        f"import sys\nsys.path.insert(0, {repo!r})\nfrom compressor.eval import humaneval\n"
         "items = humaneval.problems(6)\n"
         "slow = '    import time\\n    time.sleep(60)\\n'\n"
         "humaneval.score(items, [[slow]] * len(items), workers=2, timeout=60, progress=False)\n"

@@ -4,8 +4,8 @@ import os
 import pytest
 from conftest import byte_tokenizer, tiny_model
 
-from compressor import lmeval
 from compressor.errors import CompressorError
+from compressor.eval import lmeval
 
 needs_lm_eval = pytest.mark.skipif(not lmeval.available(), reason='lm-eval not installed (pip install -e ".[eval]")')
 
@@ -98,7 +98,7 @@ def test_tokenizer_without_eos_is_a_clear_error():
 
 @needs_lm_eval
 def test_humaneval_local_with_tiny_model():
-    from test_humaneval import tiny_llama_long_context
+    from eval.test_humaneval import tiny_llama_long_context
 
     result = lmeval.run_lmeval(
         tiny_llama_long_context(), eos_byte_tokenizer(), ["humaneval_local"], limit=2,
@@ -116,7 +116,7 @@ def test_humaneval_local_scores_in_our_sandbox(tmp_path, body, expected):
     from lm_eval.api.model import LM
     from lm_eval.tasks import TaskManager
 
-    from compressor import humaneval
+    from compressor.eval import humaneval
 
     by_prompt = {p["prompt"]: p["canonical_solution"] for p in humaneval.problems()}
 

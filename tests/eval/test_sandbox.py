@@ -12,9 +12,10 @@ import time
 import uuid
 
 import pytest
+from conftest import REPO
 
-from compressor import sandbox
-from compressor.sandbox import Outcome, run_many, run_program
+from compressor.eval import sandbox
+from compressor.eval.sandbox import Outcome, run_many, run_program
 
 
 def _leftover_folders() -> set[str]:
@@ -327,7 +328,7 @@ def test_setsid_grandchild_does_not_outlive_the_run(monkeypatch, layers, ending)
 EVALUATOR = """
 import os, sys
 sys.path.insert(0, {repo!r})
-from compressor import sandbox
+from compressor.eval import sandbox
 layers = sys.argv[1]
 if layers != "all":
     sandbox._mechanisms = lambda site_packages=False: frozenset(filter(None, layers.split(",")))
@@ -356,7 +357,7 @@ print('checked', 'LEAK' if leaks else 'clean', leaks)
 
 def _environment_probe(layers: str) -> str:
     secret = uuid.uuid4().hex
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
+    repo = str(REPO)
     done = subprocess.run(
         [sys.executable, "-c", EVALUATOR.format(repo=repo), layers], input=READ_ENVIRON, capture_output=True, text=True, timeout=60,
         env={**os.environ, "SANDBOX_TEST_SECRET": secret},
@@ -479,9 +480,9 @@ def test_sigterm_cancels_run_many_at_once(tmp_path):
     # four more wait in the queue: it must kill them, remove their folders and exit promptly.
     tmpdir = tempfile.mkdtemp(prefix="sandbox-sigterm-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.chmod(tmpdir, 0o755)  # the program's uid must be able to reach its folder
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
+    repo = str(REPO)
     code = (
-        f"import sys\nsys.path.insert(0, {repo!r})\nfrom compressor import sandbox\n"
+        f"import sys\nsys.path.insert(0, {repo!r})\nfrom compressor.eval import sandbox\n"
         "sandbox.run_many(['import time\\ntime.sleep(60)'] * 6, workers=2, timeout=60, progress=False)\n"
         "print('finished')\n"
     )
@@ -515,7 +516,7 @@ def test_no_os_isolation_warns_once_and_still_runs(monkeypatch, caplog):
     monkeypatch.setattr(sandbox, "_wanted", lambda: frozenset())
     monkeypatch.setattr(sandbox, "_probed", {})
     monkeypatch.setattr(sandbox, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="compressor.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="compressor.eval.sandbox"):
         assert run_program("print('ok')").passed
         out = run_program(f"open('/tmp/sandbox-escape-{uuid.uuid4().hex}', 'w')")
         assert out.status == "failed" and "not allowed" in out.detail
@@ -558,7 +559,7 @@ AS_NORMAL_USER = r"""
 import logging, os, sys, uuid
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 sys.path.insert(0, sys.argv[1])
-from compressor import sandbox
+from compressor.eval import sandbox
 layers = sandbox.isolation()
 assert "userns" not in layers and "pidns" not in layers, layers
 assert sandbox.run_program("import math\nassert math.sqrt(4) == 2").passed
@@ -595,7 +596,7 @@ def test_normal_user_without_user_namespaces():
     python = _interpreter_for_normal_user()
     if python is None:
         pytest.skip("no interpreter of this version is readable by an unprivileged user")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
+    repo = str(REPO)
     script = AS_NORMAL_USER.replace("UNGUARD + ", repr(UNGUARD) + " + ")
     done = _as_normal_user(python, "-c", script, repo, timeout=120, env={"PATH": "/usr/bin:/bin", "SANDBOX_TEST_SECRET": "s3cret"})
     assert done.returncode == 0, done.stdout + done.stderr

@@ -4,7 +4,7 @@
 (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for the call): lm-eval's own tasks work when their
 datasets are already in the local HF cache. It also provides a task of ours, `humaneval_local`:
 HumanEval from compressor's shipped data (`dataset_path: json`), greedy generation with the
-Codex stop sequences, scored pass@1 by `compressor.sandbox` (not HF `evaluate`'s code_eval).
+Codex stop sequences, scored pass@1 by `compressor.eval.sandbox` (not HF `evaluate`'s code_eval).
 
 The task folder is written at run time (`task_folder()`), because its YAML must name the data
 file by absolute path; pass that folder to lm-eval's own CLI as `--include_path` to use the task
@@ -18,12 +18,14 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from compressor import humaneval, sandbox
 from compressor.datasets import DATA_DIR
 from compressor.errors import CompressorError
-from compressor.humaneval import STOP_SEQUENCES
+from compressor.eval import humaneval, sandbox
+from compressor.eval.base import Task
+from compressor.eval.humaneval import STOP_SEQUENCES
 
 MIN_VERSION = (0, 4, 10)
 LOCAL_TASKS = ("humaneval_local",)
@@ -34,7 +36,7 @@ INSTALL_HINT = 'lm-eval is not installed; pip install -e ".[eval]" (or pip insta
 SANDBOX_SETTINGS = {"workers": 2, "timeout": 10.0, "progress": True}
 
 _TASK_YAML = """\
-# Written by compressor.lmeval.task_folder(); HumanEval scored in compressor's sandbox.
+# Written by compressor.eval.lmeval.task_folder(); HumanEval scored in compressor's sandbox.
 task: humaneval_local
 dataset_path: json
 dataset_kwargs:
@@ -66,11 +68,11 @@ metadata:
 """
 
 _TASK_UTILS = """\
-# Written by compressor.lmeval.task_folder(): lm-eval loads `!function` targets from files beside
+# Written by compressor.eval.lmeval.task_folder(): lm-eval loads `!function` targets from files beside
 # the YAML, so these names point back into compressor.
-from compressor.lmeval import humaneval_keep_all as keep_all
-from compressor.lmeval import humaneval_pass_at_1 as pass_at_1
-from compressor.lmeval import humaneval_process_results as process_results
+from compressor.eval.lmeval import humaneval_keep_all as keep_all
+from compressor.eval.lmeval import humaneval_pass_at_1 as pass_at_1
+from compressor.eval.lmeval import humaneval_process_results as process_results
 """
 
 
@@ -339,3 +341,33 @@ def available() -> bool:
 
 
 __all__ = ["run_lmeval", "task_folder", "offline", "available", "LOCAL_TASKS", "lm_eval_version"]
+
+
+@dataclass
+class LmEvalOptions:
+    """Every task name the registry does not hold goes to lm-eval. limit: documents per task.
+    include_path: folders of extra task YAML. num_fewshot: lm-eval's. max_new_tokens: generation
+    tasks' max_gen_toks. workers / timeout / seed: for code tasks scored in the sandbox."""
+
+    limit: int | float | None = None
+    batch_size: int = 1
+    include_path: str | Path | None = None
+    num_fewshot: int | None = None
+    max_new_tokens: int | None = None
+    workers: int = 2
+    timeout: float = 10.0
+    seed: int = 0
+
+
+class LmEvalTask(Task):
+    """Not registered: it takes every name the registry does not hold."""
+
+    name = "lm-eval"
+    Options = LmEvalOptions
+
+
+def run_with(model, tokenizer, tasks: list[str], o: LmEvalOptions) -> dict:
+    """run_lmeval with the options object; one harness call runs every lm-eval task."""
+    gen_kwargs = {"max_gen_toks": o.max_new_tokens} if o.max_new_tokens is not None else None
+    return run_lmeval(model, tokenizer, tasks, limit=o.limit, batch_size=o.batch_size, include_path=o.include_path, num_fewshot=o.num_fewshot,
+                      gen_kwargs=gen_kwargs, workers=o.workers, timeout=o.timeout, seed=o.seed)

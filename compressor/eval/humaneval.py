@@ -1,4 +1,4 @@
-"""HumanEval pass@k, offline: generate with a HF model, run the tests in `compressor.sandbox`.
+"""HumanEval pass@k, offline (task `humaneval`): generate with a HF model, run the tests in `sandbox.py`.
 
 The protocol of the Codex paper (Chen et al. 2021) and openai/human-eval: the model continues
 each problem's prompt; the completion is cut at the first stop sequence; the program
@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from compressor import distributed, sandbox
+from compressor import distributed
 from compressor.datasets import humaneval_problems
 from compressor.errors import CompressorError
+from compressor.eval import sandbox
+from compressor.eval.base import Task, register
 
 # A completion ends where a new top-level statement starts (Codex paper, human-eval).
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -304,3 +307,45 @@ def self_check(limit: int | None = None, workers: int = 2, timeout: float = 10.0
     report["ok"] = ok
     report["wall_seconds"] = round(time.time() - start, 3)
     return report
+
+
+def default_pass_k(samples: int) -> list[int]:
+    return [k for k in (1, 10, 100) if k <= samples]
+
+
+@dataclass
+class HumanEvalOptions:
+    """limit: problems (None: all 164). samples_per_task: completions per problem (1: greedy
+    pass@1; more: sampled with temperature and top_p, pass@k for each k in pass_k, default 1, 10,
+    100 where k <= samples). max_new_tokens: per completion (None: 512). workers / timeout: sandbox
+    processes in parallel / seconds per program. seed: of the sampling."""
+
+    limit: int | None = None
+    batch_size: int = 1
+    max_new_tokens: int | None = None
+    samples_per_task: int = 1
+    temperature: float = 0.2
+    top_p: float = 0.95
+    pass_k: list[int] | None = None
+    workers: int = 2
+    timeout: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.samples_per_task < 1:
+            raise CompressorError(f"--samples-per-task must be at least 1, got {self.samples_per_task}")
+        if self.samples_per_task > 1 and self.temperature <= 0:
+            raise CompressorError(f"--samples-per-task {self.samples_per_task} samples, which needs --temperature > 0 (got {self.temperature})")
+
+
+@register
+class HumanEval(Task):
+    name = "humaneval"
+    Options = HumanEvalOptions
+
+    def run(self, model, tokenizer, device, o: HumanEvalOptions) -> dict:
+        return evaluate_humaneval(
+            model, tokenizer, limit=o.limit, k=o.pass_k or default_pass_k(o.samples_per_task), n=o.samples_per_task,
+            max_new_tokens=o.max_new_tokens or 512, batch_size=o.batch_size, do_sample=o.samples_per_task > 1, temperature=o.temperature,
+            top_p=o.top_p, device=device, workers=o.workers, timeout=o.timeout, seed=o.seed,
+        )

@@ -5,8 +5,10 @@ import pytest
 import torch
 from conftest import byte_tokenizer, tiny_model
 
-from compressor import evaluate, lmeval
 from compressor.errors import CompressorError
+from compressor.eval import lmeval, runner
+from compressor.eval import perplexity as ppl_eval
+from compressor.eval import tasks as eval_tasks
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +38,28 @@ def _reference_ppl(model, tok, text, seq_len, n):
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_perplexity_matches_a_direct_computation(llama, batch_size):
     tok = byte_tokenizer()
-    text = evaluate._text_for("code")[:20_000]
-    res = evaluate.perplexity(llama, tok, text, seq_len=32, limit=5, batch_size=batch_size)
+    text = ppl_eval._text_for("code")[:20_000]
+    res = ppl_eval.perplexity(llama, tok, text, seq_len=32, limit=5, batch_size=batch_size)
     assert res["windows"] == 5 and res["seq_len"] == 32 and res["tokens"] == 5 * 31
     assert res["ppl"] == pytest.approx(_reference_ppl(llama, tok, text, 32, 5), rel=1e-5)
 
 
 def test_window_is_capped_at_the_context(llama):
-    res = evaluate.perplexity(llama, byte_tokenizer(), evaluate._text_for("code"), seq_len=10_000, limit=1)
+    res = ppl_eval.perplexity(llama, byte_tokenizer(), ppl_eval._text_for("code"), seq_len=10_000, limit=1)
     assert res["seq_len"] == llama.config.max_position_embeddings
 
 
 def test_prefix_tokenisation_equals_the_full_text():
     tok = byte_tokenizer()
     for name in ("wikitext2", "code"):
-        text = evaluate._text_for(name)[:200_000]
+        text = ppl_eval._text_for(name)[:200_000]
         full = tok(text, add_special_tokens=False).input_ids
-        prefix = evaluate._token_ids(tok, text, 3000)
+        prefix = ppl_eval._token_ids(tok, text, 3000)
         assert prefix.numel() == 3000 and prefix.tolist() == full[:3000]
 
 
 def test_wikitext_rows_are_joined_with_blank_lines():
-    text = evaluate._text_for("wikitext2")
+    text = ppl_eval._text_for("wikitext2")
     assert "\r" not in text and " = Robert Boulter = \n\n" in text
 
 
@@ -72,7 +74,7 @@ def test_wikitext_rows_are_joined_with_blank_lines():
 def test_bad_task_lists(monkeypatch, tasks, fragment):
     monkeypatch.setattr(lmeval, "available", lambda: False)
     with pytest.raises(CompressorError, match=fragment):
-        evaluate.check_tasks(tasks)
+        eval_tasks.check_tasks(tasks)
 
 
 def test_other_tasks_go_to_lm_eval(monkeypatch, llama):
@@ -84,7 +86,7 @@ def test_other_tasks_go_to_lm_eval(monkeypatch, llama):
 
     monkeypatch.setattr(lmeval, "available", lambda: True)
     monkeypatch.setattr(lmeval, "run_lmeval", fake)
-    res = evaluate.run_tasks(llama, byte_tokenizer(), ["code_ppl", "arc_easy", "hellaswag"], seq_len=32, limit=2, max_new_tokens=7)
+    res = eval_tasks.run_tasks(llama, byte_tokenizer(), ["code_ppl", "arc_easy", "hellaswag"], seq_len=32, limit=2, max_new_tokens=7)
     assert list(res) == ["code_ppl", "arc_easy", "hellaswag"]
     assert res["arc_easy"]["acc"] == 0.5 and res["arc_easy"]["harness"] == "lm-eval"
     (tasks, kw), = calls
@@ -93,9 +95,9 @@ def test_other_tasks_go_to_lm_eval(monkeypatch, llama):
 
 
 def test_humaneval_sampling_reports_pass_at_k(monkeypatch):
-    from test_humaneval import tiny_llama_long_context
+    from eval.test_humaneval import tiny_llama_long_context
 
-    res = evaluate.run_tasks(
+    res = eval_tasks.run_tasks(
         tiny_llama_long_context(), byte_tokenizer(), ["humaneval"], limit=2, max_new_tokens=6,
         samples_per_task=3, temperature=0.8, pass_k=[1, 3], batch_size=3,
     )["humaneval"]
@@ -103,11 +105,11 @@ def test_humaneval_sampling_reports_pass_at_k(monkeypatch):
     assert res["n_samples"] == 3 and res["generation"]["do_sample"] is True
     assert all(len(t["completions"]) == 3 for t in res["per_task"].values())
     with pytest.raises(CompressorError, match="temperature"):
-        evaluate.run_tasks(None, None, ["humaneval"], samples_per_task=2, temperature=0.0)
+        eval_tasks.run_tasks(None, None, ["humaneval"], samples_per_task=2, temperature=0.0)
 
 
 def test_evaluate_model_on_a_folder(saved):
-    res = evaluate.evaluate_model(str(saved), ["code_ppl"], seq_len=32, limit=2, device="cpu", batch_size=2)
+    res = runner.evaluate_model(str(saved), ["code_ppl"], seq_len=32, limit=2, device="cpu", batch_size=2)
     info = res["model_info"]
     assert info["parameters"] == sum(p.numel() for p in tiny_model("llama").parameters())
     assert info["disk_bytes"] == (saved / "model.safetensors").stat().st_size
@@ -120,23 +122,23 @@ def test_evaluate_model_on_a_folder(saved):
 def test_unknown_task_fails_before_the_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(lmeval, "available", lambda: False)
     with pytest.raises(CompressorError, match="unknown task 'nope'"):
-        evaluate.evaluate_model(str(tmp_path / "no-such-model"), ["nope"])
+        runner.evaluate_model(str(tmp_path / "no-such-model"), ["nope"])
 
 
 def test_evaluate_loaded_matches_evaluate_model(saved, llama):
-    from_disk = evaluate.evaluate_model(str(saved), ["code_ppl"], seq_len=32, limit=2, device="cpu")
-    in_memory = evaluate.evaluate_loaded(llama, byte_tokenizer(), ["code_ppl"], seq_len=32, limit=2, name=str(saved))
+    from_disk = runner.evaluate_model(str(saved), ["code_ppl"], seq_len=32, limit=2, device="cpu")
+    in_memory = runner.evaluate_loaded(llama, byte_tokenizer(), ["code_ppl"], seq_len=32, limit=2, name=str(saved))
     assert in_memory["tasks"]["code_ppl"]["ppl"] == pytest.approx(from_disk["tasks"]["code_ppl"]["ppl"], rel=1e-6)
     assert in_memory["model_info"] == from_disk["model_info"]
-    unnamed = evaluate.evaluate_loaded(llama, byte_tokenizer(), ["code_ppl"], seq_len=32, limit=1)
+    unnamed = runner.evaluate_loaded(llama, byte_tokenizer(), ["code_ppl"], seq_len=32, limit=1)
     assert unnamed["model_info"]["disk_bytes"] is None
 
 
 def test_per_window_losses_add_up_to_the_perplexity(llama):
     """Each window's summed NLL, as a direct computation gives it; together they are the perplexity."""
     tok = byte_tokenizer()
-    text = evaluate._text_for("code")[:20_000]
-    res = evaluate.perplexity(llama, tok, text, seq_len=32, limit=5, batch_size=2, per_window=True)
+    text = ppl_eval._text_for("code")[:20_000]
+    res = ppl_eval.perplexity(llama, tok, text, seq_len=32, limit=5, batch_size=2, per_window=True)
     ids = tok(text, add_special_tokens=False).input_ids
     with torch.no_grad():
         for w, got in enumerate(res["window_nll"]):
@@ -145,4 +147,18 @@ def test_per_window_losses_add_up_to_the_perplexity(llama):
             assert got == pytest.approx(expected, rel=1e-5)
     assert len(res["window_nll"]) == 5
     assert res["ppl"] == pytest.approx(math.exp(sum(res["window_nll"]) / res["tokens"]), rel=1e-12)
-    assert "window_nll" not in evaluate.perplexity(llama, tok, text, seq_len=32, limit=2)
+    assert "window_nll" not in ppl_eval.perplexity(llama, tok, text, seq_len=32, limit=2)
+
+
+def test_a_misspelt_option_is_an_error_not_ignored():
+    with pytest.raises(CompressorError, match="no evaluation task takes an option 'sampels_per_task'"):
+        eval_tasks.run_tasks(None, None, ["code_ppl"], sampels_per_task=2)
+
+
+def test_every_builtin_task_is_registered_with_its_options():
+    from compressor.eval.base import TASKS
+
+    assert set(eval_tasks.BUILTIN_TASKS) == set(TASKS) == {"wikitext2_ppl", "code_ppl", "humaneval"}
+    assert TASKS["code_ppl"].options({"seq_len": 64, "limit": 2, "samples_per_task": 3}).seq_len == 64  # others' options are left alone
+    with pytest.raises(CompressorError, match="--seq-len must be at least 2"):
+        TASKS["wikitext2_ppl"].options({"seq_len": 1})

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.evaluate import check_tasks, evaluate_model
+from compressor.eval.runner import evaluate_model
+from compressor.eval.tasks import check_tasks
 from compressor.files import write_atomic, write_json
 
 # Metrics where a smaller number is the better model.
