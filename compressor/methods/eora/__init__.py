@@ -76,6 +76,7 @@ from compressor.methods.base import Method, of_kind
 from compressor.methods.eora import fit as eora
 from compressor.methods.eora.sensitivity import output_roots, output_sensitivity, row_weights
 from compressor.methods.gptq import Gptq, GptqConfig
+from compressor.methods.gptq.solver import check_group_size
 from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear, linear_from, pack_chunk
 
 
@@ -122,9 +123,21 @@ class EoraConfig:
         check_float("propagation_damp", self.propagation_damp, 0)
         if self.bits is not None:
             check_choice("bits", self.bits, (2, 3, 4, 8))
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (self.group_size == -1 or self.group_size >= 1):
-            raise CompressorError(f"key 'group_size' must be -1 (one scale per output row) or an integer >= 1 such as 128, got {self.group_size!r}")
+        check_group_size(self.group_size)
         check_int("refine", self.refine, 0)
+        # Rules between options of this stage (those with other stages are in Eora.bind).
+        c = self
+        if c.rank_allocation != "uniform" and (c.sequential or c.merge):
+            raise CompressorError(f"eora: rank_allocation: {c.rank_allocation} needs sequential: false and no merge "
+                                  "(ranks are chosen after every layer is fitted)")
+        if c.refine and (c.merge or c.rank_allocation != "uniform" or not c.sequential):
+            raise CompressorError("eora: refine fits the base to each module's final adapters, "
+                                  "so it needs rank_allocation: uniform, sequential: true and no merge "
+                                  "(the base alone is no model to calibrate later layers on)")
+        if c.propagation and not c.sequential:
+            raise CompressorError("eora: propagation corrects the inputs the adapted model really sees, so it needs sequential: true")
+        if c.bits is not None and (c.merge or c.rank_allocation != "uniform"):
+            raise CompressorError("eora: bits quantises adapters as they are fitted, so it needs rank_allocation: uniform and no merge")
 
 
 ALLOCATIONS = ("uniform", "per-type", "global")
@@ -140,32 +153,9 @@ class Eora(Method):
     needs_gram = True
 
     def __init__(self, config):
-        for r in [config.rank, *config.rank_pattern.values()]:
-            if r < 1:
-                raise CompressorError(f"eora: ranks must be positive integers, got {r}")
-        if config.rank_allocation not in ALLOCATIONS:
-            raise CompressorError(f"eora: unknown rank_allocation '{config.rank_allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
-        if config.weighting not in WEIGHTINGS:
-            raise CompressorError(f"eora: unknown weighting '{config.weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
-        if config.rank_allocation != "uniform" and (config.sequential or config.merge):
-            raise CompressorError(f"eora: rank_allocation: {config.rank_allocation} needs sequential: false and no merge (ranks are chosen after every layer is fitted)")
-        if not 0 <= config.propagation <= 1:
-            raise CompressorError(f"eora: propagation is the share of inherited error to correct, between 0 and 1; got {config.propagation}")
-        if config.propagation_damp < 0:
-            raise CompressorError(f"eora: propagation_damp must be >= 0 (a share of the input Gram's mean eigenvalue), got {config.propagation_damp}")
-        if not isinstance(config.refine, int) or config.refine < 0:
-            raise CompressorError(f"eora: refine is a number of rounds (0: off), got {config.refine!r}")
-        if config.refine and (config.merge or config.rank_allocation != "uniform" or not config.sequential):
-            raise CompressorError("eora: refine fits the base to each module's final adapters, so it needs rank_allocation: uniform, sequential: true and no merge "
-                                  "(the base alone is no model to calibrate later layers on)")
-        if config.propagation and not config.sequential:
-            raise CompressorError("eora: propagation corrects the inputs the adapted model really sees, so it needs sequential: true")
-        self.quantizer = None
-        if config.bits is not None:
-            if config.merge or config.rank_allocation != "uniform":
-                raise CompressorError("eora: bits quantises adapters as they are fitted, so it needs rank_allocation: uniform and no merge")
-            self.quantizer = Gptq(GptqConfig(bits=config.bits, group_size=config.group_size))
         super().__init__(config)
+        # bits: the adapters are quantised as they are fitted, on the gptq stage's grid
+        self.quantizer = None if config.bits is None else Gptq(GptqConfig(bits=config.bits, group_size=config.group_size))
         self.base = None  # with refine: the quantisation stage whose work on our targets we do
         self.weights: dict[str, torch.Tensor] = {}  # full name -> loss sensitivity (weighting: loss / loss-full)
         self.fitted: dict[str, tuple] = {}  # full name -> (component energies, nominal rank, shape)
@@ -181,7 +171,8 @@ class Eora(Method):
         if len(stages) == 1:
             raise CompressorError(f"'{self.name}' compensates a compression error, so it needs a rank-reduction or quantisation stage before it")
         if self.config.refine and (quant is None or of_kind(stages, "rank") is not None):
-            raise CompressorError("eora refine re-quantises W - B A for dense linears, so it needs a quantisation stage and no rank-reduction stage; drop 'refine'")
+            raise CompressorError("eora refine re-quantises W - B A for dense linears, "
+                                  "so it needs a quantisation stage and no rank-reduction stage; drop 'refine'")
         if self.config.merge and quant is not None:
             raise CompressorError("eora merge: true cannot fold adapters into quantised weights; drop 'merge' to keep them as a PEFT adapter")
         structure = of_kind(stages, "structure")
@@ -342,7 +333,8 @@ class Eora(Method):
         out_f, in_f = wrapped.out_features, wrapped.in_features
         per = pack_chunk(self.config.bits)[0]
         if in_f % per or out_f % per:
-            raise CompressorError(f"eora: {self.config.bits}-bit adapters need the layer's in and out features divisible by {per}, got {out_f} x {in_f}; drop 'bits' or leave the layer out of 'targets'")
+            raise CompressorError(f"eora: {self.config.bits}-bit adapters need the layer's in and out features divisible by {per}, "
+                                  f"got {out_f} x {in_f}; drop 'bits' or leave the layer out of 'targets'")
         pair = LowRankLinear(in_f, out_f, wrapped.lora_A.out_features)
         pair.down, pair.up = wrapped.lora_A, wrapped.lora_B
         pair, factors = self.quantizer.quantize_module(pair, H, {})

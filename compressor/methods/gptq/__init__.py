@@ -72,9 +72,11 @@ class Gptq(Method):
         g, per = self.config.group_size, pack_chunk(self.config.bits)[0]
         for name, (out_f, in_f) in shapes.items():
             if g != -1 and in_f % g:
-                raise CompressorError(f"{self.name}: group_size {g} does not divide the {in_f} input features of {name}; use a divisor of {in_f} or -1 (per output channel)")
+                raise CompressorError(f"{self.name}: group_size {g} does not divide the {in_f} input features of {name}; "
+                                      f"use a divisor of {in_f} or -1 (per output channel)")
             if name not in lowrank and (in_f % per or out_f % per):
-                raise CompressorError(f"{self.name}: {self.config.bits}-bit packing needs in and out features divisible by {per}, but {name} is {out_f} x {in_f}; leave it out of 'targets'")
+                raise CompressorError(f"{self.name}: {self.config.bits}-bit packing needs in and out features divisible by {per}, "
+                                      f"but {name} is {out_f} x {in_f}; leave it out of 'targets'")
 
     def prepare(self, run) -> None:
         self.check(target_shapes(run.model, self), {n for n, s in run.plan.items() if s["type"] == "lowrank"})
