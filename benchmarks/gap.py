@@ -165,7 +165,8 @@ def main() -> None:
             se = f" ± {100 * row['standard_error']:.0f}" if row["standard_error"] is not None else ""
             if row.get("mean_interval_over_windows"):
                 se += " ({:.0f} to {:.0f} over windows)".format(*(100 * x for x in row["mean_interval_over_windows"]))
-            print(f"| {row['variant']} | " + " | ".join(cells) + f" | {100 * row['mean_gap_closed']:.0f} %{se} | {row['at_least_half']} of {len(row['seeds'])} |")
+            print(f"| {row['variant']} | " + " | ".join(cells)
+                  + f" | {100 * row['mean_gap_closed']:.0f} %{se} | {row['at_least_half']} of {len(row['seeds'])} |")
     if not found:
         sys.exit("no adapted row had a plain GPTQ row of the same seed and settings to compare with; pass the walks without --sequential too")
     if args.json:

@@ -92,11 +92,12 @@ def main() -> None:
     ap.add_argument("--allocate", action="store_true", help="also rows with the eora stage's rank_allocation: per-type (same adapter parameters "
                     "as each uniform rank below the largest, moved between layers by output error removed per parameter)")
     ap.add_argument("--act-order", action="store_true", help="GPTQ with activation order (desc_act)")
-    ap.add_argument("--weighting", choices=["output", "loss", "loss-full"], default="output", help="the eora stage's weighting (loss: output channels weighted by the "
-                    "calibration loss's squared gradient; adds one forward and backward pass per calibration window)")
+    ap.add_argument("--weighting", choices=["output", "loss", "loss-full"], default="output", help="the eora stage's weighting (loss: "
+                    "output channels weighted by the calibration loss's squared gradient; adds one forward and backward pass per calibration window)")
     ap.add_argument("--propagation", type=float, default=0.0, help="the eora stage's propagation (share of the error inherited from earlier "
                     "compressed layers the adapters also correct; needs --sequential, and then use one rank per run: lower ranks are truncations)")
-    ap.add_argument("--propagation-damp", type=float, default=0.0, help="the eora stage's propagation_damp (ridge on the propagation correction, share of the mean eigenvalue of H)")
+    ap.add_argument("--propagation-damp", type=float, default=0.0, help="the eora stage's propagation_damp (ridge on the propagation correction, "
+                    "share of the mean eigenvalue of H)")
     ap.add_argument("--refine", type=int, default=0, help="the eora stage's refine (rounds of re-quantising W - B A and refitting B A; "
                     "the base row is then that walk's base, recorded without evaluation since it needs its adapters; use one rank per run)")
     ap.add_argument("--seed", type=int, default=0, help="calibration seed (which windows of the code text GPTQ and EoRA see)")
@@ -122,9 +123,12 @@ def main() -> None:
 
     start = time.time()
     dense, tok = load_model(args.model)
-    calibration = {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype, "true_sequential": args.true_sequential}
-    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential, "eora_weighting": args.weighting, "eora_propagation": args.propagation, "eora_propagation_damp": args.propagation_damp, "eora_refine": args.refine, "calibration": calibration,
-               "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "host": host(device), "load_seconds": round(time.time() - start, 1), "rows": []}
+    calibration = {"dataset": "code", "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, "gram_dtype": args.gram_dtype,
+                   "true_sequential": args.true_sequential}
+    results = {"model": args.model, "bits": 4, "group_size": args.group_size, "act_order": args.act_order, "eora_sequential": args.sequential,
+               "eora_weighting": args.weighting, "eora_propagation": args.propagation, "eora_propagation_damp": args.propagation_damp,
+               "eora_refine": args.refine, "calibration": calibration, "eval": {"tasks": tasks, "seq_len": 512, "limit_windows": limit}, "host": host(device),
+               "load_seconds": round(time.time() - start, 1), "rows": []}
 
     previous = {}
     if args.resume and args.out.exists():
@@ -141,7 +145,8 @@ def main() -> None:
         t = time.time()
         ppl = run_tasks(model.to(device), tok, tasks, 512, limit, device, per_window=True) if evaluate else {}
         model.to("cpu")
-        row = {"variant": name, **{k: round(v["ppl"], 3) for k, v in ppl.items()}, "size_bytes": size, "compress_seconds": wall, "eval_seconds": round(time.time() - t, 1), **extra,
+        row = {"variant": name, **{k: round(v["ppl"], 3) for k, v in ppl.items()}, "size_bytes": size, "compress_seconds": wall,
+               "eval_seconds": round(time.time() - t, 1), **extra,
                # each window's summed NLL: benchmarks/gap.py bootstraps the gap closed over them
                "window_nll": {k: [round(x, 4) for x in v["window_nll"]] for k, v in ppl.items()}}
         results["rows"].append(row)
@@ -162,12 +167,16 @@ def main() -> None:
         if "RTN w4 g128" in previous:
             record("RTN w4 g128", None, None, None)
         else:
-            rtn = compress(copy.deepcopy(dense), recipe_for([{"method": "rtn", "bits": 4, "group_size": args.group_size}]), work / "rtn", tokenizer=tok, device=str(device))
+            rtn = compress(copy.deepcopy(dense), recipe_for([{"method": "rtn", "bits": 4, "group_size": args.group_size}]), work / "rtn",
+                           tokenizer=tok, device=str(device))
             record("RTN w4 g128", rtn.model, weights_bytes(work / "rtn"), round(time.time() - t, 1), bits_per_dense_weight=rtn.report["bits_per_dense_weight"])
             del rtn
 
-    label = "GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" true-sequential" if args.true_sequential else "") + (" (EoRA-sequential walk)" if args.sequential else "") + (f" (base of the refine {args.refine} walk)" if args.refine else "")
-    eora_label = "EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting] + (f", propagation {args.propagation:g}" if args.propagation else "") + (f" damp {args.propagation_damp:g}" if args.propagation_damp else "") + (f", refine {args.refine}" if args.refine else "")
+    label = ("GPTQ w4 g128" + (" act-order" if args.act_order else "") + (" true-sequential" if args.true_sequential else "")
+             + (" (EoRA-sequential walk)" if args.sequential else "") + (f" (base of the refine {args.refine} walk)" if args.refine else ""))
+    eora_label = ("EoRA" + {"output": "", "loss": ", loss-weighted", "loss-full": ", full loss-weighted"}[args.weighting]
+                  + (f", propagation {args.propagation:g}" if args.propagation else "") + (f" damp {args.propagation_damp:g}" if args.propagation_damp else "")
+                  + (f", refine {args.refine}" if args.refine else ""))
     gptq_stage = {"method": "gptq", "bits": 4, "group_size": args.group_size, "act_order": args.act_order}
 
     def eora_stage_at(rank, **extra):

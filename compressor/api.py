@@ -69,7 +69,8 @@ def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None
         context = _context_length(model)
         if context is not None and wanted > context:
             where = "--seq-len" if seq_len is not None else f"{recipe.source}: calibration.seq_len"
-            raise CompressorError(f"{where} {wanted} is beyond the model's context of {context} tokens (max_position_embeddings); use a seq_len of at most {context}")
+            raise CompressorError(f"{where} {wanted} is beyond the model's context of {context} tokens (max_position_embeddings); "
+                                  f"use a seq_len of at most {context}")
     return recipe
 
 

@@ -40,7 +40,8 @@ def cli(verbose: bool) -> None:
 @click.argument("model")
 @click.option("-r", "--recipe", required=True, help="Shipped recipe name (see `compressor recipes`) or YAML path.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Fraction of decoder-linear parameters to remove, in (0, 1); overrides the recipe.")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Fraction of decoder-linear parameters to remove, in (0, 1); overrides the recipe.")
 @click.option("--calib", help="Calibration data: shipped set name (code, python, ...) or a folder/.txt/.jsonl path.")
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration windows (overrides the recipe).")
 @click.option("--seq-len", type=click.IntRange(min=2), help="Calibration window length in tokens (overrides the recipe).")
@@ -92,14 +93,20 @@ def _ints(value: str | None) -> list[int] | None:
 def _eval_options(f):
     """The options `eval` and `compare` share (how each task is run)."""
     options = [
-        click.option("--tasks", default="wikitext2_ppl,code_ppl", show_default=True, help="Comma-separated: wikitext2_ppl, code_ppl, humaneval, or lm-eval task names."),
+        click.option("--tasks", default="wikitext2_ppl,code_ppl", show_default=True,
+                     help="Comma-separated: wikitext2_ppl, code_ppl, humaneval, or lm-eval task names."),
         click.option("--limit", type=click.IntRange(min=1), help="At most this many perplexity windows / HumanEval problems / lm-eval documents per task."),
-        click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Perplexity window in tokens (capped at the model's context)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per forward pass (perplexity), prompts per generate call (HumanEval), lm-eval batch."),
+        click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True,
+                     help="Perplexity window in tokens (capped at the model's context)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Windows per forward pass (perplexity), prompts per generate call (HumanEval), lm-eval batch."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), help="Generation cap per sample [HumanEval default: 512; lm-eval: the task's own]."),
-        click.option("--samples-per-task", type=click.IntRange(min=1), default=1, show_default=True, help="HumanEval samples per problem; above 1 it samples (--temperature) and reports pass@k."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.2, show_default=True, help="HumanEval sampling temperature (with --samples-per-task > 1)."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True, help="HumanEval nucleus sampling (with --samples-per-task > 1)."),
+        click.option("--samples-per-task", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="HumanEval samples per problem; above 1 it samples (--temperature) and reports pass@k."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.2, show_default=True,
+                     help="HumanEval sampling temperature (with --samples-per-task > 1)."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+                     help="HumanEval nucleus sampling (with --samples-per-task > 1)."),
         click.option("--pass-k", help="HumanEval k values, e.g. 1,10 [default: 1, 10, 100 up to the samples per problem]."),
         click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Sandboxed test programs run at once."),
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds each test program may run."),
@@ -108,7 +115,8 @@ def _eval_options(f):
         click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval few-shot examples (default: the task's own)."),
         click.option("--device", type=DEVICES, default="auto", show_default=True),
         click.option("--dtype", type=DTYPES, default="float32", show_default=True),
-        click.option("--adapter/--no-adapter", default=True, show_default=True, help="Apply the PEFT adapter a compressed folder carries (out/adapter); --no-adapter evaluates the base alone."),
+        click.option("--adapter/--no-adapter", default=True, show_default=True,
+                     help="Apply the PEFT adapter a compressed folder carries (out/adapter); --no-adapter evaluates the base alone."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -207,7 +215,8 @@ def evaluate(model, out, self_check, **kw):
 @click.argument("dense")
 @click.argument("compressed", nargs=-1, required=True)
 @_eval_options
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, callback=_output_file, help="Markdown table; the same name with .json gets the data.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, callback=_output_file,
+              help="Markdown table; the same name with .json gets the data.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Also draw the comparison as a PNG (needs matplotlib).")
 def compare(dense, compressed, out, plot_path, **kw):
     """Table of DENSE against COMPRESSED models: size, parameters, each metric and its change.
@@ -240,7 +249,8 @@ def compare(dense, compressed, out, plot_path, **kw):
 @click.option("-r", "--recipe", default="welore", show_default=True, help="Recipe whose rank allocation to show.")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Target reduction (overrides the recipe).")
 @click.option("--calib", help="Calibration data for data-aware recipes (overrides the recipe's).")
-@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), callback=_output_dir, help="Write spectra.png and ranks.png into this folder (needs matplotlib).")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), callback=_output_dir,
+              help="Write spectra.png and ranks.png into this folder (needs matplotlib).")
 @click.option("--per-matrix/--summary-only", default=True, show_default=True, help="Print a line per matrix, or only the summary.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
 def analyze(model, recipe, ratio, calib, plots_dir, per_matrix, device):

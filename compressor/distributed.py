@@ -15,7 +15,8 @@ share of them, so activation memory per rank is its share. Per layer:
   is taken for the rank stage's decompositions only (`spread`); the later stages of a layer depend
   on one another (structure changes the Grams the later stages see, adapters fit against the
   quantised base, eora's rank allocation pools every linear's energies at the end). The part
-  that grows with the calibration set, the forward passes and the Gram products, is what is split. Determinism is then checked, not assumed: after each visit the ranks compare a
+  that grows with the calibration set, the forward passes and the Gram products, is what is split.
+  Determinism is then checked, not assumed: after each visit the ranks compare a
   fingerprint of the layer's tensors and, should they differ (non-deterministic GPU kernels,
   mixed hardware), rank 0's layer is broadcast to the others (`synced`), so the next layer's
   inputs always come from the layer rank 0 will write.

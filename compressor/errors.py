@@ -99,7 +99,8 @@ def check_float(key: str, value, low: float | None = None, high: float | None = 
     if not ok:
         lo = "" if low is None else f"{'(' if low_open else '['}{low}"
         hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-        span = f"in {lo}, {hi}" if low is not None and high is not None else (f">{'' if low_open else '='} {low}" if low is not None else f"<{'' if high_open else '='} {high}")
+        span = (f"in {lo}, {hi}" if low is not None and high is not None
+                else (f">{'' if low_open else '='} {low}" if low is not None else f"<{'' if high_open else '='} {high}"))
         raise CompressorError(f"key '{key}' must be a number {span}, got {value!r}")
 
 

@@ -28,7 +28,8 @@ def check_output_folder(out: str | Path, overwrite: bool = False, source: str | 
     if source is not None and Path(source).exists():
         src, dst = Path(source).resolve(), out.resolve()
         if src == dst or dst in src.parents:
-            raise CompressorError(f"-o {out} is the source model{' folder' if src == dst else ' or holds it'}; writing there would replace the source, so choose another -o")
+            raise CompressorError(f"-o {out} is the source model{' folder' if src == dst else ' or holds it'}; "
+                                  "writing there would replace the source, so choose another -o")
     if out.exists() and not overwrite:
         raise CompressorError(f"output folder {out} already exists; pass --overwrite or choose another -o")
     check_writable(out, "-o")

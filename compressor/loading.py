@@ -173,7 +173,8 @@ def _load_gguf(path: Path):
         )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # the GGUF parser raises anything (struct.error, IndexError, ...) on a corrupt file
-        raise CompressorError(f"could not load GGUF file {path}: {type(e).__name__}: {_first_line(e)}; use an intact GGUF of an architecture transformers supports, or a model folder") from e
+        raise CompressorError(f"could not load GGUF file {path}: {type(e).__name__}: {_first_line(e)}; "
+                              "use an intact GGUF of an architecture transformers supports, or a model folder") from e
     model = _unflagged(model)
     # GGUF's general.name lands in the config under this look-alike of _name_or_path; drop it.
     model.config.__dict__.pop("_model_name_or_path", None)
@@ -242,7 +243,8 @@ def check_finite_weights(model, where: str) -> None:
 
     for name, t in model.state_dict().items():
         if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
-            raise CompressorError(f"{where}: tensor {name} contains NaN or Inf values; the checkpoint is corrupt or was saved in too low a precision, so re-download or re-export it")
+            raise CompressorError(f"{where}: tensor {name} contains NaN or Inf values; "
+                                  "the checkpoint is corrupt or was saved in too low a precision, so re-download or re-export it")
 
 
 def check_causal_lm(config, where) -> None:
@@ -256,13 +258,15 @@ def check_causal_lm(config, where) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise CompressorError(f"{where}: {name} is an encoder-decoder model; compressor handles causal (decoder-only) LMs such as Llama, Qwen or GPT-2")
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise CompressorError(f"{where}: {name} (model_type '{kind}') is not a causal LM (transformers has no causal-LM class for it); compressor handles causal LMs")
+        raise CompressorError(f"{where}: {name} (model_type '{kind}') is not a causal LM (transformers has no causal-LM class for it); "
+                              "compressor handles causal LMs")
     causal = set()
     for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         causal.update([names] if isinstance(names, str) else names)
     archs = list(getattr(config, "architectures", None) or [])
     if archs and not any(a in causal or a.removeprefix("Compressed") in causal for a in archs):
-        raise CompressorError(f"{where}: the checkpoint is a {archs[0]}, not a causal LM, so its LM head would be random; compressor handles causal LMs ({name}: use a *ForCausalLM checkpoint)")
+        raise CompressorError(f"{where}: the checkpoint is a {archs[0]}, not a causal LM, so its LM head would be random; "
+                              f"compressor handles causal LMs ({name}: use a *ForCausalLM checkpoint)")
 
 
 def _read_config(folder: Path):
@@ -301,7 +305,8 @@ def stored_tensors(folder: str | Path) -> dict[str, tuple[tuple[int, ...], str]]
     elif (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file():
         return None
     else:
-        raise CompressorError(f"{folder} has a config.json but no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin); copy the weight files in or re-save the model")
+        raise CompressorError(f"{folder} has a config.json but no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin); "
+                              "copy the weight files in or re-save the model")
     found: dict[str, tuple[tuple[int, ...], str]] = {}
     for name in files:
         path = folder / name
@@ -318,7 +323,8 @@ def stored_tensors(folder: str | Path) -> dict[str, tuple[tuple[int, ...], str]]
         if weight_map is not None:
             astray = [k for k in keys if weight_map.get(k) != name]
             if astray:
-                raise CompressorError(f"{path} holds {astray[0]}, which {index.name} does not place in it; the index and the shards do not match, re-download the checkpoint")
+                raise CompressorError(f"{path} holds {astray[0]}, which {index.name} does not place in it; "
+                                      "the index and the shards do not match, re-download the checkpoint")
     if weight_map is not None:
         lost = [k for k in weight_map if k not in found]
         if lost:
@@ -379,12 +385,14 @@ def check_checkpoint(folder: str | Path) -> None:
     unexpected = [k for k in stored if k not in state and k not in unsaved and not any(p.search(k) for p in ignore_unexpected)]
     if unexpected:
         raise CompressorError(
-            f"{folder}: the checkpoint holds {len(unexpected)} tensor(s) the {cls} of its config.json has no place for: {', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}; "
+            f"{folder}: the checkpoint holds {len(unexpected)} tensor(s) the {cls} of its config.json has no place for: "
+            f"{', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}; "
             "config.json and the weights do not match (re-download or re-save the checkpoint)"
         )
     for k, (shape, _) in stored.items():
         if k in state and tuple(state[k]) != tuple(shape):
-            raise CompressorError(f"{folder}: tensor {k} is {list(shape)} in the checkpoint but {list(state[k])} in the model its config.json describes; config.json and the weights do not match")
+            raise CompressorError(f"{folder}: tensor {k} is {list(shape)} in the checkpoint but {list(state[k])} in the model its config.json describes; "
+                                  "config.json and the weights do not match")
 
 
 def _check_loading_info(info: dict, where: str) -> None:
@@ -404,7 +412,8 @@ def _check_gguf_header(path: Path) -> None:
     except OSError as e:
         raise CompressorError(f"cannot read {path}: {e.strerror}") from None
     if head[:4] != b"GGUF":
-        raise CompressorError(f"could not load GGUF file {path}: it does not start with the GGUF magic bytes, so it is not a GGUF file; pass a .gguf checkpoint or a model folder")
+        raise CompressorError(f"could not load GGUF file {path}: it does not start with the GGUF magic bytes, so it is not a GGUF file; "
+                              "pass a .gguf checkpoint or a model folder")
     if len(head) < 24:
         raise CompressorError(f"could not load GGUF file {path}: it is only {len(head)} bytes, a truncated GGUF file; re-download it")
 

@@ -168,7 +168,8 @@ def _load_finished(model, folder: Path, index: int, specs: dict, dtype, device) 
                 state[k[len(prefix):]] = f.get_tensor(k).to(device)
         layer.load_state_dict(state, strict=True, assign=True)
     except (OSError, RuntimeError, SafetensorError) as e:
-        raise CompressorError(f"{shard}, a finished layer of the unfinished run, is corrupt ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+        raise CompressorError(f"{shard}, a finished layer of the unfinished run, is corrupt "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
                               "pass --overwrite instead of --resume to start over") from None
     return layer
 
@@ -321,7 +322,8 @@ def compress_streaming(
     if work.exists():
         progress = _read_progress(work, total) if (work / PROGRESS).is_file() else None
         if progress is not None and progress["identity"] != identity:
-            raise CompressorError(f"{work} was started with other settings (source, recipe, dtype or calibration); pass --overwrite instead of --resume to start over")
+            raise CompressorError(f"{work} was started with other settings (source, recipe, dtype or calibration); "
+                                  "pass --overwrite instead of --resume to start over")
         for torn in work.glob("*.tmp"):  # a write the killed process did not finish
             torn.unlink()
 
@@ -425,7 +427,8 @@ def _read_progress(work: Path, total: int) -> dict:
         done, _ = progress["done"], progress["specs"]
         progress["identity"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CompressorError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); pass --overwrite instead of --resume to start over") from None
+        raise CompressorError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); "
+                              "pass --overwrite instead of --resume to start over") from None
     if not isinstance(done, int) or not 0 <= done < total:
         raise CompressorError(f"{path} is damaged (done: {done!r}); pass --overwrite instead of --resume to start over")
     for i in range(done):

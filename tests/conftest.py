@@ -37,7 +37,9 @@ CONFIGS = {
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
     ),
     "starcoder2": lambda: Starcoder2Config(**_ATTN, num_key_value_heads=2),
-    "gpt_bigcode": lambda: GPTBigCodeConfig(n_embd=64, n_inner=96, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, multi_query=True, bos_token_id=0, eos_token_id=0),
+    "gpt_bigcode": lambda: GPTBigCodeConfig(
+        n_embd=64, n_inner=96, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, multi_query=True, bos_token_id=0, eos_token_id=0,
+    ),
     "gpt2": lambda: GPT2Config(n_embd=64, n_inner=96, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=0, eos_token_id=0),
 }
 

@@ -143,9 +143,11 @@ def test_eora_reduces_error_and_non_sequential_keeps_gptq_base(tokenizer, tmp_pa
 
 
 def test_per_type_allocation_keeps_the_budget_and_exports(tokenizer, tmp_path):
-    uniform = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB)
+    uniform = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform"),
+                       tokenizer=tokenizer, **CALIB)
     out = tmp_path / "out"
-    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="per-type"), out, tokenizer=tokenizer, **CALIB)
+    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="per-type"), out,
+                      tokenizer=tokenizer, **CALIB)
     params = lambda r: r.report["adapters"]["params"]  # noqa: E731
     got = result.report["adapters"]["ranks"]
     assert params(result) <= params(uniform) and len(set(got.values())) > 1 and max(got.values()) <= 16
@@ -163,9 +165,13 @@ def test_per_type_allocation_keeps_the_budget_and_exports(tokenizer, tmp_path):
 def test_loss_weighting_end_to_end(tokenizer, tmp_path, weighting):
     """weighting: loss (or loss-full) changes the adapters (not the GPTQ base), is recorded, and
     PEFT loads them."""
-    plain = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform", weighting="output"), tokenizer=tokenizer, **CALIB).model
+    plain = compress(tiny_model("llama"),
+                     shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform", weighting="output"),
+                     tokenizer=tokenizer, **CALIB).model
     out = tmp_path / "out"
-    result = compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform", weighting=weighting), out, tokenizer=tokenizer, **CALIB)
+    result = compress(tiny_model("llama"),
+                      shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform", weighting=weighting),
+                      out, tokenizer=tokenizer, **CALIB)
     name, weighted = next((n, m) for n, _, m in models.iter_linears_any(result.model))
     unweighted = plain.get_submodule(name)
     assert torch.equal(weighted.base.qweight, unweighted.base.qweight)
@@ -262,7 +268,8 @@ def test_true_sequential_with_propagation_exports_peft(tokenizer, tmp_path):
 
 def test_load_refuses_an_adapter_it_cannot_apply_exactly(tokenizer, tmp_path):
     out = tmp_path / "out"
-    compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform"), out, tokenizer=tokenizer, **CALIB)
+    compress(tiny_model("llama"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform"), out,
+             tokenizer=tokenizer, **CALIB)
     cfg_path = out / "adapter" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "lora_alpha": 2 * cfg["r"]}))
@@ -278,7 +285,8 @@ def test_quantised_adapters_stay_in_the_checkpoint(tokenizer, tmp_path):
     ids = calibration_windows(rec, tokenizer, None, samples=4, seq_len=32)
     run = lambda m: m(ids).logits.detach()  # noqa: E731
     dense = run(tiny_model("qwen2"))
-    float_adapters = compress(tiny_model("qwen2"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform"), tokenizer=tokenizer, **CALIB).model
+    float_adapters = compress(tiny_model("qwen2"), shipped("gptq4-eora32", rank=4, sequential=False, propagation=0, refine=0, rank_allocation="uniform"),
+                              tokenizer=tokenizer, **CALIB).model
     out = tmp_path / "out"
     result = compress(tiny_model("qwen2"), rec, out, tokenizer=tokenizer, **CALIB)
     base_err = (run(without_adapters(compress(tiny_model("qwen2"), shipped("gptq4"), tokenizer=tokenizer, **CALIB).model)) - dense).norm()
@@ -321,14 +329,20 @@ def test_merge_into_lowrank_is_exact(tokenizer, tmp_path):
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "merge": True}], "cannot fold adapters into quantised weights"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank": 0}], "key 'rank' must be an integer >= 1, got 0"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "per-type"}], "needs sequential: false"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "best"}], "key 'rank_allocation' must be one of uniform, per-type, global; got 'best'"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "weighting": "fisher"}], "key 'weighting' must be one of output, loss, loss-full; got 'fisher'"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "rank_allocation": "best"}],
+     "key 'rank_allocation' must be one of uniform, per-type, global; got 'best'"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "weighting": "fisher"}],
+     "key 'weighting' must be one of output, loss, loss-full; got 'fisher'"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 5}], "key 'bits' must be one of 2, 3, 4, 8; got 5"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1.5}], r"key 'propagation' must be a number in \[0, 1\], got 1.5"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "sequential": False}], "propagation corrects the inputs .* needs sequential: true"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "propagation_damp": -0.1}], "key 'propagation_damp' must be a number >= 0, got -0.1"),
-    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 4, "sequential": False, "rank_allocation": "per-type"}], "bits quantises adapters as they are fitted"),
-    ([{"method": "svd", "ratio": 0.3}, {"method": "gptq", "group_size": 32}, {"method": "eora", "refine": 2}], "eora refine re-quantises W - B A for dense linears"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "sequential": False}],
+     "propagation corrects the inputs .* needs sequential: true"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "propagation": 1, "propagation_damp": -0.1}],
+     "key 'propagation_damp' must be a number >= 0, got -0.1"),
+    ([{"method": "gptq", "group_size": 32}, {"method": "eora", "bits": 4, "sequential": False, "rank_allocation": "per-type"}],
+     "bits quantises adapters as they are fitted"),
+    ([{"method": "svd", "ratio": 0.3}, {"method": "gptq", "group_size": 32}, {"method": "eora", "refine": 2}],
+     "eora refine re-quantises W - B A for dense linears"),
     ([{"method": "svd", "ratio": 0.3}, {"method": "eora", "refine": 2}], "eora refine re-quantises W - B A for dense linears"),
     ([{"method": "gptq", "group_size": 32}, {"method": "eora", "refine": -1}], "key 'refine' must be an integer >= 0, got -1"),
 ])

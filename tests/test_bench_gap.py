@@ -28,7 +28,8 @@ def test_gap_shares_mean_and_grouping(tmp_path, monkeypatch, capsys):
         _walk(tmp_path / "a.json", 0, [("GPTQ w4 (ours)", 14.0), ("GPTQ w4 + EoRA r32", 12.0)]),
         _walk(tmp_path / "b.json", 1, [("GPTQ w4 (ours)", 12.0), ("GPTQ w4 + EoRA r32", 11.5)]),
         # a sequential walk's base is no plain GPTQ: only its adapted row counts, against a.json's plain row
-        _walk(tmp_path / "c.json", 0, [("GPTQ w4 (EoRA-sequential walk) (ours)", 99.0), ("GPTQ w4 (EoRA-sequential walk) + EoRA, refine 4 r32", 11.0)], sequential=True, refine=4),
+        _walk(tmp_path / "c.json", 0, [("GPTQ w4 (EoRA-sequential walk) (ours)", 99.0), ("GPTQ w4 (EoRA-sequential walk) + EoRA, refine 4 r32", 11.0)],
+              sequential=True, refine=4),
         # another machine: its own table, never against the first machine's plain rows
         _walk(tmp_path / "d.json", 0, [("GPTQ w4 + EoRA r32", 10.5)], machine="other CPU"),
     ]

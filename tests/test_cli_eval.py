@@ -83,7 +83,8 @@ def test_eval_applies_the_adapter_unless_told_not_to(monkeypatch, capsys, dense,
     want = run_tasks(model, byte_tokenizer(), ["code_ppl"], 32, 2, "cpu")["code_ppl"]["ppl"]
     got = {}
     for flag in ("--adapter", "--no-adapter"):
-        code, _, err = run(monkeypatch, capsys, "eval", out, "--tasks", "code_ppl", "--limit", "2", "--seq-len", "32", "--device", "cpu", flag, "-o", tmp_path / f"{flag}.json")
+        code, _, err = run(monkeypatch, capsys, "eval", out, "--tasks", "code_ppl", "--limit", "2", "--seq-len", "32", "--device", "cpu", flag,
+                           "-o", tmp_path / f"{flag}.json")
         assert code == 0, err
         got[flag] = json.loads((tmp_path / f"{flag}.json").read_text())
     assert got["--adapter"]["adapters_applied"] and not got["--no-adapter"]["adapters_applied"]

@@ -30,7 +30,8 @@ def _write(model, folder: Path, shard: str = "60KB") -> Path:
 
 def _deep_llama(layers: int = 5, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                      max_position_embeddings=256)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -127,7 +128,8 @@ _CHILD = textwrap.dedent(
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc")
 def test_streaming_peak_host_memory_stays_near_one_layer(tmp_path):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=256, max_position_embeddings=256)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                      max_position_embeddings=256)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # about 135 MB
     layer_bytes = model_bytes // 32

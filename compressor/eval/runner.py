@@ -28,7 +28,8 @@ def load_any(model: str, dtype: str = "float32", device: str = "cpu", adapter: b
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
-            raise CompressorError(f"{path} has no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); save one beside the model") from None
+            raise CompressorError(f"{path} has no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                  "save one beside the model") from None
         return checkpoint.load(path, dtype=dtype, device=device, adapter=adapter), tokenizer
     loaded, tokenizer = load_model(model, dtype=dtype)
     return loaded.to(device).eval(), tokenizer
@@ -91,7 +92,8 @@ def evaluate_model(
     return results
 
 
-def evaluate_loaded(model, tokenizer, tasks: list[str], seq_len: int = 2048, limit: int | None = None, device="cpu", *, name: str | None = None, **options) -> dict:
+def evaluate_loaded(model, tokenizer, tasks: list[str], seq_len: int = 2048, limit: int | None = None, device="cpu", *,
+                    name: str | None = None, **options) -> dict:
     """`evaluate_model` for a model already in memory; `name` (a spec or folder) sizes it on disk."""
     start = time.time()
     results = run_tasks(model, tokenizer, tasks, seq_len, limit, device, **options)

@@ -43,7 +43,8 @@ def check_finite_tensors(model) -> None:
             continue
         seen.add(t.data_ptr())
         if not torch.isfinite(t).all():
-            raise CompressorError(f"tensor {name} holds NaN or Inf values, so the output would be broken; nothing was written (check the source checkpoint, or use --dtype float32 if a 16-bit dtype overflowed)")
+            raise CompressorError(f"tensor {name} holds NaN or Inf values, so the output would be broken; nothing was written "
+                                  "(check the source checkpoint, or use --dtype float32 if a 16-bit dtype overflowed)")
 
 
 def shim_source(base_class_name: str) -> str:
@@ -75,7 +76,8 @@ def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, re
         compression["adapter"] = {"path": ADAPTER_DIR, "format": "peft-lora", "ranks": {n: m.lora_A.out_features for n, m in peft_adapters.items()},
                                   "required": bool(extra.get("adapter_required"))}
     elif any("adapter" in spec for spec in module_specs.values()):
-        compression["adapter"] = {"path": None, "format": "quantized-in-checkpoint", "ranks": {n: spec["adapter"]["rank"] for n, spec in module_specs.items() if "adapter" in spec}}
+        compression["adapter"] = {"path": None, "format": "quantized-in-checkpoint",
+                                  "ranks": {n: spec["adapter"]["rank"] for n, spec in module_specs.items() if "adapter" in spec}}
     model.config.compression = compression
     # Nothing but plain layers (e.g. structured widths, the same in every layer): a standard
     # checkpoint of the original class, loaded with no remote code.

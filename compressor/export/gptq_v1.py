@@ -49,7 +49,8 @@ def _check_packable(bits: int, in_features: int, out_features: int) -> None:
         raise CompressorError(f"GPTQ packing supports 2, 3, 4 or 8 bits, got {bits}")
     per, _ = _chunk(bits)
     if in_features % per or out_features % per:
-        raise CompressorError(f"{bits}-bit GPTQ packing needs in and out features divisible by {per}, got {in_features} x {out_features}; leave this layer unquantised")
+        raise CompressorError(f"{bits}-bit GPTQ packing needs in and out features divisible by {per}, got {in_features} x {out_features}; "
+                              "leave this layer unquantised")
 
 
 def pack_gptq_v1(result, bits: int | None = None) -> dict[str, torch.Tensor]:
@@ -75,7 +76,8 @@ def unpack_gptq_v1(tensors: dict[str, torch.Tensor], bits: int, in_features: int
     _check_packable(bits, in_features, out_features)
     qweight, qzeros = tensors["qweight"], tensors["qzeros"]
     if tuple(qweight.shape) != (in_features * bits // 32, out_features) or qzeros.shape[1] != out_features * bits // 32:
-        raise CompressorError(f"GPTQ tensors have shapes qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}; expected {in_features}x{out_features} at {bits} bits")
+        raise CompressorError(f"GPTQ tensors have shapes qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}; "
+                              f"expected {in_features}x{out_features} at {bits} bits")
     q = _unpack_rows(qweight, bits).T.contiguous()
     zeros = _unpack_rows(qzeros.T, bits).T.contiguous() + 1
     return q, zeros, tensors["scales"], tensors["g_idx"].to(torch.int32)

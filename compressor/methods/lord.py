@@ -57,7 +57,8 @@ class Lord(RankMethod):
 
     def decompose(self, weights, grams, ranks):
         if not self.needs_gram:
-            return [dict(zip(("up.weight", "down.weight"), linalg.split_factors(u, s, vh, k))) for (u, s, vh), k in zip(linalg.svd(weights, ranks=ranks), ranks)]
+            return [dict(zip(("up.weight", "down.weight"), linalg.split_factors(u, s, vh, k)))
+                    for (u, s, vh), k in zip(linalg.svd(weights, ranks=ranks), ranks)]
         factors = []
         for w, (_, q), k in zip(weights, self._output_eigs(weights, grams), ranks):
             basis = q[:, :k]

@@ -24,7 +24,8 @@ def test_unweighted_residual_is_best_fit_on_its_columns():
     # Chosen columns are those with the largest residual norm; values equal the residual there.
     assert set(cols.tolist()) == set(residual.norm(dim=0).topk(8).indices.tolist())
     assert torch.allclose(f["sparse_values"].double(), residual[:, cols])
-    assert float((w - _dense(f, 40)).norm()) == pytest.approx(float(residual.norm(dim=0).pow(2).sum() - residual[:, cols].norm(dim=0).pow(2).sum()) ** 0.5, rel=1e-8)
+    assert float((w - _dense(f, 40)).norm()) == pytest.approx(float(residual.norm(dim=0).pow(2).sum() - residual[:, cols].norm(dim=0).pow(2).sum()) ** 0.5,
+                                                              rel=1e-8)
 
 
 def test_weighted_residual_is_output_optimal_on_its_columns():

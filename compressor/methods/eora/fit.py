@@ -88,7 +88,8 @@ def removed_share(energies: torch.Tensor, rank: int) -> float:
     return energies[:rank].sum().item() / total if total > 0 else 0.0
 
 
-def allocate_ranks(energies: dict[str, torch.Tensor], costs: dict[str, int], ranks: dict[str, int], pools: dict[str, str], cap: dict[str, int]) -> dict[str, int]:
+def allocate_ranks(energies: dict[str, torch.Tensor], costs: dict[str, int], ranks: dict[str, int], pools: dict[str, str],
+                   cap: dict[str, int]) -> dict[str, int]:
     """Per module, an adapter rank (0: none) that spends each pool's parameters where they remove
     the most output error.
 

@@ -31,7 +31,8 @@ from compressor import distributed, models, progress
 from compressor.errors import CompressorError
 
 
-def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.device, names: set[str] | None = None, full: bool = False) -> dict[str, torch.Tensor]:
+def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.device, names: set[str] | None = None,
+                       full: bool = False) -> dict[str, torch.Tensor]:
     """Full linear name -> D (out_features,), float64 on CPU: the mean over calibration tokens of
     the squared gradient of the summed next-token cross-entropy with respect to that output; with
     `full`, G (out_features, out_features), the mean of the gradients' outer products (D is its
