@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 import compressor
-from compressor import models, modules
+from compressor import distributed, models, modules
 from compressor.errors import CompressorError, check_patterns
 from compressor.export import gptq_v1
 from compressor.methods import register
@@ -82,10 +83,23 @@ class Gptq(Method):
         self.check(target_shapes(run.model, self), {n for n, s in run.plan.items() if s["type"] == "lowrank"})
 
     def apply(self, work) -> None:
-        for name in work.names:
-            if self.does(name):
-                module, spec = self.quantize_module(work.module(name), work.gram(name), work.run.specs.get(work.full(name)))
-                work.replace(name, module, spec)
+        names = [n for n in work.names if self.does(n)]
+
+        def quantize(indices: list[int]) -> list[tuple[nn.Module, dict]]:
+            done = []
+            for j in indices:
+                module, spec = self.quantize_module(work.module(names[j]), work.gram(names[j]), work.run.specs.get(work.full(names[j])))
+                done.append((module.cpu() if distributed.spreading() else module, spec))
+            return done
+
+        if distributed.spreading():  # distributed: each shape's linears quantised on one rank, the modules broadcast
+            devices = [next(work.module(n).parameters()).device for n in names]
+            shapes = [SimpleNamespace(shape=models.linear_shape(work.module(n))) for n in names]
+            found = [(m.to(d), spec) for d, (m, spec) in zip(devices, distributed.spread(shapes, quantize, "quantisation"))]
+        else:
+            found = quantize(list(range(len(names))))
+        for name, (module, spec) in zip(names, found):
+            work.replace(name, module, spec)
 
     def quantize_module(self, module: nn.Module, H: torch.Tensor | None, spec: dict | None) -> tuple[nn.Module, dict]:
         """The quantised replacement of `module` and its spec for config.compression."""
