@@ -31,10 +31,10 @@ ALGORITHMS = ("auto", "full", "gram", "randomized", "gesvda")
 # Below this smaller dimension the exact LAPACK/cuSOLVER SVD is already cheap (milliseconds), and
 # exactness keeps the small-model tests independent of which fast path is taken.
 FAST_MIN_DIM = 512
-# Randomized SVD only pays off for small ranks. Measured on 2 CPU cores, 2048x2048: rank 64 0.8 s
-# against 6.7 s for the Gram path, rank 256 2.5 s against 7.9 s, rank 512 (1/4) 8.9 s against
-# 8.4 s; at 1/4 it also lands 5e-4 above the optimal error where the Gram path is exact, so the
-# crossover is set at 1/8. (Issue 6's H100 figures put both near 0.1 s at rank 1024 of 4096.)
+# Randomized SVD only pays off for small ranks: its cost grows with the rank while the Gram path's
+# does not, and near a quarter of the smaller side it is no faster and already above the optimal
+# error where the Gram path is exact, so the crossover is set at 1/8
+# (benchmarks/bench_decompose.py --algorithms measures both).
 RANDOMIZED_MAX_FRACTION = 0.125
 POWER_ITERS = 4
 # Host memory a batched CPU call may stack at once; batching brings no speed on CPU, only memory.
@@ -54,8 +54,8 @@ def _by_shape(mats: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
 def _cpu_lapack_threads(device: torch.device):
     """CPU LAPACK decompositions run single-threaded.
 
-    Measured on the 2-core CI machine (torch 2.13 CPU): svd of a 64x96 matrix took 0.25 s with two
-    threads and 0.002 s with one; of a 2048x2048 matrix 12.3 s against 5.3 s. Matrix products
+    On CPU, LAPACK's SVD and eigh run slower with several threads than with one, from tiny to
+    2048-wide matrices (thread start-up and contention outweigh the split). Matrix products
     elsewhere keep all threads, which is why the fast paths below enter this only around the
     LAPACK call itself and not around their Gram products.
     """
@@ -164,8 +164,8 @@ def _randomized_svd(w: torch.Tensor, rank: int, oversample: int | None = None, i
     """
     m, n = w.shape[-2:]
     # Oversampling by the rank itself: LLM weight spectra are flat, and with the usual +10 columns
-    # four power iterations leave the truncation error 0.5% above optimal (measured, power-law
-    # spectrum sigma_i ~ i^-0.3); with 2x the rank it is within 1e-3 of it.
+    # four power iterations leave the truncation error visibly above optimal on such spectra; with
+    # 2x the rank it stays within 1e-3 of it (tests/test_linalg.py checks that bound).
     extra = oversample if oversample is not None else rank
     width = min(min(m, n), rank + extra)
     gen = torch.Generator(device=w.device).manual_seed(0)

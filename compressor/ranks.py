@@ -119,7 +119,7 @@ def budget(shapes: Shapes, ratio: float, energies: dict[str, torch.Tensor], extr
     Energies are the method's truncation losses (for whitened methods, the output error each
     component costs on calibration data), so a layer whose output lives in few directions gives up
     rank to one that needs many. Budgets are per type because loss scales are only comparable
-    between matrices with the same role; a global pool lets some types starve (measured; README).
+    between matrices with the same role; a global pool lets some types starve.
     """
     extra = extra or {}
     groups: dict[str, list[str]] = {}
