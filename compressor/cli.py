@@ -19,10 +19,6 @@ def _tasks(value: str) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="compressor")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
