@@ -32,6 +32,12 @@ def test_wheel_ships_recipes_and_calibration_data(wheel):
     assert "compressor/data/code_heldout.txt" in names
 
 
+def test_wheel_ships_every_module_of_the_package(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    source = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "compressor").rglob("*.py") if "__pycache__" not in p.parts)
+    assert [p for p in source if p not in names] == []
+
+
 def test_installed_copy_finds_them_from_another_folder(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)
@@ -42,6 +48,7 @@ def test_installed_copy_finds_them_from_another_folder(wheel, tmp_path):
         "print(compressor.__file__)\n"
         "print(sorted(r.shipped()) == sorted(p.stem for p in r.RECIPES_DIR.glob('*.yaml')), len(r.shipped()))\n"
         "print(r.load('structured').stages[0].name, len(d.load_texts('code')) > 0, len(d.load_texts('python')) > 0)\n"
+        "import compressor.api, compressor.cli, compressor.eval.tasks\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     run = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
