@@ -4,6 +4,7 @@ sets, and an installed copy finds them without a source checkout."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from a copy without build/: setuptools would otherwise pack whatever an earlier build
+    # left there, and a module missing from setup.cfg would ship anyway from a stale copy.
+    src = tmp_path_factory.mktemp("src") / "compressor"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "out*", "*.egg-info", "__pycache__", ".pytest_cache", "results"))
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
                    check=True, capture_output=True, cwd=out)
     (found,) = out.glob("compressor-*.whl")
     return found
@@ -36,6 +41,8 @@ def test_wheel_ships_every_module_of_the_package(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     source = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "compressor").rglob("*.py") if "__pycache__" not in p.parts)
     assert [p for p in source if p not in names] == []
+    shipped_data = ("compressor/calib_data/", "compressor/recipes/")  # mapped from the top-level folders
+    assert sorted(n for n in names if n.startswith("compressor/") and n.endswith(".py") and n not in source and not n.startswith(shipped_data)) == []
 
 
 def test_installed_copy_finds_them_from_another_folder(wheel, tmp_path):
