@@ -84,3 +84,42 @@ def load_benchmark(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def start_child(prefix: str, module: str, body: str, deadline: float = 120.0):
+    """A fresh interpreter on the checkout, with a TMPDIR of its own (reachable by the sandbox's
+    uid), that imports compressor.eval.`module` and runs `body`; returned as (process, tmpdir) once
+    two sandbox folders exist in that TMPDIR, i.e. two programs are running."""
+    import glob
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    tmpdir = tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None)
+    os.chmod(tmpdir, 0o755)
+    code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom compressor.eval import {module}\n{body}print('finished')\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TMPDIR": tmpdir}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + deadline  # the child imports torch first
+    while len(glob.glob(os.path.join(tmpdir, "compressor-sandbox-*"))) < 2 and time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the programs start
+    return proc, tmpdir
+
+
+def processes_with(tag: str) -> list[int]:
+    """Pids of the processes whose command line holds `tag`."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if tag.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids

@@ -1,16 +1,12 @@
-import glob
 import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
 import torch
-from conftest import _ATTN, REPO, byte_tokenizer
+from conftest import _ATTN, byte_tokenizer, processes_with, start_child
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from compressor.errors import CompressorError
@@ -185,39 +181,20 @@ def test_ctrl_c_cancels_the_evaluation_at_once():
     # Ctrl-C while two workers run programs that would sleep for a minute and four more wait: the
     # evaluation must stop within moments, kill the programs and leave no sandbox folders. It runs
     # in a child process with its own TMPDIR, so the folders counted are only its own.
-    tmpdir = tempfile.mkdtemp(prefix="humaneval-sigint-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    os.chmod(tmpdir, 0o755)  # the program's uid must be able to reach its folder
-    repo = str(REPO)
-    code = (
-        f"import sys\nsys.path.insert(0, {repo!r})\nfrom compressor.eval import humaneval\n"
+    body = (
         "items = humaneval.problems(6)\n"
         "slow = '    import time\\n    time.sleep(60)\\n'\n"
         "humaneval.score(items, [[slow]] * len(items), workers=2, timeout=60, progress=False)\n"
-        "print('finished')\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TMPDIR": tmpdir},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, tmpdir = start_child("humaneval-sigint-", "humaneval", body)
     try:
-        deadline = time.monotonic() + 120  # the child imports torch first
-        while len(glob.glob(os.path.join(tmpdir, "compressor-sandbox-*"))) < 2 and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
-        time.sleep(0.3)  # let the programs start
         proc.send_signal(signal.SIGINT)
         start = time.monotonic()
         stdout, stderr = proc.communicate(timeout=60)
         assert time.monotonic() - start < 3.0
         assert proc.returncode != 0 and "KeyboardInterrupt" in stderr and "finished" not in stdout, stderr
         assert os.listdir(tmpdir) == []
-        running = []
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if tmpdir.encode() in f.read():
-                        running.append(entry)
-            except OSError:
-                pass
-        assert running == []
+        assert processes_with(tmpdir) == []
     finally:
         if proc.poll() is None:
             proc.kill()

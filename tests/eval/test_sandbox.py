@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from conftest import REPO
+from conftest import REPO, processes_with, start_child
 
 from compressor.eval import sandbox
 from compressor.eval.sandbox import Outcome, run_many, run_program
@@ -213,19 +213,6 @@ def use_layers(monkeypatch, layers):
     return layers
 
 
-def _processes_with(tag: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if tag.encode() in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OS layers are Linux-only")
 
 WRITES = {
@@ -313,11 +300,11 @@ def test_setsid_grandchild_does_not_outlive_the_run(monkeypatch, layers, ending)
         start = time.monotonic()
         out = run_program(GRANDCHILD.format(marker=marker, tag=tag, ending=ending), timeout=1.0)
         assert not out.passed or "forked" in out.detail
-        assert _processes_with(tag) == []  # gone when run_program returns, not a moment later
+        assert processes_with(tag) == []  # gone when run_program returns, not a moment later
         time.sleep(max(0.0, start + 2.0 - time.monotonic()))  # past the moment it would write
         assert not os.path.exists(marker)
     finally:
-        for pid in _processes_with(tag):
+        for pid in processes_with(tag):
             os.kill(pid, 9)
         if os.path.exists(marker):
             os.remove(marker)
@@ -478,29 +465,16 @@ def test_files_in_temporary_folders_are_hidden(monkeypatch, layers):
 def test_sigterm_cancels_run_many_at_once(tmp_path):
     # The evaluator gets SIGTERM while two workers run programs that would sleep for a minute and
     # four more wait in the queue: it must kill them, remove their folders and exit promptly.
-    tmpdir = tempfile.mkdtemp(prefix="sandbox-sigterm-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    os.chmod(tmpdir, 0o755)  # the program's uid must be able to reach its folder
-    repo = str(REPO)
-    code = (
-        f"import sys\nsys.path.insert(0, {repo!r})\nfrom compressor.eval import sandbox\n"
-        "sandbox.run_many(['import time\\ntime.sleep(60)'] * 6, workers=2, timeout=60, progress=False)\n"
-        "print('finished')\n"
-    )
+    body = "sandbox.run_many(['import time\\ntime.sleep(60)'] * 6, workers=2, timeout=60, progress=False)\n"
+    proc, tmpdir = start_child("sandbox-sigterm-", "sandbox", body, deadline=30)
     try:
-        proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TMPDIR": tmpdir},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while len(glob.glob(os.path.join(tmpdir, "compressor-sandbox-*"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.3)  # let the programs start
         proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
         stdout, stderr = proc.communicate(timeout=30)
         assert time.monotonic() - start < 3.0
         assert proc.returncode == 128 + signal.SIGTERM and "finished" not in stdout, stderr
         assert os.listdir(tmpdir) == []
-        assert _processes_with(tmpdir) == []
+        assert processes_with(tmpdir) == []
     finally:
         if proc.poll() is None:
             proc.kill()
