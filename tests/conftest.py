@@ -123,3 +123,24 @@ def processes_with(tag: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def interrupt_child(proc, tmpdir: str, signum: int, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Send `signum` to a start_child process; it must exit within 3 s leaving no sandbox folder
+    and no program running. Returns (returncode, stdout, stderr); the TMPDIR is removed."""
+    import os
+    import shutil
+    import time
+
+    try:
+        proc.send_signal(signum)
+        start = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=timeout)
+        assert time.monotonic() - start < 3.0
+        assert os.listdir(tmpdir) == [] and "finished" not in stdout, stderr
+        assert processes_with(tmpdir) == []
+        return proc.returncode, stdout, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(tmpdir, ignore_errors=True)

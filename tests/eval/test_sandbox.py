@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from conftest import REPO, processes_with, start_child
+from conftest import REPO, interrupt_child, processes_with, start_child
 
 from compressor.eval import sandbox
 from compressor.eval.sandbox import Outcome, run_many, run_program
@@ -467,18 +467,8 @@ def test_sigterm_cancels_run_many_at_once(tmp_path):
     # four more wait in the queue: it must kill them, remove their folders and exit promptly.
     body = "sandbox.run_many(['import time\\ntime.sleep(60)'] * 6, workers=2, timeout=60, progress=False)\n"
     proc, tmpdir = start_child("sandbox-sigterm-", "sandbox", body, deadline=30)
-    try:
-        proc.send_signal(signal.SIGTERM)
-        start = time.monotonic()
-        stdout, stderr = proc.communicate(timeout=30)
-        assert time.monotonic() - start < 3.0
-        assert proc.returncode == 128 + signal.SIGTERM and "finished" not in stdout, stderr
-        assert os.listdir(tmpdir) == []
-        assert processes_with(tmpdir) == []
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    code, _, stderr = interrupt_child(proc, tmpdir, signal.SIGTERM, timeout=30)
+    assert code == 128 + signal.SIGTERM, stderr
 
 
 # --- graceful degradation -------------------------------------------------------------------
