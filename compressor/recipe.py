@@ -17,7 +17,7 @@ import yaml
 from compressor import methods
 from compressor.datasets import shipped_dir
 from compressor.errors import CompressorError, check_choice, check_int
-from compressor.methods.base import check_stages
+from compressor.methods import check_stages
 
 RECIPES_DIR = shipped_dir("recipes")
 # What users compress for; `compressor recipes` marks the shipped recipe recommended for each.

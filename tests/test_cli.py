@@ -150,6 +150,16 @@ def test_bad_arguments_fail_before_the_model_loads(model_dir, tmp_path):
     assert "unknown recipe 'nope'" in proc.stderr
 
 
+def test_listing_recipes_imports_no_torch():
+    """`compressor recipes` reads the YAML only: it answers before torch would have loaded."""
+    code = (
+        "import sys\nfrom compressor.cli import main\nsys.argv = ['compressor', 'recipes']\ncode = 0\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nprint(code, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split()[-2:] == ["0", "False"], proc.stderr
+
+
 def test_summary_shows_size_dtype_changes_and_what_was_done(model_dir, tmp_path):
     out = tmp_path / "out"
     proc = run("compress", model_dir, "-r", "structured", "-o", out, "--device", "cpu", "--samples", "4", "--seq-len", "32",

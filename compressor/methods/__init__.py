@@ -15,6 +15,10 @@ from compressor.errors import CompressorError
 if TYPE_CHECKING:  # the methods themselves (and torch) load on first lookup, not on import
     from compressor.methods.base import Method
 
+# What a stage does to a layer, in the order stages run: change its shapes (structured widths),
+# factorise linears, quantise them, compensate the error with adapters. One stage per kind.
+KINDS = ("structure", "rank", "quant", "adapter")
+
 REGISTRY: dict[str, type["Method"]] = {}
 _discovered = False
 
@@ -46,3 +50,24 @@ def get(name: str) -> type["Method"]:
 def names() -> list[str]:
     _discover()
     return sorted(REGISTRY)
+
+
+def check_stages(stages: list["Method"], calibration, source: str) -> None:
+    """The recipe-wide rules: one stage per kind, in KINDS order; then each stage's own `bind`."""
+    seen: dict[str, Method] = {}
+    for stage in stages:
+        if stage.kind in seen:
+            raise CompressorError(f"{source}: only one {stage.kind} stage per recipe, got '{seen[stage.kind].name}' and '{stage.name}'")
+        later = [k for k in seen if KINDS.index(k) > KINDS.index(stage.kind)]
+        if later:
+            raise CompressorError(f"{source}: stage '{stage.name}' must come before '{seen[later[0]].name}' (order: rank reduction, quantisation, adapters)")
+        seen[stage.kind] = stage
+    for stage in stages:
+        try:
+            stage.bind(stages, calibration)
+        except CompressorError as exc:
+            raise CompressorError(f"{source}: {exc}") from None
+
+
+def of_kind(stages: list["Method"], kind: str) -> "Method | None":
+    return next((s for s in stages if s.kind == kind), None)

@@ -12,7 +12,7 @@ other stages. The driver (compressor/calibration/driver.py) then calls, knowing 
     export(model, specs)   entries the export writes (see compressor/export/checkpoint.py: save)
 
 and reads `needs_gram`, `needs_dense_stream()`, `needs_reference()` and `sets_reference` to know
-what to collect. Stages run in the order of KINDS inside every layer.
+what to collect. Stages run in the order of methods.KINDS inside every layer.
 """
 
 from __future__ import annotations
@@ -30,10 +30,6 @@ from compressor import ranks as rank_policies
 from compressor.errors import CompressorError, check_choice, check_int, check_patterns
 from compressor.linalg import check_finite
 from compressor.modules import build_module
-
-# What a stage does to a layer, in the order stages run: change its shapes (structured widths),
-# factorise linears, quantise them, compensate the error with adapters. One stage per kind.
-KINDS = ("structure", "rank", "quant", "adapter")
 
 
 class Method:
@@ -98,27 +94,6 @@ class Method:
         """Entries for the export: "quantization_config" (a GPTQ v1 config to declare) and
         "adapter_required" (the base is no model without its adapters)."""
         return {}
-
-
-def check_stages(stages: list[Method], calibration, source: str) -> None:
-    """The recipe-wide rules: one stage per kind, in KINDS order; then each stage's own `bind`."""
-    seen: dict[str, Method] = {}
-    for stage in stages:
-        if stage.kind in seen:
-            raise CompressorError(f"{source}: only one {stage.kind} stage per recipe, got '{seen[stage.kind].name}' and '{stage.name}'")
-        later = [k for k in seen if KINDS.index(k) > KINDS.index(stage.kind)]
-        if later:
-            raise CompressorError(f"{source}: stage '{stage.name}' must come before '{seen[later[0]].name}' (order: rank reduction, quantisation, adapters)")
-        seen[stage.kind] = stage
-    for stage in stages:
-        try:
-            stage.bind(stages, calibration)
-        except CompressorError as exc:
-            raise CompressorError(f"{source}: {exc}") from None
-
-
-def of_kind(stages: list[Method], kind: str) -> Method | None:
-    return next((s for s in stages if s.kind == kind), None)
 
 
 def target_shapes(model, method: Method) -> dict[str, tuple[int, int]]:

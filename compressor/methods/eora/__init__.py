@@ -71,8 +71,8 @@ from torch import nn
 from compressor import models, modules, ranks
 from compressor.errors import CompressorError, check_choice, check_float, check_int, check_patterns
 from compressor.export.peft import ADAPTER_DIR
-from compressor.methods import register
-from compressor.methods.base import Method, of_kind
+from compressor.methods import of_kind, register
+from compressor.methods.base import Method
 from compressor.methods.eora import fit as eora
 from compressor.methods.eora.sensitivity import output_roots, output_sensitivity, row_weights
 from compressor.methods.gptq import Gptq, GptqConfig
