@@ -21,7 +21,7 @@ from compressor import models
 from compressor.errors import CompressorError, check_float, check_int
 from compressor.methods import register
 from compressor.methods.base import Method
-from compressor.methods.structured import dense_spec, mlp_layout, select_rows, uniform_width
+from compressor.methods.structured import mlp_layout, narrow_mlp, standard_width, uniform_width
 
 
 @dataclass
@@ -71,28 +71,14 @@ class Magnitude(Method):
         mlp = mlp_layout(work.run.model)
         if self.width >= self.intermediate:
             return
-        down = work.module(mlp.output)
+        down = models.weight_of(work.module(mlp.output)).detach()
         inputs = [models.weight_of(work.module(n)).detach() for n in mlp.inputs]
-        kept = channel_scores(inputs, models.weight_of(down).detach()).topk(self.width).indices.sort().values
-        for name in mlp.inputs:
-            module = work.module(name)
-            new = select_rows(module, kept.to(models.weight_of(module).device))
-            work.replace(name, new, dense_spec(new))
-        W = models.weight_of(down).detach()
-        new = models.new_linear_like(down, W[:, kept.to(W.device)], None if down.bias is None else down.bias.detach())
-        work.replace(mlp.output, new, dense_spec(new))
-        if work.grams is not None:  # a later stage (GPTQ) sees down's input Gram over the kept channels only
-            group = models.arch_for(work.run.model).linears[mlp.output]
-            C = work.grams[group]
-            work.grams = {**work.grams, group: C[kept.to(C.device)][:, kept.to(C.device)]}
+        kept = channel_scores(inputs, down).topk(self.width).indices.sort().values
+        specs, work.grams = narrow_mlp(work.run.model, work.index, work.layer, work.grams, kept, down[:, kept.to(down.device)])
+        work.run.specs.update(specs)
 
     def finish(self, run) -> None:
-        # One width everywhere: the model is its own class with a smaller config, no specs needed.
-        if self.width >= self.intermediate:
-            return
-        setattr(run.model.config, mlp_layout(run.model).config_key, self.width)
-        for name in [n for n, s in run.specs.items() if s.get("type") == "dense"]:
-            del run.specs[name]
+        standard_width(run, self.width)
 
-    def report(self, model) -> dict:
+    def report(self, model, specs: dict) -> dict:
         return {"magnitude": {"intermediate_size_before": self.intermediate, "width": self.width, "standard_architecture": True}}

@@ -302,7 +302,6 @@ class Structured(Method):
         W = models.weight_of(down).detach()
         k = self.widths[index]
         width = W.shape[1]
-        prefix = models.layer_prefix(model, index)
         self.done[index] = k
         if k >= width:
             self.error[index] = 0.0
@@ -310,36 +309,21 @@ class Structured(Method):
         kept = keep_set(self._order(C, W.to(C.device), k), k)
         full = W.to(C.device).double()
         new_down = refit_down(C, full, kept, self.config.damp)
-        Ck = C[kept][:, kept]
         # Output error of the refit on the calibration data, ||Z W^T - Z_S W'^T||^2 / ||Z W^T||^2.
         Cd = C.double()
         total = (full @ Cd @ full.T).trace()
         diff = total - 2 * (new_down @ Cd[kept] @ full.T).trace() + (new_down @ Cd[kept][:, kept] @ new_down.T).trace()
         self.error[index] = float(diff / total.clamp_min(1e-30))
-        specs = {}
-        for name in mlp.inputs:
-            module = layer.get_submodule(name)
-            models.replace_linear(layer, name, select_rows(module, kept.to(module.weight.device)))
-            specs[f"{prefix}.{name}"] = dense_spec(layer.get_submodule(name))
-        bias = None if down.bias is None else down.bias.detach()
-        models.replace_linear(layer, mlp.output, models.new_linear_like(down, new_down.to(W.dtype).to(W.device), bias))
-        specs[f"{prefix}.{mlp.output}"] = dense_spec(layer.get_submodule(mlp.output))
-        grams = dict(grams)
-        grams[group] = Ck
-        return specs, grams
+        return narrow_mlp(model, index, layer, grams, kept, new_down.to(W.dtype))
 
     def finish(self, run) -> None:
         """With one width everywhere the model is its own class with a smaller config: the dense
         specs go and `intermediate_size` says k. Otherwise the specs carry the per-layer shapes."""
-        specs = run.specs
         widths = set(self.done.values())
         if len(widths) == 1:
-            (k,) = widths
-            setattr(run.model.config, mlp_layout(run.model).config_key, k)
-            for name in [n for n, s in specs.items() if s.get("type") == "dense"]:
-                del specs[name]
+            standard_width(run, widths.pop())
 
-    def report(self, model) -> dict:
+    def report(self, model, specs: dict) -> dict:
         uniform = len(set(self.done.values())) == 1
         return {
             "structured": {
@@ -353,6 +337,39 @@ class Structured(Method):
                 "relative_output_error": {str(i): round(e, 5) for i, e in sorted(self.error.items())},
             }
         }
+
+
+def narrow_mlp(model, index: int, layer: nn.Module, grams: dict | None, kept: torch.Tensor, down_weight: torch.Tensor) -> tuple[dict, dict | None]:
+    """Keep the intermediate channels `kept` of one layer's MLP: the input linears lose their other
+    rows and the output linear becomes `down_weight` (out x len(kept)). Returns the changed linears'
+    dense specs and the Grams as the narrower layer sees them (down's input Gram over the kept
+    channels), so later stages of the layer (GPTQ) use the right statistics."""
+    mlp = mlp_layout(model)
+    prefix = models.layer_prefix(model, index)
+    specs = {}
+    for name in mlp.inputs:
+        module = layer.get_submodule(name)
+        models.replace_linear(layer, name, select_rows(module, kept.to(models.weight_of(module).device)))
+        specs[f"{prefix}.{name}"] = dense_spec(layer.get_submodule(name))
+    down = layer.get_submodule(mlp.output)
+    W = models.weight_of(down)
+    bias = None if down.bias is None else down.bias.detach()
+    models.replace_linear(layer, mlp.output, models.new_linear_like(down, down_weight.to(dtype=W.dtype, device=W.device), bias))
+    specs[f"{prefix}.{mlp.output}"] = dense_spec(layer.get_submodule(mlp.output))
+    if grams is not None:
+        group = models.arch_for(model).linears[mlp.output]
+        C = grams[group]
+        on = kept.to(C.device)
+        grams = {**grams, group: C[on][:, on]}
+    return specs, grams
+
+
+def standard_width(run, k: int) -> None:
+    """Every layer's MLP has width k: the model is its own class with `intermediate_size` k, so the
+    dense specs go (the export then writes a standard checkpoint)."""
+    setattr(run.model.config, mlp_layout(run.model).config_key, k)
+    for name in [n for n, s in run.specs.items() if s.get("type") == "dense"]:
+        del run.specs[name]
 
 
 def dense_spec(module: nn.Module) -> dict:
