@@ -167,7 +167,7 @@ def compress(
         evaluation["after"] = _evaluate(model, tokenizer, eval_tasks, eval_seq_len, eval_limit, dev)
     stage_reports, extra = {}, {}
     for stage in recipe.stages:
-        stage_reports.update(stage.report(model))
+        stage_reports.update(stage.report(model, specs))
         extra.update(stage.export(model, specs))
     report = {
         "method": "+".join(s.name for s in recipe.stages),

@@ -52,8 +52,6 @@ class Run:
     windows: torch.Tensor | None  # calibration token windows (None: data-free)
     batch_size: int
     gram_dtype: torch.dtype
-    stages: list
-    true_sequential: bool = False
     layers: MemoryLayers | None = None  # where the layers come from (None: the model in memory)
     specs: dict[str, dict] = field(default_factory=dict)  # full linear name -> compressed module spec (for export)
     plan: dict[str, dict] = field(default_factory=dict)  # full linear name -> the spec a stage plans for it (in prepare)
@@ -114,7 +112,7 @@ def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Ten
         specs: dict | None = None) -> Run:
     """Run `stages` (built and cross-checked by the recipe loader) on `model`, in place.
     layers: the layer source (see walk); specs: those of layers a resumed run finished before."""
-    state = Run(model, device, windows, batch_size, gram_dtype, list(stages), true_sequential, layers)
+    state = Run(model, device, windows, batch_size, gram_dtype, layers)
     if specs is not None:
         state.specs = specs
     for stage in stages:

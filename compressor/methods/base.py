@@ -8,7 +8,7 @@ other stages. The driver (compressor/calibration/driver.py) then calls, knowing 
     apply(work)     per decoder layer (per input group with true_sequential): change the layer's
                     linears through work.replace, recording each new module's spec
     finish(run)     once after the walk (decisions that need every layer)
-    report(model)   entries for compression_report.json
+    report(model, specs)   entries for compression_report.json
     export(model, specs)   entries the export writes (see compressor/export/checkpoint.py: save)
 
 and reads `needs_gram`, `needs_dense_stream()`, `needs_reference()` and `sets_reference` to know
@@ -86,8 +86,9 @@ class Method:
     def finish(self, run) -> None:
         """After the walk."""
 
-    def report(self, model) -> dict:
-        """Entries this stage adds to compression_report.json (after the run)."""
+    def report(self, model, specs: dict) -> dict:
+        """Entries this stage adds to compression_report.json (after the run; specs: every
+        compressed linear's spec)."""
         return {}
 
     def export(self, model, specs: dict) -> dict:

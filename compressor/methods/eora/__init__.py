@@ -233,7 +233,7 @@ class Eora(Method):
         self.deferred = []
         self.removed = {n: eora.removed_share(e, final[n]) for n, (e, _, _) in self.fitted.items()}
 
-    def report(self, model) -> dict:
+    def report(self, model, specs: dict) -> dict:
         if not (self.ranks or self.merged):
             return {}
         adapted = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}

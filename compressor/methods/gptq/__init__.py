@@ -55,10 +55,6 @@ class Gptq(Method):
     kind = "quant"
     needs_gram = True
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._specs: dict = {}
-
     def _solve(self, W: torch.Tensor, H: torch.Tensor | None) -> QuantResult:
         return gptq_quantize(W, H, self.config)
 
@@ -129,7 +125,7 @@ class Gptq(Method):
         spec.update(rank=rank, quant={"bits": self.config.bits, "group_size": self.config.group_size})
         return module, spec
 
-    def report(self, model) -> dict:
+    def report(self, model, specs: dict) -> dict:
         c = self.config
         linears = [m for _, _, m in models.iter_linears_any(model)]
         bases = [m.base if isinstance(m, modules.LoraAdapted) else m for m in linears]
@@ -145,12 +141,9 @@ class Gptq(Method):
                 "damp": c.damp,
                 # Per quantised weight, as GPTQ papers count it (codes + fp16 scale and zero per group).
                 "effective_bits": None if not qlayers else sum(b * n for b, n in zip(bits, sizes)) / sum(sizes),
-                "gptq_checkpoint": all(gptq_v1.gptq_only(spec) for spec in self._specs.values()),
+                "gptq_checkpoint": all(gptq_v1.gptq_only(spec) for spec in specs.values()),
             }
         }
-
-    def finish(self, run) -> None:
-        self._specs = run.specs
 
     def export(self, model, specs: dict) -> dict:
         """A GPTQ v1 quantization_config when this stage is the only compression. Low-rank models
