@@ -9,10 +9,14 @@ The compressed modules subclass nn.Linear (without its dense weight) because the
 nn.Linear: this is what lets a stock `PeftModel.from_pretrained` put EoRA adapters on them.
 """
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+BITS = (2, 3, 4, 8)  # the code widths GPTQ v1 packing holds (pack_chunk)
 
 
 class LowRankLinear(nn.Linear):
@@ -40,6 +44,21 @@ class LowRankLinear(nn.Linear):
     def forward(self, x):
         return self.up(self.down(x))
 
+    # The compressed-linear interface (LowRankLinear, QuantLinear, LoraAdapted; plain nn.Linear
+    # through the module functions below): what export, accounting and adapter fits ask of a layer.
+    def effective_weight(self):
+        """The (out, in) float32 matrix this layer applies."""
+        return effective_weight(self.up) @ effective_weight(self.down)
+
+    def stored_bits(self):
+        """Bits this layer occupies in a checkpoint (its factors, quantised or not)."""
+        own = sum(_bits(t) for t in [*self.parameters(recurse=False), *self.buffers(recurse=False)])
+        return stored_bits(self.up) + stored_bits(self.down) + own
+
+    def stored_values(self):
+        """Values it stores, a quantised factor counted as its logical size."""
+        return stored_values(self.up) + stored_values(self.down) + sum(p.numel() for p in self.parameters(recurse=False))
+
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
@@ -60,10 +79,15 @@ class LowRankSparseLinear(LowRankLinear):
         sparse = nn.functional.linear(x.index_select(-1, self.sparse_cols), self.sparse_values)
         return self.up(self.down(x)) + sparse
 
+    def effective_weight(self):
+        W = super().effective_weight()
+        W[:, self.sparse_cols] += self.sparse_values.detach().float()
+        return W
+
 
 # ----------------------------------------------------------------------------- GPTQ v1 runtime
-# The packing maths and its layout notes live in compressor/quant.py; what a loader needs to read a
-# checkpoint back is here, so exported checkpoints carry it.
+# The packing maths and its layout notes live in compressor/methods/gptq/format.py; what a loader needs
+# to read a checkpoint back is here, so exported checkpoints carry it.
 
 def pack_chunk(bits):
     """(codes, words): the smallest whole number of int32 words that codes of `bits` fill exactly."""
@@ -105,7 +129,7 @@ class QuantLinear(nn.Linear):
     def __init__(self, in_features, out_features, bits, group_size=128, bias=False, dtype=torch.float16, device=None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no float weight
         per, _ = pack_chunk(bits)
-        if bits not in (2, 3, 4, 8) or in_features % per or out_features % per:
+        if bits not in BITS or in_features % per or out_features % per:
             raise ValueError(f"{bits}-bit GPTQ packing needs 2/3/4/8 bits and in/out features divisible by {per}, got {in_features} x {out_features}")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.register_parameter("weight", None)  # see LowRankLinear
@@ -138,6 +162,15 @@ class QuantLinear(nn.Linear):
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def effective_weight(self):
+        return self.dequantized_weight()
+
+    def stored_bits(self):
+        return sum(_bits(t) for t in self.buffers())
+
+    def stored_values(self):
+        return self.in_features * self.out_features + (0 if self.bias is None else self.bias.numel())
 
     def forward(self, x):
         w = self._cache
@@ -190,6 +223,151 @@ class LoraAdapted(nn.Module):
     def forward(self, x):
         return self.base(x) + self.lora_B(self.lora_A(x))
 
+    def effective_weight(self):
+        return effective_weight(self.base) + effective_weight(self.lora_B) @ effective_weight(self.lora_A)
+
+    def stored_bits(self):
+        """The base's bits, plus quantised adapters' (kept in the checkpoint); float adapters go to
+        the PEFT folder and are not counted."""
+        kept = isinstance(self.lora_A, QuantLinear)
+        return stored_bits(self.base) + (stored_bits(self.lora_A) + stored_bits(self.lora_B) if kept else 0)
+
+    def stored_values(self):
+        return stored_values(self.base)  # adapters are counted apart (report["adapters"])
+
+
+def _bits(t) -> int:
+    return t.numel() * t.element_size() * 8
+
+
+def effective_weight(module) -> torch.Tensor:
+    """The (out, in) float32 matrix any decoder linear applies (compressed or plain)."""
+    if hasattr(module, "effective_weight"):
+        return module.effective_weight()
+    weight = module.weight.detach()
+    return (weight.T if type(module).__name__ == "Conv1D" else weight).float()  # GPT-2's Conv1D stores (in, out)
+
+
+def stored_bits(module) -> int:
+    if hasattr(module, "stored_bits"):
+        return module.stored_bits()
+    return sum(_bits(t) for t in [*module.parameters(), *module.buffers()])
+
+
+def stored_values(module) -> int:
+    if hasattr(module, "stored_values"):
+        return module.stored_values()
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- module specs
+
+SPEC_TYPES = ("dense", "quant", "lowrank", "lowrank_sparse")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What one decoder linear became, as config.compression["modules"] records it (to_json) and
+    a loader rebuilds it (from_json, then build_module). Every consumer (export, accounting,
+    adapters, this loader) reads these fields rather than re-deriving them from module types.
+
+    type: "dense" (a plain linear of another shape, e.g. per-layer MLP widths), "quant" (GPTQ v1
+    buffers), "lowrank" (up @ down), "lowrank_sparse" (low-rank plus `cols` whole input columns).
+    quant: {"bits", "group_size"} when both factors of a low-rank module are quantised.
+    adapter: {"rank", "bits", "group_size"} for a quantised adapter kept in the checkpoint."""
+
+    type: str
+    out: int
+    inp: int
+    bias: bool
+    rank: int | None = None
+    cols: int | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    quant: dict | None = None
+    adapter: dict | None = None
+
+    @property
+    def factorised(self) -> bool:
+        return self.type in ("lowrank", "lowrank_sparse")
+
+    def replace(self, **changes) -> "ModuleSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        found = {"type": self.type, "out": self.out, "in": self.inp, "bias": self.bias}
+        for key in ("rank", "cols", "bits", "group_size", "quant", "adapter"):
+            if getattr(self, key) is not None:
+                found[key] = dict(getattr(self, key)) if isinstance(getattr(self, key), dict) else getattr(self, key)
+        return found
+
+    @classmethod
+    def from_json(cls, name: str, data) -> "ModuleSpec":
+        """A spec read from a config, every field checked (ValueError naming the module and the
+        field): an edited or damaged config must not build a model of the wrong shape."""
+        def bad(why):
+            return ValueError(f"compression.modules[{name!r}]: {why}")
+
+        if not isinstance(data, dict):
+            raise bad(f"must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - {"type", "out", "in", "bias", "rank", "cols", "bits", "group_size", "quant", "adapter"}
+        if unknown:
+            raise bad(f"unknown field {sorted(unknown)[0]!r}")
+        kind = data.get("type")
+        if kind not in SPEC_TYPES:
+            raise bad(f"type must be one of {', '.join(SPEC_TYPES)}, got {kind!r}")
+
+        def count(key, low=1, required=True):
+            v = data.get(key)
+            if v is None and not required:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise bad(f"{key} must be an integer >= {low}, got {v!r}")
+            return v
+
+        def grid(key, value, need_rank=False):
+            if not isinstance(value, dict):
+                raise bad(f"{key} must be a mapping, got {type(value).__name__}")
+            if value.get("bits") not in BITS or isinstance(value.get("bits"), bool):
+                raise bad(f"{key}.bits must be one of {BITS}, got {value.get('bits')!r}")
+            g = value.get("group_size")
+            if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g >= 1):
+                raise bad(f"{key}.group_size must be -1 or a positive integer, got {g!r}")
+            if need_rank and (isinstance(value.get("rank"), bool) or not isinstance(value.get("rank"), int) or value["rank"] < 1):
+                raise bad(f"{key}.rank must be an integer >= 1, got {value.get('rank')!r}")
+            return dict(value)
+
+        if not isinstance(data.get("bias"), bool):
+            raise bad(f"bias must be true or false, got {data.get('bias')!r}")
+        extra = set(data) - {"type", "out", "in", "bias", "adapter"} - _FIELDS[kind]
+        if extra:
+            raise bad(f"a {kind} module has no {sorted(extra)[0]!r}")
+        factorised = kind in ("lowrank", "lowrank_sparse")
+        bits = group = None
+        if kind == "quant":
+            q = grid("quant", {"bits": data.get("bits"), "group_size": data.get("group_size")})
+            bits, group = q["bits"], q["group_size"]
+        return cls(kind, count("out"), count("in"), data["bias"],
+                   rank=count("rank") if factorised else None,
+                   cols=count("cols", 0) if kind == "lowrank_sparse" else None,
+                   bits=bits, group_size=group,
+                   quant=grid("quant", data["quant"]) if data.get("quant") is not None else None,
+                   adapter=grid("adapter", data["adapter"], need_rank=True) if data.get("adapter") is not None else None)
+
+
+_FIELDS = {"dense": set(), "quant": {"bits", "group_size"}, "lowrank": {"rank", "quant"}, "lowrank_sparse": {"rank", "cols", "quant"}}
+
+
+def specs_from_json(found) -> dict:
+    """config.compression["modules"] as ModuleSpecs (ValueError on anything malformed)."""
+    if not isinstance(found, dict):
+        raise ValueError(f"compression.modules must be a mapping of module names to specs, got {type(found).__name__}")
+    return {name: found[name] if isinstance(found[name], ModuleSpec) else ModuleSpec.from_json(name, found[name]) for name in found}
+
+
+def specs_to_json(specs: dict) -> dict:
+    return {name: spec.to_json() for name, spec in sorted(specs.items())}
+
 
 # ----------------------------------------------------------------------------- building a model
 
@@ -198,39 +376,39 @@ def _quant_factor(in_features, out_features, quant, bias, like):
 
 
 def _build_base(spec, weight):
-    kwargs = dict(bias=spec["bias"], device=weight.device, dtype=weight.dtype)
-    if spec["type"] == "dense":  # a plain linear of another shape (structured per-layer widths)
-        return nn.Linear(spec["in"], spec["out"], **kwargs)
-    if spec["type"] == "quant":
-        return QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], **kwargs)
-    if spec["type"] == "lowrank":
-        module = LowRankLinear(spec["in"], spec["out"], spec["rank"], **kwargs)
-    elif spec["type"] == "lowrank_sparse":
-        module = LowRankSparseLinear(spec["in"], spec["out"], spec["rank"], spec["cols"], **kwargs)
+    kwargs = dict(bias=spec.bias, device=weight.device, dtype=weight.dtype)
+    if spec.type == "dense":  # a plain linear of another shape (structured per-layer widths)
+        return nn.Linear(spec.inp, spec.out, **kwargs)
+    if spec.type == "quant":
+        return QuantLinear(spec.inp, spec.out, spec.bits, spec.group_size, **kwargs)
+    if spec.type == "lowrank":
+        module = LowRankLinear(spec.inp, spec.out, spec.rank, **kwargs)
     else:
-        raise ValueError(f"unknown compressed module type {spec['type']!r}")
-    if spec.get("quant"):
-        module.down = _quant_factor(spec["in"], spec["rank"], spec["quant"], False, weight)
-        module.up = _quant_factor(spec["rank"], spec["out"], spec["quant"], spec["bias"], weight)
+        module = LowRankSparseLinear(spec.inp, spec.out, spec.rank, spec.cols, **kwargs)
+    if spec.quant:
+        module.down = _quant_factor(spec.inp, spec.rank, spec.quant, False, weight)
+        module.up = _quant_factor(spec.rank, spec.out, spec.quant, spec.bias, weight)
     return module
 
 
 def build_module(spec, like):
-    """A compressed module for `spec` (from config.compression["modules"]), placed like `like`;
-    with a quantised adapter in the checkpoint when the spec has one."""
+    """A compressed module for `spec` (a ModuleSpec, or its JSON from config.compression["modules"]),
+    placed like `like`; with a quantised adapter in the checkpoint when the spec has one."""
+    if not isinstance(spec, ModuleSpec):
+        spec = ModuleSpec.from_json("?", spec)
     weight = like.weight if getattr(like, "weight", None) is not None else next(like.parameters())
     module = _build_base(spec, weight)
-    adapter = spec.get("adapter")
+    adapter = spec.adapter
     if adapter is None:
         return module
-    lora_A = _quant_factor(spec["in"], adapter["rank"], adapter, False, weight)
-    lora_B = _quant_factor(adapter["rank"], spec["out"], adapter, False, weight)
+    lora_A = _quant_factor(spec.inp, adapter["rank"], adapter, False, weight)
+    lora_B = _quant_factor(adapter["rank"], spec.out, adapter, False, weight)
     return LoraAdapted(module, lora_A, lora_B)
 
 
 def swap_modules(model, module_specs):
     """Replace each named linear by the compressed module its spec describes."""
-    for name, spec in module_specs.items():
+    for name, spec in specs_from_json(module_specs).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, build_module(spec, getattr(parent, child)))

@@ -6,6 +6,7 @@ errors that name the key and the file. Shipped recipes (recipes/*.yaml) are usab
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -69,6 +70,21 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return any(m.needs_gram for m in self.stages)
+
+    def build(self) -> list:
+        """Fresh stages for one run, from copies of this recipe's configs and bound to each other
+        (the stages in `self.stages` only describe the recipe: running one Recipe twice, or two
+        recipes sharing a config, can never carry one run's state into another)."""
+        stages = [type(stage)(copy.deepcopy(stage.config)) for stage in self.stages]
+        check_stages(stages, self.calibration, self.source)
+        return stages
+
+    def check_streamable(self) -> None:
+        """Refuse, before any work, a recipe with a stage that needs the whole model in memory."""
+        for stage in self.stages:
+            why = stage.stream_refusal()
+            if why:
+                raise CompressorError(f"{self.source}: {stage.name} cannot run with --stream: {why}")
 
     def to_dict(self) -> dict:
         return {

@@ -23,31 +23,8 @@ def _change(before: float | None, after: float | None) -> str:
 
 
 def actions(r: dict) -> list[str]:
-    """One line per thing the recipe did, from the report's entries."""
-    lines = []
-    structured = r.get("structured")
-    if structured:
-        widths = list(structured["widths"].values())
-        before = structured["intermediate_size_before"]
-        if structured["uniform"]:
-            lines.append(f"MLP width {before} -> {widths[0]} in all {len(widths)} layers (standard architecture: loads with plain from_pretrained)")
-        else:
-            lines.append(f"MLP width {before} -> {min(widths)}..{max(widths)} per layer (loads through the generated shim, trust_remote_code=True)")
-    ranks = [v for v in r.get("per_module", {}).values() if isinstance(v, int)]
-    if ranks:
-        lines.append(f"factorised {len(ranks)} of {len(r['per_module'])} decoder linears (ranks {min(ranks)}..{max(ranks)})")
-    q = r.get("quantization")
-    if q:
-        order = ", act-order" if q.get("act_order") else ""
-        bits = f", {q['effective_bits']:.2f} bits per weight with scales" if q.get("effective_bits") else ""
-        lines.append(f"quantised the decoder linears with {q['method']} to {q['bits']}-bit, group {q['group_size']}{order}{bits}")
-    a = r.get("adapters")
-    if a:
-        ranks = sorted(set(a["ranks"].values()))
-        where = "merged into the weights" if a.get("merged") else (f"PEFT LoRA folder {a['path']}/" if a.get("path") else "quantised, in the checkpoint")
-        removed = f", removing {a['error_removed_mean']:.0%} of their output error on calibration data" if a.get("error_removed_mean") is not None else ""
-        lines.append(f"{a['method']} adapters of rank {'/'.join(map(str, ranks))} on {len(a['ranks'])} linears ({a['params']:,} parameters, {where}){removed}")
-    return lines
+    """One line per thing the recipe did: each stage wrote its own lines into the report."""
+    return list(r.get("actions") or [])
 
 
 def rows(r: dict, tasks: list[str]) -> list[tuple[str, str, str, str]]:
@@ -78,11 +55,11 @@ def verdict(r: dict, tasks: list[str]) -> str | None:
     task, factor, before, after = worst
     if factor > COLLAPSE or after != after:
         return (f"verdict: quality collapsed ({task} {after:,.2f} against {before:.2f} dense, x{factor:,.1f}); "
-                "this model is not usable. Try a smaller --ratio, a data-aware recipe (gptq4-eora32 for size, structured for speed), "
+                "this model is not usable. Try a smaller --ratio, the recipe `compressor recipes` recommends for your goal, "
                 "or more calibration --samples")
     if factor <= CLOSE:
         return f"verdict: close to dense ({task} {_change(before, after)})"
-    return f"verdict: degraded ({task} {_change(before, after)}); a smaller --ratio or an adapter recipe (gptq4-eora32) keeps more"
+    return f"verdict: degraded ({task} {_change(before, after)}); a smaller --ratio, or the 'size' recipe of `compressor recipes`, keeps more"
 
 
 def render(r: dict, model: str, out, tasks: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ from compressor import models, modules, recipe
 from compressor.api import compress
 from compressor.calibration.windows import calibration_windows
 from compressor.errors import CompressorError
-from compressor.export import gptq_v1
+from compressor.methods.gptq import format as gptq_v1
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 CALIB = dict(samples=4, seq_len=32, device="cpu")

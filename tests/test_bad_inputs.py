@@ -26,7 +26,7 @@ import torch
 from conftest import byte_tokenizer, tiny_model
 from safetensors.torch import load_file, save_file
 
-from compressor import api, streaming
+from compressor import api
 from compressor.calibration import driver
 from compressor.calibration.windows import calibration_windows
 from compressor.cli import main
@@ -267,7 +267,7 @@ def _killed_stream(src: Path, out: Path) -> Path:
         raise Killed
 
     with pytest.raises(Killed):
-        streaming.compress_streaming(src, "svd", out, device="cpu", _after_layer=kill)
+        api.compress(src, "svd", out, device="cpu", stream=True, after_layer=kill)
     partial = out.with_name(f".{out.name}.partial")
     assert json.loads((partial / "progress.json").read_text())["done"] == 1
     return partial
@@ -387,13 +387,13 @@ _SLOW = textwrap.dedent(
             stall()
         PreTrainedModel.save_pretrained = slow
     else:  # stall after the first streamed layer is recorded
-        from compressor import streaming
-        write = streaming._write_json_atomic
+        from compressor.pipeline import sinks
+        write = sinks._write_json_atomic
         def slow(obj, path):
             write(obj, path)
             if obj.get("done") == 1:
                 stall()
-        streaming._write_json_atomic = slow
+        sinks._write_json_atomic = slow
     from compressor.cli import main
     sys.argv = ["compressor", *sys.argv[3:]]
     main()

@@ -35,7 +35,7 @@ log = logging.getLogger("compressor.driver")
 
 @dataclass
 class Result:
-    """What a compression returns (api.compress, streaming.compress_streaming)."""
+    """What a compression returns (api.compress)."""
 
     model: nn.Module | None
     tokenizer: object
@@ -298,14 +298,21 @@ def collect(model, layer: nn.Module, acts: Activations, index: int, gram_dtype, 
 
 class MemoryLayers:
     """Where the walk gets each decoder layer and puts it back: for a model in memory, the layer
-    moves to the compute device for its turn and back home after it. (compressor/streaming.py has
-    the other source: layers read from safetensors shards and written out as they are finished.)"""
+    moves to the compute device for its turn and back home after it. (compressor/pipeline/sources.py
+    has the other source: layers read from safetensors shards and handed to a sink as they finish.)"""
 
     finished = 0  # layers before this one are done already (a resumed run): replayed, never visited
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
         self.layers = models.decoder_layers(model)
         self.home = next(model.parameters()).device
+        self.dtype = dtype
+
+    def settle(self, index: int, layer: nn.Module) -> None:
+        """The stages are done with `layer`: round it to the dtype the export stores, so the layers
+        after it are calibrated on what will really be there (a no-op for float32)."""
+        if self.dtype != torch.float32:
+            layer.to(self.dtype).float()
 
     def load(self, index: int, device: torch.device) -> nn.Module:
         return self.layers[index].to(device)
@@ -393,6 +400,7 @@ def walk(
                     visit(i, layer, grams, only=names, **({} if dense is None else {"crosses": crosses}))
                 dense = following
                 del original
+            source.settle(i, layer)
             if acts is not None and i + 1 < count:
                 acts.hidden = run_layer(layer, acts, i)
             source.release(i, layer, visited=True)

@@ -10,16 +10,9 @@ from compressor import models, modules
 
 def stored_bits(module) -> float:
     """Bits a decoder linear occupies in the checkpoint (quantised codes with their scales, zeros,
-    g_idx); float adapters go to the PEFT folder, quantised ones count."""
-    if isinstance(module, modules.LoraAdapted):
-        kept = isinstance(module.lora_A, modules.QuantLinear)
-        return stored_bits(module.base) + (stored_bits(module.lora_A) + stored_bits(module.lora_B) if kept else 0)
-    if isinstance(module, modules.QuantLinear):
-        return sum(t.numel() * t.element_size() * 8 for t in module.buffers())
-    if isinstance(module, modules.LowRankLinear) or not list(module.children()):
-        own = sum(t.numel() * t.element_size() * 8 for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
-        return own + sum(stored_bits(c) for c in module.children())
-    return sum(t.numel() * t.element_size() * 8 for t in module.parameters())
+    g_idx); float adapters go to the PEFT folder, quantised ones count (modules.py: the
+    compressed-linear interface)."""
+    return modules.stored_bits(module)
 
 
 def bits_per_dense_weight(model) -> float:
@@ -32,11 +25,7 @@ def bits_per_dense_weight(model) -> float:
 
 def values(module) -> int:
     """Values a module stores, a quantised weight counted as its in x out codes; adapters excluded."""
-    if isinstance(module, modules.LoraAdapted):
-        return values(module.base)
-    if isinstance(module, modules.QuantLinear):
-        return module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
-    return sum(p.numel() for p in module.parameters(recurse=False)) + sum(values(c) for c in module.children())
+    return modules.stored_values(module)
 
 
 def linear_params(model) -> int:

@@ -7,9 +7,9 @@ original model class, so plain transformers loads the result with trust_remote_c
 `compressor.load` loads it without remote code, both from the same module definitions.
 
 Two standard formats ride along where they apply:
-- a model whose only compression is GPTQ is also a GPTQ v1 checkpoint (quantised layers hold
+- a model whose stages declare a `quantization_config` is also a checkpoint of that format (quantised layers hold
   qweight/qzeros/scales/g_idx; config.json `quantization_config` and quantize_config.json), which
-  GPTQ loaders (transformers + gptqmodel, vLLM) read without our code;
+  its loaders (transformers + gptqmodel, vLLM) read without our code;
 - compensation adapters are a PEFT LoRA folder, `adapter/`, with scale 1 (lora_alpha = r)
   (peft.py).
 What each method adds to config.json comes from its `export` (compressor/methods/base.py).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,48 +60,73 @@ def base_class(config) -> type:
         raise CompressorError(f"no causal-LM class for model_type '{config.model_type}' in this transformers version") from None
 
 
-def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, report: dict, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write the compressed model to `out` atomically; `record` goes into config.compression.
+@dataclass
+class Declaration:
+    """What an export declares besides the weights: set on model.config by `declare`."""
 
-    extra: what the recipe's methods add (Method.export): "quantization_config", a GPTQ v1 config
-    to declare for GPTQ-only models; "adapter_required", the base is no model without its adapter.
-    Adapters wrapped around compressed layers (modules.LoraAdapted) go to `out/adapter`.
+    standard: bool  # plain layers only: a standard checkpoint of the original class, no shim
+    quant: dict | None  # a quantization_config to declare (what a quantisation stage's `export` gave)
+    peft_adapters: dict  # full name -> LoraAdapted whose float adapters go to out/adapter
+
+
+def declare(model, module_specs: dict, record: dict, extra: dict | None = None) -> Declaration:
+    """Set model.config.compression (and auto_map unless the result is a standard checkpoint).
+
+    extra: what the recipe's stages add (Method.export): "quantization_config", a quantisation format's config
+    to declare for quantised-only models; "adapter_required", the base is no model without its
+    adapter. Adapters wrapped around compressed layers (modules.LoraAdapted) go to `out/adapter`.
     """
     extra = extra or {}
     quant = extra.get("quantization_config")
-    check_finite_tensors(model)
-    base = base_class(model.config)
     peft_adapters = adapted(model, peft_only=True)
-    compression = {"format_version": FORMAT_VERSION, **record, "modules": module_specs}
+    compression = {"format_version": FORMAT_VERSION, **record, "modules": modules.specs_to_json(module_specs)}
     if peft_adapters:
         compression["adapter"] = {"path": ADAPTER_DIR, "format": "peft-lora", "ranks": {n: m.lora_A.out_features for n, m in peft_adapters.items()},
                                   "required": bool(extra.get("adapter_required"))}
-    elif any("adapter" in spec for spec in module_specs.values()):
+    elif any(spec.adapter is not None for spec in module_specs.values()):
         compression["adapter"] = {"path": None, "format": "quantized-in-checkpoint",
-                                  "ranks": {n: spec["adapter"]["rank"] for n, spec in module_specs.items() if "adapter" in spec}}
+                                  "ranks": {n: spec.adapter["rank"] for n, spec in module_specs.items() if spec.adapter is not None}}
     model.config.compression = compression
-    # Nothing but plain layers (e.g. structured widths, the same in every layer): a standard
+    # Nothing but plain layers (e.g. narrower MLPs, the same width in every layer): a standard
     # checkpoint of the original class, loaded with no remote code.
     standard = not module_specs and not peft_adapters and quant is None
     if not standard:
         model.config.auto_map = {"AutoModelForCausalLM": f"{SHIM_NAME}.CompressedForCausalLM"}
-    with atomic_dir(out, overwrite) as tmp, without_adapters(model, peft_adapters):
+    return Declaration(standard, quant, peft_adapters)
+
+
+def write_declared(folder: Path, model, declared: Declaration, tokenizer, report: dict, write_weights) -> None:
+    """Everything of an export into `folder`: `write_weights(folder)` writes the weights and
+    config.json (save_pretrained, or the streamed shards and their index), with the quantisation
+    config declared and float adapters unwrapped; then the quantisation config, the adapter folder, the
+    tokenizer, the shim and the report."""
+    quant = declared.quant
+    with without_adapters(model, declared.peft_adapters):
         if quant is not None:
             model.config.quantization_config = quant
         try:
-            model.save_pretrained(tmp)
+            write_weights(folder)
         finally:
             if quant is not None:
                 del model.config.quantization_config
-        if quant is not None:
-            (tmp / "quantize_config.json").write_text(json.dumps(quant, indent=2) + "\n")
-        if peft_adapters:
-            save_adapter(peft_adapters, tmp / ADAPTER_DIR)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if not standard:
-            (tmp / f"{SHIM_NAME}.py").write_text(shim_source(base.__name__))
-        (tmp / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if quant is not None:
+        (folder / "quantize_config.json").write_text(json.dumps(quant, indent=2) + "\n")
+    if declared.peft_adapters:
+        save_adapter(declared.peft_adapters, folder / ADAPTER_DIR)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if not declared.standard:
+        (folder / f"{SHIM_NAME}.py").write_text(shim_source(base_class(model.config).__name__))
+    (folder / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, report: dict, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write the compressed model (in memory) to `out` atomically; `record` goes into config.compression."""
+    check_finite_tensors(model)
+    base_class(model.config)
+    declared = declare(model, module_specs, record, extra)
+    with atomic_dir(out, overwrite) as tmp:
+        write_declared(tmp, model, declared, tokenizer, report, model.save_pretrained)
     return Path(out)
 
 
@@ -117,14 +143,18 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if getattr(config, "compression", None) is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    # Our modules read GPTQ tensors themselves; transformers' GPTQ path would demand gptqmodel.
+    # Our modules read quantised tensors themselves; transformers' quantizer would demand gptqmodel.
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
+    try:
+        modules.specs_from_json(config.compression.get("modules") if isinstance(config.compression, dict) else None)
+    except ValueError as e:
+        raise CompressorError(f"{path}/config.json: {e}; the compression section was edited or damaged, so re-export the model") from None
     cls = modules.compressed_class(base_class(config))
     model = cls.from_pretrained(path, config=config, dtype=dtype)
     found = config.compression.get("adapter") or {}
     if adapter and found.get("path"):
         attach_adapter(model, path / found["path"])
     elif found.get("required"):
-        warnings.warn(f"{path}: the base was quantised to go with its adapter (eora refine) and gives nonsense alone; load with adapter=True", stacklevel=2)
+        warnings.warn(f"{path}: the base was fitted together with its adapter and gives nonsense alone; load with adapter=True", stacklevel=2)
     return model.to(device).eval()

@@ -29,7 +29,7 @@ from compressor import distributed, models
 from compressor import ranks as rank_policies
 from compressor.errors import CompressorError, check_choice, check_int, check_patterns
 from compressor.linalg import check_finite
-from compressor.modules import build_module
+from compressor.modules import ModuleSpec, build_module
 
 
 class Method:
@@ -95,6 +95,27 @@ class Method:
         """Entries for the export: "quantization_config" (a GPTQ v1 config to declare) and
         "adapter_required" (the base is no model without its adapters)."""
         return {}
+
+    def summary_lines(self, model, specs: dict, entry: dict) -> list[str]:
+        """What this stage did, in lines for the summary `compressor compress` prints (entry: what
+        its `report` returned)."""
+        return []
+
+    # --- streaming (compressor/pipeline): state kept per finished layer, for a resumed run
+
+    def layer_state(self, index: int) -> dict | None:
+        """What this stage keeps of decoder layer `index` once it is finished (for its report and
+        its `finish`), as JSON values plus an optional "tensors" dict; None: nothing. A streamed run
+        journals it with the layer, and a resumed one hands it back through load_layer_state."""
+        return None
+
+    def load_layer_state(self, index: int, state: dict, tensors: dict) -> None:
+        """Take back what layer_state gave for a layer an interrupted run finished."""
+
+    def stream_refusal(self) -> str | None:
+        """Why this stage, as configured, cannot run on a streamed model (one layer in memory at a
+        time), or None when it can."""
+        return None
 
 
 def target_shapes(model, method: Method) -> dict[str, tuple[int, int]]:
@@ -167,8 +188,8 @@ class RankMethod(Method):
     def needs_energies(self) -> bool:
         return self.config.rank is None and self.config.allocation != "uniform"
 
-    def module_spec(self, shape: tuple[int, int], rank: int, bias: bool) -> dict:
-        return {"type": "lowrank", "out": shape[0], "in": shape[1], "rank": rank, "bias": bias}
+    def module_spec(self, shape: tuple[int, int], rank: int, bias: bool) -> ModuleSpec:
+        return ModuleSpec("lowrank", shape[0], shape[1], bias, rank=rank)
 
     def _linears(self, model, layer: nn.Module, only: set[str] | None = None) -> dict[str, nn.Module]:
         return {n: m for n, m in models.layer_linears(model, layer, only).items() if self.targets(n)}
@@ -202,12 +223,19 @@ class RankMethod(Method):
     def apply(self, work) -> None:
         work.run.specs.update(self.compress_layer(work.run.model, work.index, work.layer, work.grams, work.only))
 
+    def summary_lines(self, model, specs: dict, entry: dict) -> list[str]:
+        ranks = [r for r in self.ranks.values() if r is not None]
+        if not ranks:
+            return []
+        total = sum(1 for _ in models.iter_linears_any(model))
+        return [f"factorised {len(ranks)} of {total} decoder linears with {self.name} (ranks {min(ranks)}..{max(ranks)})"]
+
     def compress_layer(self, model, index: int, layer: nn.Module, grams: dict | None, only: set[str] | None = None) -> dict:
         """Replace the targeted linears of one decoder layer (those named in `only`, if given) by
         their factorisation; returns their specs."""
         arch = models.arch_for(model)
         prefix = models.layer_prefix(model, index)
-        specs: dict[str, dict] = {}
+        specs: dict[str, ModuleSpec] = {}
         todo = {n: m for n, m in self._linears(model, layer, only).items() if self.ranks.get(f"{prefix}.{n}") is not None}
         if not todo:
             return specs

@@ -60,7 +60,7 @@ class Lost(RankMethod):
         return sparse_columns(in_f, self.config.sparse_fraction) * (out_f + 1)  # values + an index each
 
     def module_spec(self, shape, rank, bias):
-        return {**super().module_spec(shape, rank, bias), "type": "lowrank_sparse", "cols": sparse_columns(shape[1], self.config.sparse_fraction)}
+        return super().module_spec(shape, rank, bias).replace(type="lowrank_sparse", cols=sparse_columns(shape[1], self.config.sparse_fraction))
 
     def energies(self, weights, grams):
         return [s.square() for s in linalg.svdvals(weights)]

@@ -21,7 +21,7 @@ from compressor import models
 from compressor.errors import CompressorError, check_float, check_int
 from compressor.methods import register
 from compressor.methods.base import Method
-from compressor.methods.structured import mlp_layout, narrow_mlp, standard_width, uniform_width
+from compressor.methods.structured import mlp_layout, narrow_mlp, standard_width, uniform_width, width_lines
 
 
 @dataclass
@@ -82,3 +82,6 @@ class Magnitude(Method):
 
     def report(self, model, specs: dict) -> dict:
         return {"magnitude": {"intermediate_size_before": self.intermediate, "width": self.width, "standard_architecture": True}}
+
+    def summary_lines(self, model, specs: dict, entry: dict) -> list[str]:
+        return width_lines(self.intermediate, [min(self.width, self.intermediate)] * len(models.decoder_layers(model)))

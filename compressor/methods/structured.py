@@ -39,6 +39,7 @@ from compressor import models
 from compressor.errors import CompressorError, check_float
 from compressor.methods import register
 from compressor.methods.base import Method
+from compressor.modules import ModuleSpec
 
 log = logging.getLogger("compressor.structured")
 
@@ -338,6 +339,22 @@ class Structured(Method):
             }
         }
 
+    def summary_lines(self, model, specs: dict, entry: dict) -> list[str]:
+        return width_lines(entry["structured"]["intermediate_size_before"], list(self.done.values()))
+
+    def layer_state(self, index: int) -> dict | None:
+        return {"width": self.done[index], "error": self.error[index]} if index in self.done else None
+
+    def load_layer_state(self, index: int, state: dict, tensors: dict) -> None:
+        self.done[index], self.error[index] = state["width"], state["error"]
+
+
+def width_lines(before: int, widths: list[int]) -> list[str]:
+    """The summary line of an MLP-width stage."""
+    if len(set(widths)) == 1:
+        return [f"MLP width {before} -> {widths[0]} in all {len(widths)} layers (standard architecture: loads with plain from_pretrained)"]
+    return [f"MLP width {before} -> {min(widths)}..{max(widths)} per layer (loads through the generated shim, trust_remote_code=True)"]
+
 
 def narrow_mlp(model, index: int, layer: nn.Module, grams: dict | None, kept: torch.Tensor, down_weight: torch.Tensor) -> tuple[dict, dict | None]:
     """Keep the intermediate channels `kept` of one layer's MLP: the input linears lose their other
@@ -368,10 +385,10 @@ def standard_width(run, k: int) -> None:
     """Every layer's MLP has width k: the model is its own class with `intermediate_size` k, so the
     dense specs go (the export then writes a standard checkpoint)."""
     setattr(run.model.config, mlp_layout(run.model).config_key, k)
-    for name in [n for n, s in run.specs.items() if s.get("type") == "dense"]:
+    for name in [n for n, s in run.specs.items() if s.type == "dense"]:
         del run.specs[name]
 
 
-def dense_spec(module: nn.Module) -> dict:
+def dense_spec(module: nn.Module) -> ModuleSpec:
     out_f, in_f = models.linear_shape(module)
-    return {"type": "dense", "out": out_f, "in": in_f, "bias": module.bias is not None}
+    return ModuleSpec("dense", out_f, in_f, module.bias is not None)

@@ -77,7 +77,7 @@ from compressor.methods.eora import fit as eora
 from compressor.methods.eora.sensitivity import output_roots, output_sensitivity, row_weights
 from compressor.methods.gptq import Gptq, GptqConfig
 from compressor.methods.gptq.solver import check_group_size
-from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear, linear_from, pack_chunk
+from compressor.modules import LoraAdapted, LowRankLinear, ModuleSpec, QuantLinear, effective_weight, linear_from, pack_chunk
 
 
 @dataclass
@@ -159,7 +159,8 @@ class Eora(Method):
         self.base = None  # with refine: the quantisation stage whose work on our targets we do
         self.weights: dict[str, torch.Tensor] = {}  # full name -> loss sensitivity (weighting: loss / loss-full)
         self.fitted: dict[str, tuple] = {}  # full name -> (component energies, nominal rank, shape)
-        self.deferred: list[tuple[nn.Module, str, str, nn.Module]] = []  # sequential: false, installed in finish
+        self.deferred: list[tuple[int, str, str, nn.Module]] = []  # sequential: false, installed in finish (layer index, name, full name, module)
+        self.by_layer: dict[int, list[str]] = {}  # layer index -> full names fitted there (for a streamed run's journal)
         self.ranks: dict[str, int] = {}  # full name -> rank of its separate adapter
         self.merged: dict[str, int] = {}  # full name -> adapter rank folded into the low-rank weight
         self.removed: dict[str, float] = {}  # full name -> share of calibration output error the adapter removes
@@ -208,28 +209,36 @@ class Eora(Method):
                     return self.base.quantize_module(modules.linear_from(w, None if bias is None else bias.detach()), H, None)
                 module, spec, *fit = self.refined(work.reference[name].to(H.device), quantize, H, self.fit_rank(name), self.weights.get(full), cross)
                 work.replace(name, module, spec)
-            if specs.get(full, {}).get("type") in (None, "dense"):
+            if full not in specs or specs[full].type == "dense":
                 continue
             B, A, energies = fit or self.adapters(work.reference[name].to(H.device), module, H, self.fit_rank(name), self.weights.get(full), cross)
             self.fitted[full] = (energies, min(self.rank_for(name), energies.numel()), tuple(work.reference[name].shape))
             module, specs[full] = self.attach(module, B, A, specs[full], H)
             (self.merged if self.config.merge else self.ranks)[full] = A.shape[0]
+            self.by_layer.setdefault(work.index, []).append(full)
             if self.config.sequential or self.config.merge:
                 work.replace(name, module)
             else:
-                self.deferred.append((work.layer, name, full, module))
+                self.deferred.append((work.index, name, full, module))
 
     def finish(self, run) -> None:
         home = next(run.model.parameters()).device
         final = self.allocate(self.fitted)
-        for layer, name, full, module in self.deferred:
+        for index, name, full, module in self.deferred:
+            layer = models.decoder_layers(run.model)[index]
+            if isinstance(module, tuple):  # an interrupted streamed run's adapter, back from its journal
+                B, A = module
+                module = LoraAdapted.from_factors(layer.get_submodule(name), B, A, A.device, A.dtype)
             if final[full] != self.ranks[full]:
                 module = truncate(module, final[full])
                 if final[full]:
                     self.ranks[full] = final[full]
                 else:
                     del self.ranks[full]
-            models.replace_linear(layer, name, module.to(home))
+            if isinstance(module, LoraAdapted):  # only the adapters move: the base is where its layer put it
+                module.lora_A.to(home)
+                module.lora_B.to(home)
+            models.replace_linear(layer, name, module)
         self.deferred = []
         self.removed = {n: eora.removed_share(e, final[n]) for n, (e, _, _) in self.fitted.items()}
 
@@ -252,9 +261,54 @@ class Eora(Method):
             }
         }
 
+    def summary_lines(self, model, specs: dict, entry: dict) -> list[str]:
+        a = entry.get("adapters")
+        if not a:
+            return []
+        ranks = sorted(set(a["ranks"].values()))
+        where = "merged into the weights" if a.get("merged") else (f"PEFT LoRA folder {a['path']}/" if a.get("path") else "quantised, in the checkpoint")
+        removed = f", removing {a['error_removed_mean']:.0%} of their output error on calibration data" if a.get("error_removed_mean") is not None else ""
+        return [f"{a['method']} adapters of rank {'/'.join(map(str, ranks))} on {len(a['ranks'])} linears ({a['params']:,} parameters, {where}){removed}"]
+
     def export(self, model, specs: dict) -> dict:
         # refine quantised W - B A: the base is then no model without its adapters
         return {"adapter_required": bool(self.config.refine)}
+
+    def stream_refusal(self) -> str | None:
+        if self.config.weighting != "output":
+            return (f"weighting: {self.config.weighting} measures the loss gradient with a backward pass through the whole model, "
+                    "which a streamed run never holds; use weighting: output")
+        return None
+
+    def layer_state(self, index: int) -> dict | None:
+        names = self.by_layer.get(index)
+        if not names:
+            return None
+        tensors = {f"{full}.energies": self.fitted[full][0] for full in names if full in self.fitted}
+        deferred = []
+        for i, name, full, module in self.deferred:
+            if i == index:
+                deferred.append([name, full])
+                tensors[f"{full}.A"], tensors[f"{full}.B"] = module.lora_A.weight.detach(), module.lora_B.weight.detach()
+        # Lists of pairs, not mappings: the journal's JSON sorts keys, and the report lists modules
+        # in the order they were fitted.
+        return {
+            "names": names,
+            "ranks": [[n, self.ranks[n]] for n in names if n in self.ranks],
+            "merged": [[n, self.merged[n]] for n in names if n in self.merged],
+            "fitted": [[n, self.fitted[n][1], *self.fitted[n][2]] for n in names if n in self.fitted],
+            "deferred": deferred,
+            "tensors": tensors,
+        }
+
+    def load_layer_state(self, index: int, state: dict, tensors: dict) -> None:
+        self.by_layer[index] = list(state["names"])
+        self.ranks.update(dict(state["ranks"]))
+        self.merged.update(dict(state["merged"]))
+        for full, rank, out_f, in_f in state["fitted"]:
+            self.fitted[full] = (tensors[f"{full}.energies"], rank, (out_f, in_f))
+        for name, full in state["deferred"]:
+            self.deferred.append((index, name, full, (tensors[f"{full}.B"], tensors[f"{full}.A"])))
 
     # --- the maths
 
@@ -335,12 +389,13 @@ class Eora(Method):
         if in_f % per or out_f % per:
             raise CompressorError(f"eora: {self.config.bits}-bit adapters need the layer's in and out features divisible by {per}, "
                                   f"got {out_f} x {in_f}; drop 'bits' or leave the layer out of 'targets'")
-        pair = LowRankLinear(in_f, out_f, wrapped.lora_A.out_features)
+        rank = wrapped.lora_A.out_features
+        pair = LowRankLinear(in_f, out_f, rank)
         pair.down, pair.up = wrapped.lora_A, wrapped.lora_B
-        pair, factors = self.quantizer.quantize_module(pair, H, {})
+        pair, factors = self.quantizer.quantize_module(pair, H, ModuleSpec("lowrank", out_f, in_f, False, rank=rank))
         # the rank may have grown by zero rows to the packing unit
-        adapter = {"rank": factors["rank"], **factors["quant"]}
-        return LoraAdapted(wrapped.base, pair.down, pair.up), {**spec, "adapter": adapter}
+        adapter = {"rank": factors.rank, **factors.quant}
+        return LoraAdapted(wrapped.base, pair.down, pair.up), spec.replace(adapter=adapter)
 
     def allocate(self, fitted: dict[str, tuple[torch.Tensor, int, tuple[int, int]]]) -> dict[str, int]:
         """Per full module name, its final adapter rank; fitted: name -> (energies, nominal rank, (out, in))."""
@@ -359,18 +414,6 @@ def truncate(module: LoraAdapted, rank: int) -> nn.Module:
     return LoraAdapted.from_factors(module.base, B[:, :rank], A[:rank], A.device, A.dtype)
 
 
-def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) matrix a (possibly compressed) linear applies, float32."""
-    if isinstance(module, QuantLinear):
-        return module.dequantized_weight()
-    if isinstance(module, LowRankLinear):
-        W = effective_weight(module.up) @ effective_weight(module.down)
-        if isinstance(module, LowRankSparseLinear):
-            W[:, module.sparse_cols] += module.sparse_values.detach().float()
-        return W
-    return models.weight_of(module).detach().float()
-
-
 def _merge(module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict):
     if not isinstance(module, LowRankLinear) or isinstance(module.down, QuantLinear):
         raise CompressorError("eora: merge: true folds adapters into unquantised low-rank weights only; drop 'merge' to keep them as a PEFT adapter")
@@ -378,4 +421,4 @@ def _merge(module: nn.Module, B: torch.Tensor, A: torch.Tensor, spec: dict):
         module.down = linear_from(torch.cat([module.down.weight, A]))
         module.up = linear_from(torch.cat([module.up.weight, B], dim=1), module.up.bias)
     module.rank = module.down.out_features
-    return module, {**spec, "rank": module.rank}
+    return module, spec.replace(rank=module.rank)

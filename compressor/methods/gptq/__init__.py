@@ -1,7 +1,7 @@
 """GPTQ (and its round-to-nearest baseline) as a recipe stage, on dense and low-rank layers.
 
 The maths (the column sweep with the inverse-Hessian Cholesky factor, the grid) is in solver.py,
-the checkpoint packing in compressor/export/gptq_v1.py; this file decides what to quantise and
+the checkpoint packing in compressor/methods/gptq/format.py; this file decides what to quantise and
 with which Gram:
   dense W (out x in):           GPTQ(W, H), H = the layer input's Gram;
   low-rank W ~ up @ down:       GPTQ(down, H), then GPTQ(up, D H D^T) where D is the *quantised*
@@ -29,11 +29,11 @@ from torch import nn
 import compressor
 from compressor import distributed, models, modules
 from compressor.errors import CompressorError, check_patterns
-from compressor.export import gptq_v1
+from compressor.methods.gptq import format as gptq_v1
 from compressor.methods import register
 from compressor.methods.base import Method, target_shapes
 from compressor.methods.gptq.solver import QuantConfig, QuantResult, gptq_quantize, rtn_quantize, to_module
-from compressor.modules import LowRankLinear, pack_chunk
+from compressor.modules import LowRankLinear, ModuleSpec, pack_chunk
 
 
 @dataclass
@@ -97,18 +97,17 @@ class Gptq(Method):
         for name, (module, spec) in zip(names, found):
             work.replace(name, module, spec)
 
-    def quantize_module(self, module: nn.Module, H: torch.Tensor | None, spec: dict | None) -> tuple[nn.Module, dict]:
+    def quantize_module(self, module: nn.Module, H: torch.Tensor | None, spec: ModuleSpec | None) -> tuple[nn.Module, ModuleSpec]:
         """The quantised replacement of `module` and its spec for config.compression."""
         if isinstance(module, LowRankLinear):
-            return self._quantize_lowrank(module, H, dict(spec))
+            return self._quantize_lowrank(module, H, spec)
         W = models.weight_of(module).detach()
         bias = module.bias.detach() if module.bias is not None else None
         new = to_module(self._solve(W, H), self.config.group_size, bias)
         out_f, in_f = W.shape
-        spec = {"type": "quant", "out": out_f, "in": in_f, "bias": bias is not None, "bits": self.config.bits, "group_size": self.config.group_size}
-        return new, spec
+        return new, ModuleSpec("quant", out_f, in_f, bias is not None, bits=self.config.bits, group_size=self.config.group_size)
 
-    def _quantize_lowrank(self, module: LowRankLinear, H, spec: dict):
+    def _quantize_lowrank(self, module: LowRankLinear, H, spec: ModuleSpec):
         down, up = module.down.weight.detach(), module.up.weight.detach()
         per = pack_chunk(self.config.bits)[0]
         rank = math.ceil(module.rank / per) * per
@@ -122,8 +121,7 @@ class Gptq(Method):
         module.down = to_module(q_down, self.config.group_size)
         module.up = to_module(q_up, self.config.group_size, bias)
         module.rank = rank
-        spec.update(rank=rank, quant={"bits": self.config.bits, "group_size": self.config.group_size})
-        return module, spec
+        return module, spec.replace(rank=rank, quant={"bits": self.config.bits, "group_size": self.config.group_size})
 
     def report(self, model, specs: dict) -> dict:
         c = self.config
@@ -144,6 +142,12 @@ class Gptq(Method):
                 "gptq_checkpoint": all(gptq_v1.gptq_only(spec) for spec in specs.values()),
             }
         }
+
+    def summary_lines(self, model, specs: dict, entry: dict) -> list[str]:
+        q = entry["quantization"]
+        order = ", act-order" if q.get("act_order") else ""
+        bits = f", {q['effective_bits']:.2f} bits per weight with scales" if q.get("effective_bits") else ""
+        return [f"quantised the decoder linears with {q['method']} to {q['bits']}-bit, group {q['group_size']}{order}{bits}"]
 
     def export(self, model, specs: dict) -> dict:
         """A GPTQ v1 quantization_config when this stage is the only compression. Low-rank models

@@ -1,4 +1,4 @@
-"""Weight-only integer quantisation: round-to-nearest and GPTQ (the checkpoint format: compressor/export/gptq_v1.py).
+"""Weight-only integer quantisation: round-to-nearest and GPTQ (the checkpoint format: compressor/methods/gptq/format.py).
 
 Grid. Each group of `group_size` consecutive input columns of W (out x in) has, per output row, a
 scale s and an integer zero z; a weight is stored as a code q in [0, 2^bits - 1] and read back as
@@ -22,7 +22,7 @@ import torch
 
 from compressor import modules
 from compressor.errors import CompressorError, check_choice, check_float
-from compressor.export.gptq_v1 import pack_gptq_v1
+from compressor.methods.gptq.format import pack_gptq_v1
 
 BLOCK = 128
 BITS = (2, 3, 4, 8)

@@ -3,9 +3,8 @@ import torch
 
 from compressor import recipe
 from compressor.errors import CompressorError
-from compressor.methods.eora import effective_weight
 from compressor.methods.gptq import Gptq, GptqConfig, Rtn
-from compressor.modules import LowRankLinear, QuantLinear
+from compressor.modules import LowRankLinear, QuantLinear, effective_weight
 
 
 def correlated(n, d, seed=0):

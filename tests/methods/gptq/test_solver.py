@@ -6,7 +6,7 @@ from activations import correlated, gram
 
 from compressor import modules
 from compressor.errors import CompressorError
-from compressor.export.gptq_v1 import dequantize_gptq_v1, effective_bits, pack_gptq_v1, unpack_gptq_v1
+from compressor.methods.gptq.format import dequantize_gptq_v1, effective_bits, pack_gptq_v1, unpack_gptq_v1
 from compressor.methods.gptq.solver import (
     QuantConfig,
     gptq_quantize,

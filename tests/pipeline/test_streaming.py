@@ -1,5 +1,6 @@
-"""Streaming compression from safetensors shards: equals the in-memory path, resumes byte for
-byte, and keeps host memory bounded by a layer rather than the model."""
+"""Streaming compression from safetensors shards (compressor/pipeline): every shipped recipe
+equals the in-memory path, resumes byte for byte, and keeps host memory bounded by a layer rather
+than the model."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import byte_tokenizer, tiny_model
+from test_recipes_unchanged import _recipe
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from compressor import api, streaming
+from compressor import api
 from compressor import recipe as recipes
 from compressor.errors import CompressorError
 from compressor.export import checkpoint
@@ -36,31 +38,72 @@ def _deep_llama(layers: int = 5, seed: int = 0):
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("arch,recipe", [("llama", "whiten"), ("qwen3", "lost"), ("llama", "whiten-budget"), ("mistral", "svd")])
-def test_streaming_equals_in_memory(tmp_path, arch, recipe):
-    src = _write(tiny_model(arch), tmp_path / "src")
+def _stream(src, recipe, out, **kw):
+    return api.compress(src, recipe, out, stream=True, **kw)
+
+
+# Recipes whose eora stage weighs by the loss gradient (a backward pass through the whole model)
+# cannot stream; their streamed form here is the same recipe with weighting: output.
+def _streamable(name: str) -> recipes.Recipe:
+    rec = _recipe(name)
+    data = rec.to_dict()
+    for stage in data["stages"]:
+        if stage["method"] == "eora" and stage["weighting"] != "output":
+            stage["weighting"] = "output"
+    return recipes.from_dict(data, source=name)
+
+
+@pytest.mark.parametrize("name", recipes.shipped())
+def test_every_shipped_recipe_streams_as_in_memory(tmp_path, name):
+    """Same tensors, specs, declarations and files as the in-memory run (float32 on one thread)."""
+    torch.set_num_threads(1)
+    src = _write(tiny_model("llama"), tmp_path / "src")
     kw = dict(samples=4, seq_len=64, device="cpu")
-    streamed = streaming.compress_streaming(src, recipe, tmp_path / "stream", **kw)
-    api.compress(checkpoint.load(src), recipe, tmp_path / "mem", tokenizer=byte_tokenizer(), **kw)
-    a, b = checkpoint.load(tmp_path / "stream").state_dict(), checkpoint.load(tmp_path / "mem").state_dict()
+    rec = _streamable(name)
+    streamed = _stream(src, rec, tmp_path / "stream", **kw)
+    api.compress(checkpoint.load(src), rec, tmp_path / "mem", tokenizer=byte_tokenizer(), **kw)
+    _same_output(tmp_path / "stream", tmp_path / "mem")
+    assert streamed.report["streamed"] and streamed.report["actions"]
+    assert not any(p.name.endswith(".tmp") or ".state." in p.name for p in (tmp_path / "stream").iterdir())
+
+
+def _same_output(a_dir: Path, b_dir: Path) -> None:
+    a, b = checkpoint.load(a_dir).state_dict(), checkpoint.load(b_dir).state_dict()
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    mem_cfg = json.loads((tmp_path / "mem" / "config.json").read_text())["compression"]["modules"]
-    assert json.loads((tmp_path / "stream" / "config.json").read_text())["compression"]["modules"] == mem_cfg
-    assert streamed.report["streamed"] and not any(p.name.endswith(".tmp") for p in (tmp_path / "stream").iterdir())
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (a_dir, b_dir))
+    assert ca["compression"] == cb["compression"]
+    assert ca.get("quantization_config") == cb.get("quantization_config")
+    assert {k: v for k, v in ca.items() if k not in ("dtype", "torch_dtype")} == {k: v for k, v in cb.items() if k not in ("dtype", "torch_dtype")}
+    files = lambda d: sorted(str(f.relative_to(d)) for f in d.rglob("*") if f.is_file() and "safetensors" not in f.name)  # noqa: E731
+    assert files(a_dir) == files(b_dir)
+    ra, rb = (json.loads((d / "compression_report.json").read_text()) for d in (a_dir, b_dir))
+    for key in ("per_module", "actions", "params_after", "linear_params_after", "bits_per_dense_weight", "adapters", "quantization", "structured"):
+        assert ra.get(key) == rb.get(key), key
+
+
+@pytest.mark.parametrize("arch,recipe", [("qwen3", "lost"), ("mistral", "svd"), ("gemma3_text", "structured")])
+def test_streaming_equals_in_memory_on_other_architectures(tmp_path, arch, recipe):
+    src = _write(tiny_model(arch), tmp_path / "src")
+    kw = dict(samples=4, seq_len=64, device="cpu")
+    _stream(src, recipe, tmp_path / "stream", **kw)
+    api.compress(checkpoint.load(src), recipe, tmp_path / "mem", tokenizer=byte_tokenizer(), **kw)
+    _same_output(tmp_path / "stream", tmp_path / "mem")
 
 
 class _Killed(Exception):
     pass
 
 
-def test_resume_after_interruption_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("name", ["whiten", "structured-budget", "structured10-gptq4-eora32", "welore30-gptq4-eora", "variant:eora-per-type"])
+def test_resume_after_interruption_is_byte_identical(tmp_path, name):
     src = _write(_deep_llama(5), tmp_path / "src")
     kw = dict(samples=4, seq_len=64, device="cpu")
-    streaming.compress_streaming(src, "whiten", tmp_path / "full", **kw)
+    rec = _streamable(name)
+    _stream(src, rec, tmp_path / "full", **kw)
 
     stop = random.Random(6).randrange(0, 4)  # a random layer, never the last
 
@@ -69,17 +112,17 @@ def test_resume_after_interruption_is_byte_identical(tmp_path):
             raise _Killed
 
     with pytest.raises(_Killed):
-        streaming.compress_streaming(src, "whiten", tmp_path / "run", _after_layer=kill, **kw)
+        _stream(src, rec, tmp_path / "run", after_layer=kill, **kw)
     partial = tmp_path / ".run.partial"
     assert json.loads((partial / "progress.json").read_text())["done"] == stop + 1
     (partial / "model-00005-of-00006.safetensors.tmp").write_bytes(b"torn write of the killed process")
     with pytest.raises(CompressorError, match="--resume"):
-        streaming.compress_streaming(src, "whiten", tmp_path / "run", **kw)
+        _stream(src, rec, tmp_path / "run", **kw)
     with pytest.raises(CompressorError, match="other settings"):
-        streaming.compress_streaming(src, "svd", tmp_path / "run", resume=True, **kw)
+        _stream(src, "svd", tmp_path / "run", resume=True, **kw)
 
     seen = []
-    streaming.compress_streaming(src, "whiten", tmp_path / "run", resume=True, _after_layer=seen.append, **kw)
+    _stream(src, rec, tmp_path / "run", resume=True, after_layer=seen.append, **kw)
     assert seen == list(range(stop + 1, 5))  # finished layers were not recomputed
     assert not partial.exists()
     full, run = _files(tmp_path / "full"), _files(tmp_path / "run")
@@ -90,14 +133,13 @@ def test_resume_after_interruption_is_byte_identical(tmp_path):
 def test_streaming_refuses_what_it_cannot_do(tmp_path):
     src = _write(tiny_model("llama"), tmp_path / "src")
     with pytest.raises(CompressorError, match="local model folder"):
-        streaming.compress_streaming(tmp_path, "svd", tmp_path / "o", device="cpu")
+        _stream(tmp_path, "svd", tmp_path / "o", device="cpu")
     (tmp_path / "exists").mkdir()
     with pytest.raises(CompressorError, match="already exists"):
-        streaming.compress_streaming(src, "svd", tmp_path / "exists", device="cpu")
-    staged = recipes.from_dict({"stages": [{"method": "whiten", "ratio": 0.3}], "calibration": {"true_sequential": True}})
-    with pytest.raises(CompressorError, match="true_sequential"):
-        streaming.compress_streaming(src, staged, tmp_path / "o", device="cpu")
-    assert not (tmp_path / "o").exists()
+        _stream(src, "svd", tmp_path / "exists", device="cpu")
+    with pytest.raises(CompressorError, match="weighting: loss .*backward pass.*use weighting: output"):
+        _stream(src, "gptq4-eora32", tmp_path / "o", device="cpu", seq_len=64)
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
 
 
 _CHILD = textwrap.dedent(
@@ -105,8 +147,9 @@ _CHILD = textwrap.dedent(
     import sys
     from pathlib import Path
     import torch
-    from compressor import streaming
+    from compressor import api
     from compressor.export import checkpoint
+    from compressor.pipeline import sources
 
     def peak():
         # VmHWM, not ru_maxrss: the latter survives exec and would report pytest's own peak.
@@ -114,9 +157,9 @@ _CHILD = textwrap.dedent(
 
     torch.set_num_threads(1)  # the CI machine's cores are shared; threads only add contention here
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
-    streaming.skeleton(src, streaming.Checkpoint(src), torch.float32)
+    sources.skeleton(src, sources.Checkpoint(src), torch.float32)
     base = peak()
-    streaming.compress_streaming(src, "svd", out, device="cpu")
+    api.compress(src, "svd", out, device="cpu", stream=True)
     stream = peak()
     model = checkpoint.load(src)
     sum(float(p.double().sum()) for p in model.parameters())  # really resident, not just mapped

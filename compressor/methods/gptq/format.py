@@ -92,7 +92,7 @@ def dequantize_gptq_v1(tensors: dict[str, torch.Tensor], bits: int, in_features:
 
 def gptq_only(spec: dict) -> bool:
     """A quantised dense layer, stored under its own name (no in-checkpoint adapter around it)."""
-    return spec["type"] == "quant" and "adapter" not in spec
+    return spec.type == "quant" and spec.adapter is None
 
 
 def quantization_config(grid: dict, damp: float, static_groups: bool, method: str, skipped: list[str], version: str) -> dict:
