@@ -108,11 +108,12 @@ def compress(
     identity = None
     if streamed:
         if not isinstance(model, (str, Path)) or out is None or eval_tasks:
-            raise CompressorError("--stream/--resume read a local safetensors folder layer by layer and need -o; evaluate the result in a separate step")
+            raise CompressorError("--stream/--resume read a local safetensors folder (or a built-in model) layer by layer and need -o; "
+                                  "evaluate the result in a separate step")
         recipe.check_streamable()
         source = ShardSource(model, tokenizer, dtype)
         sink = ShardSink(out, overwrite, resume, after_layer, write=primary)
-        identity = stream_identity(model)
+        identity = stream_identity(source.folder)
     else:
         source = MemorySource(model, tokenizer, dtype)
         sink = FolderSink(out, overwrite) if out is not None and primary else None

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from compressor import models
 from compressor.calibration import driver
 from compressor.errors import CompressorError
-from compressor.loading import DTYPES, check_checkpoint, load_model, source_dtype, source_size
+from compressor.loading import DTYPES, check_checkpoint, load_model, resolve_model, source_dtype, source_size
 from compressor.modules import build_module
 
 
@@ -180,14 +180,22 @@ class ShardSource:
 
     streamed = True
 
-    def __init__(self, folder, tokenizer=None, dtype: str = "auto"):
-        self.folder, self.tokenizer, self.dtype = Path(folder), tokenizer, dtype
-        if not (self.folder / "config.json").is_file():
-            raise CompressorError(f"--stream needs a local model folder with config.json and safetensors shards; {folder} is not one")
-        self.source_bytes = source_size(self.folder)
+    def __init__(self, spec, tokenizer=None, dtype: str = "auto"):
+        self.tokenizer, self.dtype = tokenizer, dtype
+        found = resolve_model(spec)
+        if found.kind == "gguf" and found.convert_to is not None:
+            # A built-in model ships as GGUF: its dequantised folder is made once (in memory: these
+            # are small models) and streamed from then on.
+            load_model(str(spec), dtype="float32")
+            found = resolve_model(spec)
+        self.folder = Path(found.location)
+        if found.kind != "folder" or not (self.folder / "config.json").is_file():
+            raise CompressorError(f"--stream needs a local model folder with config.json and safetensors shards; {spec} is not one")
+        self.source_bytes = source_size(spec)
+        self.source_dtype = source_dtype(spec)
 
     def open(self):
-        out_dtype = _output_dtype(self.dtype, source_dtype(self.folder))
+        out_dtype = _output_dtype(self.dtype, self.source_dtype)
         self.out_dtype = getattr(torch, out_dtype)
         check_checkpoint(self.folder)  # a causal LM, intact shards, no tensor missing, unexpected or mis-shaped
         self.ckpt = Checkpoint(self.folder)

@@ -38,18 +38,18 @@ def test_attach_and_merge_equal_adapter_arithmetic():
     B_ref, A_ref, _ = eora.eora_fit(W.double() - effective_weight(m).double(), H, 4)
     assert torch.allclose(B @ A, B_ref @ A_ref)
     want = m(x) + x @ (B @ A).float().T
-    wrapped, spec = stage.attach(m, B, A, {"rank": 6})
-    assert isinstance(wrapped, LoraAdapted) and spec == {"rank": 6}
+    wrapped, spec = stage.attach(m, B, A, ModuleSpec("lowrank", 32, 64, False, rank=6))
+    assert isinstance(wrapped, LoraAdapted) and spec.rank == 6
     assert torch.allclose(wrapped(x), want, atol=1e-4)
-    merged, spec = Eora(EoraConfig(rank=4, merge=True)).attach(m, B, A, {"rank": 6})
-    assert spec == {"rank": 10} and merged.rank == 10
+    merged, spec = Eora(EoraConfig(rank=4, merge=True)).attach(m, B, A, ModuleSpec("lowrank", 32, 64, False, rank=6))
+    assert spec.rank == 10 and merged.rank == 10
     assert torch.allclose(merged(x), want, atol=1e-4)
 
 
 def test_merge_refuses_quantised():
     q = to_module(rtn_quantize(torch.randn(32, 64), QuantConfig(bits=4, group_size=32)), 32)
     with pytest.raises(CompressorError, match="unquantised low-rank weights only"):
-        Eora(EoraConfig(rank=2, merge=True)).attach(q, torch.zeros(32, 2), torch.zeros(2, 64), {})
+        Eora(EoraConfig(rank=2, merge=True)).attach(q, torch.zeros(32, 2), torch.zeros(2, 64), ModuleSpec("quant", 32, 64, False, bits=4, group_size=32))
 
 
 def test_rank_pattern_first_match():

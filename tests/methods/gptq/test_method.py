@@ -26,9 +26,9 @@ def test_lowrank_factors_padded_and_exact_to_dequantised():
     m = lowrank()
     X = correlated(1024, 128)
     H = (X.T.double() @ X.double()) / X.shape[0]
-    new, spec = Gptq(GptqConfig(bits=4, group_size=32)).quantize_module(m, H, {"type": "lowrank", "in": 128, "out": 96, "rank": 20, "bias": True})
+    new, spec = Gptq(GptqConfig(bits=4, group_size=32)).quantize_module(m, H, ModuleSpec("lowrank", 96, 128, True, rank=20))
     assert isinstance(new.down, QuantLinear) and isinstance(new.up, QuantLinear)
-    assert spec["rank"] == new.rank == 24 and spec["quant"] == {"bits": 4, "group_size": 32}  # next multiple of 8
+    assert spec.rank == new.rank == 24 and spec.quant == {"bits": 4, "group_size": 32}  # next multiple of 8
     W = effective_weight(new)
     assert torch.allclose(new(X), X @ W.T + new.up.bias, atol=1e-4)
 
@@ -40,7 +40,7 @@ def test_gptq_on_factors_beats_rtn():
     target = X @ (ref.up.weight @ ref.down.weight).detach().T
     errs = {}
     for cls in (Gptq, Rtn):
-        new, _ = cls(GptqConfig(bits=3, group_size=32)).quantize_module(lowrank(seed=2), H, {"type": "lowrank", "rank": 20})
+        new, _ = cls(GptqConfig(bits=3, group_size=32)).quantize_module(lowrank(seed=2), H, ModuleSpec("lowrank", 96, 128, False, rank=20))
         errs[cls.name] = (X @ effective_weight(new).T - target).norm()
     assert errs["gptq"] < 0.9 * errs["rtn"]
 
