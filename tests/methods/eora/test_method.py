@@ -7,7 +7,7 @@ from compressor.errors import CompressorError
 from compressor.methods.eora import Eora, EoraConfig
 from compressor.methods.eora import fit as eora
 from compressor.methods.gptq.solver import QuantConfig, rtn_quantize, to_module
-from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, effective_weight
+from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, ModuleSpec, effective_weight
 
 
 def test_effective_weight_is_what_the_module_computes():

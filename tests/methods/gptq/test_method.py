@@ -4,7 +4,7 @@ import torch
 from compressor import recipe
 from compressor.errors import CompressorError
 from compressor.methods.gptq import Gptq, GptqConfig, Rtn
-from compressor.modules import LowRankLinear, QuantLinear, effective_weight
+from compressor.modules import LowRankLinear, ModuleSpec, QuantLinear, effective_weight
 
 
 def correlated(n, d, seed=0):
