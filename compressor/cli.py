@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from compressor.errors import CompressorError
+from compressor.loading import DTYPES as STORED_DTYPES
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
-DTYPES = click.Choice(["float32", "bfloat16", "float16"])
-OUT_DTYPES = click.Choice(["auto", "float32", "bfloat16", "float16"])
+DTYPES = click.Choice(list(STORED_DTYPES))
+OUT_DTYPES = click.Choice(["auto", *STORED_DTYPES])
 
 
 def _tasks(value: str) -> list[str]:

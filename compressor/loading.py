@@ -31,7 +31,8 @@ _BUILTINS = {
 }
 # where _assemble_gemma keeps the assembled file, in cache_dir()
 _GGUF_NAMES = {"gemma3-270m": "gemma-3-270m-q4_k_m.gguf"}
-_DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPES = ("float32", "bfloat16", "float16")  # what a model is loaded in, and a compressed model stored in
+_DTYPES = (*DTYPES, "auto")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -437,7 +438,6 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-DTYPES = ("float32", "bfloat16", "float16")  # what a compressed model can be stored in
 
 
 def source_dtype(spec) -> str:

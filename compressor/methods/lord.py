@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor import linalg
-from compressor.errors import CompressorError, check_choice
+from compressor.errors import check_choice
 from compressor.methods import register
 from compressor.methods.base import RankConfig, RankMethod
 
@@ -36,11 +36,6 @@ class LordConfig(RankConfig):
 class Lord(RankMethod):
     name = "lord"
     Config = LordConfig
-
-    def __init__(self, config):
-        if config.variant not in ("data", "weight"):
-            raise CompressorError(f"lord: variant must be 'data' or 'weight', got {config.variant!r}")
-        super().__init__(config)
 
     @property
     def needs_gram(self) -> bool:

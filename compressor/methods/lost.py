@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor import linalg
-from compressor.errors import CompressorError, check_float
+from compressor.errors import check_float
 from compressor.methods import register
 from compressor.methods.base import RankConfig, RankMethod
 
@@ -45,11 +45,6 @@ def sparse_columns(in_features: int, fraction: float) -> int:
 class Lost(RankMethod):
     name = "lost"
     Config = LostConfig
-
-    def __init__(self, config):
-        if not 0.0 < config.sparse_fraction < 1.0:
-            raise CompressorError(f"lost: sparse_fraction must be in (0, 1), got {config.sparse_fraction}")
-        super().__init__(config)
 
     @property
     def needs_gram(self) -> bool:

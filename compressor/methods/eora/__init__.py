@@ -77,7 +77,7 @@ from compressor.methods.eora import fit as eora
 from compressor.methods.eora.sensitivity import output_roots, output_sensitivity, row_weights
 from compressor.methods.gptq import Gptq, GptqConfig
 from compressor.methods.gptq.solver import check_group_size
-from compressor.modules import LoraAdapted, LowRankLinear, ModuleSpec, QuantLinear, effective_weight, linear_from, pack_chunk
+from compressor.modules import BITS, LoraAdapted, LowRankLinear, ModuleSpec, QuantLinear, effective_weight, linear_from, pack_chunk
 
 
 @dataclass
@@ -122,7 +122,7 @@ class EoraConfig:
         check_float("propagation", self.propagation, 0, 1)
         check_float("propagation_damp", self.propagation_damp, 0)
         if self.bits is not None:
-            check_choice("bits", self.bits, (2, 3, 4, 8))
+            check_choice("bits", self.bits, BITS)
         check_group_size(self.group_size)
         check_int("refine", self.refine, 0)
         # Rules between options of this stage (those with other stages are in Eora.bind).

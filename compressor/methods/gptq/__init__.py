@@ -29,9 +29,9 @@ from torch import nn
 import compressor
 from compressor import distributed, models, modules
 from compressor.errors import CompressorError, check_patterns
-from compressor.methods.gptq import format as gptq_v1
 from compressor.methods import register
 from compressor.methods.base import Method, target_shapes
+from compressor.methods.gptq import format as gptq_v1
 from compressor.methods.gptq.solver import QuantConfig, QuantResult, gptq_quantize, rtn_quantize, to_module
 from compressor.modules import LowRankLinear, ModuleSpec, pack_chunk
 

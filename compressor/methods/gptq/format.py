@@ -9,7 +9,7 @@ import re
 import torch
 
 from compressor.errors import CompressorError
-from compressor.modules import dequantize, pack_chunk, unpack_rows
+from compressor.modules import BITS, dequantize, pack_chunk, unpack_rows
 
 # ----------------------------------------------------------------------------- GPTQ v1 packing
 #
@@ -45,8 +45,8 @@ def _pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _check_packable(bits: int, in_features: int, out_features: int) -> None:
-    if bits not in (2, 3, 4, 8):
-        raise CompressorError(f"GPTQ packing supports 2, 3, 4 or 8 bits, got {bits}")
+    if bits not in BITS:
+        raise CompressorError(f"GPTQ packing supports {', '.join(map(str, BITS))} bits, got {bits}")
     per, _ = _chunk(bits)
     if in_features % per or out_features % per:
         raise CompressorError(f"{bits}-bit GPTQ packing needs in and out features divisible by {per}, got {in_features} x {out_features}; "

@@ -25,7 +25,7 @@ from compressor.errors import CompressorError, check_choice, check_float
 from compressor.methods.gptq.format import pack_gptq_v1
 
 BLOCK = 128
-BITS = (2, 3, 4, 8)
+BITS = modules.BITS
 FP16 = torch.finfo(torch.float16)
 
 
