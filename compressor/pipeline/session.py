@@ -120,7 +120,7 @@ class Session:
     def _begin(self, sink, model, stages, out_dtype):
         identity = {**self.identity, "recipe": self.recipe.to_dict(), "dtype": out_dtype, "calib": self.calib, "samples": self.samples,
                     "seq_len": self.seq_len}
-        if not distributed.active():
+        if not distributed.active() or not sink.streamed:  # only a streamed run has a sink on every rank
             return sink.begin(identity, model, stages)
         # distributed: rank 0 prepares the partial folder (removes or resumes it) before the others read it
         found = sink.begin(identity, model, stages) if distributed.is_primary() else None

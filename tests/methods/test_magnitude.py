@@ -74,7 +74,7 @@ def test_composes_with_gptq_on_the_narrower_layers(tmp_path):
     result = compress(tiny_model("llama"), rec, tmp_path / "out", tokenizer=byte_tokenizer(), samples=4, seq_len=32, device="cpu")
     width = result.report["magnitude"]["width"]
     specs = json.loads((tmp_path / "out" / "config.json").read_text())["compression"]["modules"]
-    assert specs["model.layers.0.mlp.down_proj"].to_json() == {"type": "quant", "out": 64, "in": width, "bias": False, "bits": 4, "group_size": 32}
+    assert specs["model.layers.0.mlp.down_proj"] == {"type": "quant", "out": 64, "in": width, "bias": False, "bits": 4, "group_size": 32}
 
 
 @pytest.mark.parametrize("options, message", [
