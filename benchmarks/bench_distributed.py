@@ -1,4 +1,4 @@
-"""Data-parallel compression on CPU: 1 process against --nproc N (docs/distributed.md).
+"""Data-parallel compression on CPU: 1 process against --nproc N (docs/guides/distributed.md).
 
 Runs `python -m compressor compress MODEL -r RECIPE ...` as a user does, once per recipe and process
 count, and records per run: wall time of the whole command (start-up and model loading included:

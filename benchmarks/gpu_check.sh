@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check (benchmarks/gpu_check.py has the steps, budgets and targets; docs/gpu.md).
+# The one GPU check (benchmarks/gpu_check.py has the steps, budgets and targets; docs/guides/gpu.md).
 #
 #   bash benchmarks/gpu_check.sh               # on a lent H100/H200, from anywhere: at most 9 minutes
 #   bash benchmarks/gpu_check.sh --cpu-quick   # tiny shapes on a CPU (CI), well under a minute

@@ -37,7 +37,7 @@ def _context_length(model) -> int | None:
 
 
 def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None, overwrite=False, eval_limit=None, eval_seq_len=None) -> recipes.Recipe:
-    """The checks that need no weights, run before any expensive work (docs/errors.md): counts in
+    """The checks that need no weights, run before any expensive work (docs/reference/errors.md): counts in
     range (zero is never "the recipe's value"), the recipe, the output folder (not the source, not a
     file, in a writable place; stale temporaries of killed runs removed), and a calibration window
     within the model's context. Returns the recipe, loaded."""
@@ -97,7 +97,7 @@ def compress(
         resume: continue an interrupted streamed run from its last finished layer (implies stream).
         after_layer: called with i after layer i of a streamed run is durably written (tests).
     """
-    # distributed (torchrun / --nproc, docs/distributed.md): every rank runs this function; only
+    # distributed (torchrun / --nproc, docs/guides/distributed.md): every rank runs this function; only
     # rank 0 checks and writes the output folder, the others run with none. No-op in one process.
     primary = True
     if distributed.init():

@@ -51,7 +51,8 @@ def cli(verbose: bool) -> None:
 @click.option("--eval-seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Evaluation window length (capped at the model's context).")
 @click.option("--stream", is_flag=True, help="Read MODEL (a local safetensors folder) one layer at a time: for models larger than memory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --stream run from its last finished layer (same result, byte for byte).")
-@click.option("--nproc", type=click.IntRange(min=1), help="Calibrate data-parallel in N processes on this machine (docs/distributed.md); not under torchrun.")
+@click.option("--nproc", type=click.IntRange(min=1),
+              help="Calibrate data-parallel in N processes on this machine (docs/guides/distributed.md); not under torchrun.")
 def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit, eval_seq_len, stream, resume, nproc):
     """Compress MODEL (a local folder, a .gguf file, a hub id, or 'demo') into OUT."""
     from compressor import summary
@@ -313,7 +314,7 @@ def _on_signal(signum, frame):
 
 
 def main() -> None:
-    """Run the CLI; every failure ends in one `error: ...` line on stderr (docs/errors.md):
+    """Run the CLI; every failure ends in one `error: ...` line on stderr (docs/reference/errors.md):
     exit 2 bad input, 3 environment fault, 1 internal error (-v shows the traceback),
     130/143 interrupted by SIGINT/SIGTERM (temporary folders are removed as for any error)."""
     import signal as signals

@@ -1,4 +1,4 @@
-"""Data-parallel calibration on torch.distributed (docs/distributed.md).
+"""Data-parallel calibration on torch.distributed (docs/guides/distributed.md).
 
 `torchrun --nproc-per-node N -m compressor compress ...` or `compressor compress --nproc N ...`
 runs N copies of the same command (ranks). Each holds the whole model and the same calibration

@@ -1,6 +1,6 @@
 """The exceptions users see: a message that names the problem and the fix.
 
-Exit codes of the CLI (docs/errors.md lists every case):
+Exit codes of the CLI (docs/reference/errors.md lists every case):
   0  success
   1  internal error (a bug): one line, the traceback with `compressor -v ...`
   2  bad input (CompressorError): a model, recipe, option or path the user can fix

@@ -1,4 +1,4 @@
-"""Every failure a user can cause or meet (issue 19, docs/errors.md): one `error: ...` line on stderr,
+"""Every failure a user can cause or meet (issue 19, docs/reference/errors.md): one `error: ...` line on stderr,
 exit 2 for bad input, 3 for an environment fault, 1 for an internal error, 143 for SIGTERM, no
 traceback, and nothing left in the output's folder (no output, no `.OUT.tmp-*` copy, no partial file).
 

@@ -1,4 +1,4 @@
-"""Keeps the prepared GPU check (benchmarks/gpu_check.sh, docs/gpu.md) from rotting: its CPU-sized
+"""Keeps the prepared GPU check (benchmarks/gpu_check.sh, docs/guides/gpu.md) from rotting: its CPU-sized
 variant runs every step on tiny shapes, and the report has every step with sane figures."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Data-parallel compression (compressor/distributed.py, docs/distributed.md): 2 gloo ranks on CPU
+"""Data-parallel compression (compressor/distributed.py, docs/guides/distributed.md): 2 gloo ranks on CPU
 write what one process writes, and a rank that dies takes the whole run down with one error line.
 
 Each 2-rank run starts three Pythons (the --nproc launcher and two ranks), ~15 s on 2 cores; the

@@ -13,7 +13,7 @@ The runner builds the sandbox before any program code runs. Three processes are 
              left the process group with setsid() or double-forked;
     program  drops privileges, limits itself, installs the Python guard and runs the program.
 
-Kernel-enforced layers (Linux; each is used where the platform allows it, see docs/sandbox.md):
+Kernel-enforced layers (Linux; each is used where the platform allows it, see docs/guides/sandbox.md):
 
 * uid: as root, the program runs as nobody (65534) with no groups and no capabilities, so it
   cannot read root's files or /proc/<pid>/environ, and RLIMIT_NPROC applies to it;
@@ -73,7 +73,7 @@ OUTPUT_CHARS = 1 << 20  # per stream; the child drops the rest of its stdout/std
 
 NOBODY = 65534  # uid and gid the program runs as when the evaluator is root
 
-# What `isolation()` can report (Linux); see the module docstring and docs/sandbox.md.
+# What `isolation()` can report (Linux); see the module docstring and docs/guides/sandbox.md.
 MECHANISMS = ("uid", "userns", "mntns", "pidns", "netns", "ipcns", "noprivs", "landlock", "landlock-net", "landlock-scope")
 
 
@@ -699,7 +699,7 @@ def _wanted() -> frozenset[str]:
 
 
 def _guarantees(got: frozenset[str]) -> dict[str, bool]:
-    """What the OS enforces with the layers in `got` (see docs/sandbox.md)."""
+    """What the OS enforces with the layers in `got` (see docs/guides/sandbox.md)."""
     nproc = "uid" in got or (sys.platform != "win32" and os.geteuid() != 0)  # RLIMIT_NPROC applies
     return {
         "writes only in the working folder": bool(got & {"mntns", "landlock"}),
@@ -722,7 +722,7 @@ def _probe(site_packages: bool) -> frozenset[str]:
     wanted = _wanted()
     if not wanted:
         _warn_once(f"sandbox: no OS isolation on {sys.platform}: programs run with resource limits, the timeout and "
-                   "the Python guard only (see docs/sandbox.md)")
+                   "the Python guard only (see docs/guides/sandbox.md)")
         return frozenset()
     attempts = [wanted, wanted - {"uid"}] if "uid" in wanted else [wanted]
     got, notes = None, []
@@ -743,7 +743,7 @@ def _probe(site_packages: bool) -> frozenset[str]:
         lost = [name for name, held in _guarantees(got).items() if not held]
         effect = f"not enforced by the OS: {'; '.join(lost)}" if lost else "the other layers still give every guarantee"
         _warn_once(f"sandbox: {', '.join(missing)} unavailable here ({'; '.join(notes) or 'no reason given'}); "
-                   f"{effect}. See docs/sandbox.md.")
+                   f"{effect}. See docs/guides/sandbox.md.")
     return got
 
 

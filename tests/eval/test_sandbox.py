@@ -191,7 +191,7 @@ def test_run_many_keeps_order():
 #
 # The guard above patches functions inside the program's own interpreter, so hostile code can
 # get the originals back. These tests do that, then check that the kernel-enforced layers (see
-# docs/sandbox.md) still stop the escape. Where a test names single layers, the program gets only
+# docs/guides/sandbox.md) still stop the escape. Where a test names single layers, the program gets only
 # that layer, to show that it alone is enough; "all" is what this machine really gives.
 # test_bypasses_work_without_os_layers shows that, with no layer at all, the same programs escape.
 
