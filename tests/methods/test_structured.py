@@ -133,7 +133,7 @@ def test_refit_on_a_real_layer_equals_float64_least_squares(arch):
     """Layer 0's new down_proj is the float64 least-squares fit of the dense MLP's output on the
     calibration windows from the kept channels' activations (layer 0's input is the same before and
     after, so this can be checked from outside)."""
-    from compressor.api import calibration_windows
+    from compressor.calibration.windows import calibration_windows
 
     dense = tiny_model(arch)
     model = tiny_model(arch)
