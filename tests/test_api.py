@@ -219,7 +219,7 @@ def test_refine_requantises_the_base_and_exports_peft(arch, tokenizer, tmp_path)
     assert result.report["recipe"]["stages"][1]["refine"] == 2
     from peft import PeftModel
 
-    with pytest.warns(UserWarning, match="quantised to go with its adapter"):
+    with pytest.warns(UserWarning, match="fitted together with its adapter"):
         base = compressor.load(out, adapter=False)
     assert json.loads((out / "config.json").read_text())["compression"]["adapter"]["required"] is True
     reloaded = PeftModel.from_pretrained(base, out / "adapter").eval()
