@@ -595,6 +595,28 @@ def test_runner_is_isolated_from_the_toolkit():
     assert (runner.EXIT_SETUP, runner.EXIT_TIMEOUT, runner.EXIT_CANCELLED) == (outcome.EXIT_SETUP, outcome.EXIT_TIMEOUT, outcome.EXIT_CANCELLED)
 
 
+def test_runner_pieces_in_process():
+    # The runner is a plain module too: its pure parts are tested here, the rest through the runs above.
+    import io
+
+    from compressor.eval.sandbox import runner
+
+    sink = io.StringIO()
+    capped = runner._Capped(sink, 5)
+    assert capped.write("abc") == 3 and capped.write("defgh") == 5 and capped.write("ij") == 2
+    assert sink.getvalue() == "abcde\n[sandbox: output truncated]\n"
+    assert runner._exit_code(0) == 0 and runner._exit_code(3 << 8) == 3 and runner._exit_code(signal.SIGKILL) == 128 + signal.SIGKILL
+    before = list(sys.path)
+    assert runner._load_sibling("runner_linux").PAGE == 4096
+    assert sys.path == before and "runner_linux" not in sys.modules
+    if sys.platform.startswith("linux"):
+        from compressor.eval.sandbox import runner_linux
+
+        table = list(runner_linux.mount_table())
+        assert any(point == "/" for point, _, _ in table)
+        assert any(fstype == "proc" and point == "/proc" for point, _, fstype in table)
+
+
 # Writes 1 MiB files (each under max_file_mb) until the disk refuses, then says how many bytes it wrote.
 DISK_FLOOD = UNGUARD + """import posix
 print("cwd", posix.getcwd(), flush=True)
