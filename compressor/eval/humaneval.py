@@ -1,4 +1,4 @@
-"""HumanEval pass@k, offline (task `humaneval`): generate with a HF model, run the tests in `sandbox.py`.
+"""HumanEval pass@k, offline (task `humaneval`): generate with a HF model, run the tests in `sandbox/`.
 
 The protocol of the Codex paper (Chen et al. 2021) and openai/human-eval: the model continues
 each problem's prompt; the completion is cut at the first stop sequence; the program

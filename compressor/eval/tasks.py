@@ -1,7 +1,7 @@
 """Runs named tasks on a model in memory, each with its own options (compressor/eval/base.py).
 
 Built-in tasks: `wikitext2_ppl`, `code_ppl` (perplexity.py), `humaneval` (humaneval.py, its
-programs executed in sandbox.py); any other name is handed to lm-eval (lmeval.py), which must be
+programs executed in sandbox/); any other name is handed to lm-eval (lmeval.py), which must be
 installed and must find the task's data offline. A new task is a Task subclass with `@register`
 in a module imported here.
 """

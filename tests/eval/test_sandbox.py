@@ -206,7 +206,7 @@ def use_layers(monkeypatch, layers):
     layers = have if layers is None else frozenset(layers)
     if not layers <= have:
         pytest.skip(f"{', '.join(sorted(layers - have))} not available here")
-    monkeypatch.setattr(sandbox, "_mechanisms", lambda site_packages=False: layers)
+    monkeypatch.setattr(sandbox.probe, "_mechanisms", lambda site_packages=False: layers)
     # e.g. uid alone when the interpreter lives below /root (mode 700): the probe pairs it with mntns.
     if not run_program("import json, math").passed:
         pytest.skip(f"programs cannot run with only {', '.join(sorted(layers))} here")
@@ -225,7 +225,7 @@ WRITES = {
 def test_bypasses_work_without_os_layers(monkeypatch):
     # With no OS layer, only the guard is left, and it does not stop these programs: the escape
     # tests below are meaningful.
-    monkeypatch.setattr(sandbox, "_mechanisms", lambda site_packages=False: frozenset())
+    monkeypatch.setattr(sandbox.probe, "_mechanisms", lambda site_packages=False: frozenset())
     target = f"/tmp/sandbox-escape-{uuid.uuid4().hex}"
     try:
         out = run_program(WRITES["_io.open"].format(path=target))
@@ -318,7 +318,7 @@ sys.path.insert(0, {repo!r})
 from compressor.eval import sandbox
 layers = sys.argv[1]
 if layers != "all":
-    sandbox._mechanisms = lambda site_packages=False: frozenset(filter(None, layers.split(",")))
+    sandbox.probe._mechanisms = lambda site_packages=False: frozenset(filter(None, layers.split(",")))
 # The program is told the evaluator's pid, so it need not find it.
 print(sandbox.run_program(sys.stdin.read().replace("EVALUATOR", str(os.getpid()))).detail)
 """
@@ -371,7 +371,7 @@ def test_evaluator_environment_leaks_without_os_layers():
 @needs_linux
 def test_fork_bomb_is_contained(monkeypatch):
     layers = use_layers(monkeypatch, None)
-    if not sandbox._guarantees(layers)["no fork bomb"]:
+    if not sandbox.probe._guarantees(layers)["no fork bomb"]:
         pytest.skip("RLIMIT_NPROC does not apply here (root without the uid drop)")
     # Bounded, so that a broken sandbox cannot take the machine down with the test.
     source = UNGUARD + (
@@ -477,9 +477,9 @@ def test_sigterm_cancels_run_many_at_once(tmp_path):
 def test_no_os_isolation_warns_once_and_still_runs(monkeypatch, caplog):
     # As on macOS: no OS layer at all. One warning, then programs run with rlimits, the timeout
     # and the guard.
-    monkeypatch.setattr(sandbox, "_wanted", lambda: frozenset())
-    monkeypatch.setattr(sandbox, "_probed", {})
-    monkeypatch.setattr(sandbox, "_warned", set())
+    monkeypatch.setattr(sandbox.probe, "_wanted", lambda: frozenset())
+    monkeypatch.setattr(sandbox.probe, "_probed", {})
+    monkeypatch.setattr(sandbox.probe, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="compressor.eval.sandbox"):
         assert run_program("print('ok')").passed
         out = run_program(f"open('/tmp/sandbox-escape-{uuid.uuid4().hex}', 'w')")
@@ -573,7 +573,192 @@ def test_isolation_report():
     layers = sandbox.isolation()
     assert layers <= set(sandbox.MECHANISMS)
     assert sandbox.network_isolation() == ("namespace" if "netns" in layers else "landlock" if "landlock-net" in layers else "guard")
-    assert set(sandbox._guarantees(layers)) == {
+    assert set(sandbox.probe._guarantees(layers)) == {
         "writes only in the working folder", "no process outlives the run", "the evaluator's environment is hidden",
-        "no fork bomb", "no network", "no unix sockets of the machine",
+        "no fork bomb", "no network", "no unix sockets of the machine", "disk and inode quota",
     }
+
+
+# --- the runner is a script; disk and inode quota; cleanup ------------------------------------
+
+
+def test_runner_is_isolated_from_the_toolkit():
+    # runner.py runs by path under -I: neither its folder nor the checkout is importable from the program.
+    out = run_program(
+        "import sys\nfor name in ('runner_linux', 'runner', 'compressor'):\n    try:\n        __import__(name)\n"
+        "    except ImportError:\n        pass\n    else:\n        raise AssertionError(name)\n"
+        "assert not [p for p in sys.path if 'sandbox' in p or p in ('', '.')], sys.path\n"
+    )
+    assert out.passed, out.detail
+    from compressor.eval.sandbox import outcome, runner
+
+    assert (runner.EXIT_SETUP, runner.EXIT_TIMEOUT, runner.EXIT_CANCELLED) == (outcome.EXIT_SETUP, outcome.EXIT_TIMEOUT, outcome.EXIT_CANCELLED)
+
+
+def test_runner_pieces_in_process():
+    # The runner is a plain module too: its pure parts are tested here, the rest through the runs above.
+    import io
+
+    from compressor.eval.sandbox import runner
+
+    sink = io.StringIO()
+    capped = runner._Capped(sink, 5)
+    assert capped.write("abc") == 3 and capped.write("defgh") == 5 and capped.write("ij") == 2
+    assert sink.getvalue() == "abcde\n[sandbox: output truncated]\n"
+    assert runner._exit_code(0) == 0 and runner._exit_code(3 << 8) == 3 and runner._exit_code(signal.SIGKILL) == 128 + signal.SIGKILL
+    before = list(sys.path)
+    assert runner._load_sibling("runner_linux").PAGE == 4096
+    assert sys.path == before and "runner_linux" not in sys.modules
+    if sys.platform.startswith("linux"):
+        from compressor.eval.sandbox import runner_linux
+
+        table = list(runner_linux.mount_table())
+        assert any(point == "/" for point, _, _ in table)
+        assert any(fstype == "proc" and point == "/proc" for point, _, fstype in table)
+
+
+# Writes 1 MiB files (each under max_file_mb) until the disk refuses, then says how many bytes it wrote.
+DISK_FLOOD = UNGUARD + """import posix
+print("cwd", posix.getcwd(), flush=True)
+n = 0
+try:
+    for i in range({files}):
+        fd = posix.open(f"f{{i}}", posix.O_WRONLY | posix.O_CREAT)
+        n += posix.write(fd, b"x" * (1 << 20))
+        posix.close(fd)
+finally:
+    print("wrote", n, "bytes", flush=True)
+"""
+
+INODE_FLOOD = UNGUARD + """import posix
+print("cwd", posix.getcwd(), flush=True)
+n = 0
+try:
+    for i in range({files}):
+        posix.close(posix.open(f"e{{i}}", posix.O_WRONLY | posix.O_CREAT))
+        n += 1
+finally:
+    print("created", n, flush=True)
+"""
+
+
+def _wrote(detail: str, word: str) -> int:
+    return int(detail.split(word, 1)[1].split()[0])
+
+
+def _removed(out: Outcome) -> bool:
+    """The program's working folder (it printed it) is gone."""
+    workdir = out.detail.split("cwd ", 1)[1].split()[0]
+    assert os.path.basename(workdir).startswith("compressor-sandbox-"), workdir
+    return not os.path.lexists(workdir)
+
+
+def needs_quota(monkeypatch):
+    if "quota" not in sandbox.isolation():
+        pytest.skip("no mount namespace with a tmpfs here: the quota is only checked after the run (see the fallback tests)")
+    return use_layers(monkeypatch, None)
+
+
+def test_disk_quota_stops_a_write_flood(monkeypatch):
+    needs_quota(monkeypatch)
+    out = run_program(DISK_FLOOD.format(files=64), disk_mb=8, max_file_mb=16)
+    assert out.status == "failed" and "No space left on device" in out.detail, out
+    assert 7 << 20 <= _wrote(out.detail, "wrote") <= (8 << 20) + (64 << 10)  # stopped at the quota, not later
+    assert _removed(out)
+    # The next program gets a fresh, empty quota.
+    assert run_program(DISK_FLOOD.format(files=4), disk_mb=8).passed
+
+
+def test_inode_quota_stops_a_file_flood(monkeypatch):
+    needs_quota(monkeypatch)
+    out = run_program(INODE_FLOOD.format(files=1000), max_inodes=200)
+    assert out.status == "failed" and "No space left on device" in out.detail, out
+    assert 190 <= _wrote(out.detail, "created") <= 200
+    assert run_program(INODE_FLOOD.format(files=150), max_inodes=200).passed
+
+
+@pytest.mark.parametrize("layers", ["all-but-quota", "none"])
+def test_quota_without_tmpfs_is_checked_after_the_run(monkeypatch, layers):
+    # Where no tmpfs can be mounted, the files land on the evaluator's disk; each is capped by
+    # RLIMIT_FSIZE, and a program over the total fails after the run.
+    use_layers(monkeypatch, sandbox.isolation() - {"quota"} if layers == "all-but-quota" else set())
+    out = run_program(DISK_FLOOD.format(files=12), disk_mb=8)
+    assert out.status == "failed" and "over the 8 MiB disk quota" in out.detail and f"wrote {12 << 20} bytes" in out.detail, out
+    assert _removed(out)
+    out = run_program(INODE_FLOOD.format(files=300), max_inodes=200)
+    assert out.status == "failed" and "over the quota of 200" in out.detail, out
+    assert _removed(out)
+    assert run_program(DISK_FLOOD.format(files=4), disk_mb=8).passed
+
+
+DEEP_CHAIN = UNGUARD + """import posix
+print("cwd", posix.getcwd(), flush=True)
+for _ in range({depth}):
+    posix.mkdir("d")
+    posix.chdir("d")
+    posix.close(posix.open("f", posix.O_WRONLY | posix.O_CREAT))
+posix.chmod(".", 0)
+print("built")
+"""
+
+
+@needs_linux
+def test_deep_folder_chain_is_removed(monkeypatch):
+    # Without the tmpfs the chain is on the evaluator's disk: 3,500 levels, paths far beyond
+    # PATH_MAX, and a folder closed to everyone at the bottom. shutil.rmtree raised RecursionError here.
+    use_layers(monkeypatch, sandbox.isolation() - {"quota"})
+    out = run_program(DEEP_CHAIN.format(depth=3500), max_inodes=8000, timeout=30)
+    assert out.passed and "built" in out.detail, out
+    assert _removed(out)
+
+
+@pytest.mark.parametrize("option", [{"disk_mb": 0}, {"max_inodes": -1}, {"disk_mb": 1.5}])
+def test_bad_quota_is_refused(option):
+    from compressor.errors import CompressorError
+
+    with pytest.raises(CompressorError, match=next(iter(option))):
+        run_program("pass", **option)
+    with pytest.raises(CompressorError, match=next(iter(option))):
+        run_many(["pass"], progress=False, **option)
+
+
+def test_remove_tree_is_iterative_and_counts(tmp_path):
+    from compressor.eval.sandbox.cleanup import remove_tree
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    top = tmp_path / "work"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    depth = 3000
+    for level in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+            f.write(b"x" * 10)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        if level % 1000 == 999:
+            os.fchmod(fd, 0)  # closed folders along the way
+        os.close(fd)
+        fd = child
+    os.symlink(outside, "link", dir_fd=fd)
+    os.close(fd)
+    usage = remove_tree(str(top))
+    assert usage.removed and not top.exists()
+    assert usage.inodes == 2 * depth + 1  # the folders, the files and the link
+    assert outside.read_text() == "keep"  # the link was removed, not followed
+
+
+def test_cleanup_cannot_fail_a_run(monkeypatch, caplog):
+    from compressor.eval.sandbox import cleanup
+
+    def broken(path, usage):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(cleanup, "_remove", broken)
+    with caplog.at_level(logging.WARNING, logger="compressor.eval.sandbox"):
+        out = run_program("import os\nprint('cwd', os.getcwd())")
+    assert out.passed, out
+    assert any("could not remove" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    assert not _removed(out)  # left behind, and said so
+    assert cleanup.remove_tree(out.detail.split("cwd ", 1)[1].split()[0]).removed
