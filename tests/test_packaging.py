@@ -20,7 +20,15 @@ def wheel(tmp_path_factory) -> Path:
     # Built from a copy without build/: setuptools would otherwise pack whatever an earlier build
     # left there, and a module missing from setup.cfg would ship anyway from a stale copy.
     src = tmp_path_factory.mktemp("src") / "compressor"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "out*", "*.egg-info", "__pycache__", ".pytest_cache", "results"))
+    anywhere = shutil.ignore_patterns(".git", "*.egg-info", "__pycache__", ".pytest_cache")
+    # Build outputs and local run folders only at the top: a module may well be named outcome.py.
+    at_top = {"build", "dist", "results", ".whl", ".gl"}
+
+    def ignore(folder, names):
+        top = Path(folder) == ROOT
+        return set(anywhere(folder, names)) | ({n for n in names if n in at_top or n.startswith("out")} if top else set())
+
+    shutil.copytree(ROOT, src, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
                    check=True, capture_output=True, cwd=out)
