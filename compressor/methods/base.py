@@ -13,6 +13,10 @@ other stages. The driver (compressor/calibration/driver.py) then calls, knowing 
 
 and reads `needs_gram`, `needs_dense_stream()`, `needs_reference()` and `sets_reference` to know
 what to collect. Stages run in the order of methods.KINDS inside every layer.
+
+Independent pieces of work (a layer's decompositions, its linears' quantisation) go through
+`run.executor.map_by_cost` (compressor/distributed/executor.py), which is the plain call in one
+process and shares them out by cost over the ranks of a distributed run; a method never asks.
 """
 
 from __future__ import annotations
