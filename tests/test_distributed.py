@@ -227,3 +227,21 @@ def test_work_is_packed_largest_first_onto_the_least_loaded_rank():
     # equal costs: the group whose first item comes first goes first, to the lowest rank
     assert pack_by_cost({"x": 1, "y": 1}, {"x": 5, "y": 2}, 2) == {"y": 0, "x": 1}
     assert set(pack_by_cost({"x": 4, "y": 1}, {"x": 0, "y": 1}, 3).values()) == {0, 1}  # one rank left idle
+
+
+@pytest.fixture
+def fault_hook():
+    """Installs policy.fault_hook for one test (production leaves it None), recording the layers."""
+    from compressor.distributed import policy
+
+    seen: list[int] = []
+    assert policy.fault_hook is None
+    policy.fault_hook = seen.append
+    yield seen
+    policy.fault_hook = None
+
+
+def test_layer_turns_call_the_fault_hook(fault_hook):
+    # one process: every layer is this rank's turn, split or not, and the hook sees each layer
+    assert [distributed.layer_turn(i, split) for i, split in [(0, False), (1, True), (2, True)]] == [True, True, True]
+    assert fault_hook == [0, 1, 2]
