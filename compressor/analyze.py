@@ -35,9 +35,10 @@ def analyze(model, recipe: str = "welore", ratio: float | None = None, device: s
             raise CompressorError(f"recipe '{rec.name}' is data-aware, so analysing an in-memory model needs its tokenizer")
         windows = calibration_windows(rec, tokenizer, calib)
     energies: dict = {}
-    driver.walk(model, dev, lambda i, layer, grams: energies.update(stage.layer_energies(model, i, layer, grams)), windows, rec.calibration.batch_size,
-                desc="spectra")
-    energies = distributed.merge_split(energies)
+    executor = distributed.executor()
+    driver.walk(model, dev, lambda i, layer, grams: energies.update(stage.layer_energies(model, i, layer, grams, executor)), windows,
+                rec.calibration.batch_size, desc="spectra")
+    energies = executor.merge_layers(energies, "spectra")
     allocation = stage.allocate(shapes, energies)
     rows = []
     for name, e in energies.items():

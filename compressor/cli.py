@@ -64,7 +64,7 @@ def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, 
     resolve_model(model)
     from compressor import distributed
 
-    if nproc is not None and distributed.start(click.get_current_context(), nproc):
+    if nproc is not None and _start_ranks(click.get_current_context(), nproc):
         return  # --nproc: the ranks ran this command; rank 0 printed the summary
     from compressor.api import compress as run
 
@@ -77,6 +77,52 @@ def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, 
         return  # distributed: rank 0 wrote the output and prints the summary
     for line in summary.render(result.report, model, out, _tasks(eval_tasks) if result.report.get("eval") else []):
         click.echo(line)
+
+
+def _start_ranks(ctx, nproc: int) -> bool:
+    """`--nproc N`: run N ranks of this command and return True once all succeeded (a failure
+    raises one line). False when there is nothing to start: N == 1, or this process is already a
+    rank of a torchrun/--nproc launch of N."""
+    from compressor.distributed import launch, state
+
+    if nproc <= 1 and not state.launched():
+        return False
+    if state.launched():
+        if state.env_world_size() != nproc:
+            raise CompressorError(f"--nproc {nproc} under a launch of WORLD_SIZE={state.env_world_size()} processes; leave --nproc out under torchrun")
+        return False
+    launch.launch(command_words(ctx), nproc)
+    return True
+
+
+def command_words(ctx, drop: tuple[str, ...] = ("nproc",)) -> list[str]:
+    """The click command behind `ctx` as command-line words (global -v, the command, its options,
+    then `--` and its arguments), so each rank re-runs exactly what was asked."""
+    words = ["-v"] if ctx.parent is not None and ctx.parent.params.get("verbose") else []
+    words.append(ctx.info_name)
+    arguments: list[str] = []
+    for param in ctx.command.params:
+        if param.name in drop or param.name not in ctx.params:
+            continue
+        value = ctx.params[param.name]
+        if value is None:
+            continue
+        if isinstance(param, click.Argument):
+            arguments.extend(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            continue
+        name = max(param.opts, key=len)
+        if getattr(param, "count", False):
+            words.extend([name] * int(value))
+        elif param.is_flag:
+            if value:
+                words.append(name)
+            elif param.secondary_opts:
+                words.append(max(param.secondary_opts, key=len))
+        else:
+            for v in value if param.multiple else [value]:
+                words.append(name)
+                words.extend(str(x) for x in (v if isinstance(v, tuple) else (v,)))
+    return [*words, "--", *arguments] if arguments else words
 
 
 def _ints(value: str | None) -> list[int] | None:

@@ -151,6 +151,11 @@ class QuantLinear(nn.Linear):
         with torch.inference_mode(False), torch.no_grad():
             return dequantize(q, zeros, self.scales, self.g_idx)
 
+    def tensors_changed(self) -> None:
+        """Its buffers were overwritten in place (a distributed run broadcast rank 0's layer): the
+        cached dequantised weight is stale."""
+        self._cache = None
+
     def _apply(self, fn, *args, **kwargs):
         self._cache = None
         super()._apply(fn, *args, **kwargs)

@@ -1,4 +1,4 @@
-"""Data-parallel compression (compressor/distributed.py, docs/guides/distributed.md): 2 gloo ranks on CPU
+"""Data-parallel compression (compressor/distributed/, docs/guides/distributed.md): 2 gloo ranks on CPU
 write what one process writes, and a rank that dies takes the whole run down with one error line.
 
 Each 2-rank run starts three Pythons (the --nproc launcher and two ranks), ~15 s on 2 cores; the
@@ -21,6 +21,9 @@ from safetensors.torch import load_file
 
 from compressor import distributed
 from compressor.api import compress
+from compressor.distributed import Executor, executor
+
+ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_entry.py")  # the CLI, plus a fault hook
 
 CALIBRATION = "calibration: {dataset: code, samples: 8, seq_len: 32, batch_size: 2}\n"  # 4 batches: 2 per rank
 RECIPES = {
@@ -155,7 +158,7 @@ def test_data_free_recipe_splits_layers_under_torchrun(src, tmp_path, one_thread
 def test_a_dying_rank_fails_the_run_with_one_line(src, tmp_path):
     out = tmp_path / "out"
     proc = ranks("compress", src / "llama", "-r", src / "whiten.yaml", "-o", out, "--device", "cpu", "--nproc", "2",
-                 env={distributed.FAULT_ENV: "1:1:exit"}, cwd=tmp_path)
+                 launcher=(ENTRY,), env={"COMPRESSOR_TEST_FAULT": "1:1:exit"}, cwd=tmp_path)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: rank 1 of 2: exited with code 7 and no message; all ranks stopped"], proc.stderr
@@ -182,16 +185,63 @@ def test_shares_are_contiguous_and_whole_batches():
 def test_nproc_reruns_the_same_command():
     import click
 
-    from compressor.cli import cli
+    from compressor.cli import cli, command_words
 
     parent = click.Context(cli, info_name="compressor")
     parent.params = {"verbose": True}
     args = ["m", "-r", "whiten", "-o", "out dir", "--ratio", "0.25", "--overwrite", "--nproc", "2"]
     ctx = cli.commands["compress"].make_context("compress", args, parent=parent)
-    words = distributed.command_words(ctx)
+    words = command_words(ctx)
     assert words[:2] == ["-v", "compress"] and "--nproc" not in words and words[-2:] == ["--", "m"]
     assert words[words.index("--out") + 1] == "out dir" and words[words.index("--ratio") + 1] == "0.25" and "--overwrite" in words
     assert "--stream" not in words  # false flags stay out
     # what the ranks parse is what was asked
     again = cli.commands["compress"].make_context("compress", words[2:], parent=parent)
     assert {k: v for k, v in again.params.items() if k != "nproc"} == {k: v for k, v in ctx.params.items() if k != "nproc"}
+
+
+def test_one_process_executor_is_the_plain_call():
+    """Outside a process group of several ranks, runs get the one-process executor: fn is called
+    once, on every item in order, and the other operations hand back what they were given."""
+    assert type(executor()) is Executor
+    calls = []
+
+    def fn(batch):
+        calls.append(list(batch))
+        return [x * 10 for x in batch]
+
+    ex = Executor()
+    assert ex.map_by_cost(fn, [3, 1, 2], cost=lambda x: x, group=lambda x: x % 2) == [30, 10, 20]
+    assert calls == [[3, 1, 2]]
+    sums, windows = {"a": torch.ones(2)}, torch.zeros(4, 3)
+    assert ex.sum_tensors(sums) is sums and ex.sum_counts({"t": 3}) == {"t": 3}
+    assert ex.shard(windows, 2) is windows and ex.merge_layers({"x": 1}) == {"x": 1}
+
+
+def test_work_is_packed_largest_first_onto_the_least_loaded_rank():
+    from compressor.distributed.executor import pack_by_cost
+
+    # costs 9, 7, 6, 5, 3 over 2 ranks: 9 -> 0, 7 -> 1, 6 -> 1 (13), 5 -> 0 (14), 3 -> 1 (16)
+    costs = {"a": 9, "b": 7, "c": 6, "d": 5, "e": 3}
+    assert pack_by_cost(costs, {k: i for i, k in enumerate(costs)}, 2) == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}
+    # equal costs: the group whose first item comes first goes first, to the lowest rank
+    assert pack_by_cost({"x": 1, "y": 1}, {"x": 5, "y": 2}, 2) == {"y": 0, "x": 1}
+    assert set(pack_by_cost({"x": 4, "y": 1}, {"x": 0, "y": 1}, 3).values()) == {0, 1}  # one rank left idle
+
+
+@pytest.fixture
+def fault_hook():
+    """Installs policy.fault_hook for one test (production leaves it None), recording the layers."""
+    from compressor.distributed import policy
+
+    seen: list[int] = []
+    assert policy.fault_hook is None
+    policy.fault_hook = seen.append
+    yield seen
+    policy.fault_hook = None
+
+
+def test_layer_turns_call_the_fault_hook(fault_hook):
+    # one process: every layer is this rank's turn, split or not, and the hook sees each layer
+    assert [distributed.layer_turn(i, split) for i, split in [(0, False), (1, True), (2, True)]] == [True, True, True]
+    assert fault_hook == [0, 1, 2]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from compressor import methods
@@ -12,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "compressor"
 # Modules the CLI imports before it knows what work there is: they keep their compressor imports
 # inside functions, so that `compressor recipes` or a bad argument answers without loading torch
 # or transformers (tests/test_cli.py checks that).
-LAZY = {"compressor", "compressor.cli", "compressor.loading", "compressor.distributed"}
+# compressor.distributed.policy imports compressor.models (torch) only when a run gathers specs.
+LAZY = {"compressor", "compressor.cli", "compressor.loading", "compressor.distributed.policy"}
 
 
 def _modules() -> dict[str, Path]:
@@ -104,3 +108,28 @@ def test_the_core_names_no_method():
 def test_no_module_is_over_500_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
     assert long == {}
+
+
+def test_no_method_imports_the_distributed_package():
+    """Methods map their work through the executor the driver hands them (Run.executor), so the
+    same method code runs in one process and over ranks."""
+    found = []
+    for path in sorted((PACKAGE / "methods").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            if any(n == "compressor.distributed" or n.startswith("compressor.distributed.") for n in names):
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert found == []
+
+
+def test_the_distributed_package_loads_no_torch():
+    """The CLI imports compressor.distributed for --nproc before it knows there is model work."""
+    code = "import sys, compressor.distributed, compressor.distributed.launch; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent,
+                         env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert out.stdout.strip() == "False"

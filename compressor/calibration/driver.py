@@ -55,6 +55,9 @@ class Run:
     layers: MemoryLayers | None = None  # where the layers come from (None: the model in memory)
     specs: dict[str, dict] = field(default_factory=dict)  # full linear name -> compressed module spec (for export)
     plan: dict[str, dict] = field(default_factory=dict)  # full linear name -> the spec a stage plans for it (in prepare)
+    # How stages map independent work (a plain call in one process; over the ranks in a distributed
+    # run): built here, after the process group is up, so no method imports compressor.distributed.
+    executor: distributed.Executor = field(default_factory=distributed.executor)
 
     def walk(self, visit: Callable, desc: str, with_grams: bool = True) -> None:
         """A walk over the layers of the model as it is now (a stage's prepare, e.g. spectra on the
@@ -109,10 +112,13 @@ class LayerWork:
 
 def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Tensor | None = None, batch_size: int = 8,
         gram_dtype: torch.dtype = torch.float64, true_sequential: bool = False, layers: MemoryLayers | None = None,
-        specs: dict | None = None) -> Run:
+        specs: dict | None = None, executor: distributed.Executor | None = None) -> Run:
     """Run `stages` (built and cross-checked by the recipe loader) on `model`, in place.
-    layers: the layer source (see walk); specs: those of layers a resumed run finished before."""
+    layers: the layer source (see walk); specs: those of layers a resumed run finished before;
+    executor: what the stages map their work with (default: the one this process needs)."""
     state = Run(model, device, windows, batch_size, gram_dtype, layers)
+    if executor is not None:
+        state.executor = executor
     if specs is not None:
         state.specs = specs
     for stage in stages:
@@ -367,11 +373,11 @@ def walk(
     if acts is not None:
         source.captured(model)
     dense = list(acts.hidden) if acts is not None and dense_stream else None
-    # distributed (compressor/distributed.py; nothing changes in one process): with calibration
-    # data every rank visits every layer and the ranks check they hold the same result; without,
-    # inside distributed.layer_split, rank r visits layers r, r + N, ...
+    # distributed (compressor/distributed/policy.py; nothing changes in one process): with
+    # calibration data every rank visits every layer and the ranks check they hold the same result;
+    # without, inside distributed.layer_split, rank r visits layers r, r + N, ...
     shared = distributed.active()
-    split = shared and acts is None and distributed.splitting()
+    split = shared and acts is None and distributed.in_layer_split()
     if shared and acts is not None:
         visit = distributed.synced(visit)
     try:

@@ -13,6 +13,10 @@ other stages. The driver (compressor/calibration/driver.py) then calls, knowing 
 
 and reads `needs_gram`, `needs_dense_stream()`, `needs_reference()` and `sets_reference` to know
 what to collect. Stages run in the order of methods.KINDS inside every layer.
+
+Independent pieces of work (a layer's decompositions, its linears' quantisation) go through
+`run.executor.map_by_cost` (compressor/distributed/executor.py), which is the plain call in one
+process and shares them out by cost over the ranks of a distributed run; a method never asks.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressor import distributed, models
+from compressor import models
 from compressor import ranks as rank_policies
 from compressor.errors import CompressorError, check_choice, check_int, check_patterns
 from compressor.linalg import check_finite
@@ -129,6 +133,13 @@ def target_shapes(model, method: Method) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def decomposition_cost(shape) -> int:
+    """Relative cost of factorising one m x n weight with its n x n Gram: m n min(m, n) + n^3 (the
+    SVD of W and the eigh of the Gram), what an executor packs work over ranks by."""
+    m, n = int(shape[0]), int(shape[1])
+    return m * n * min(m, n) + n**3
+
+
 # ----------------------------------------------------------------------------- rank reduction
 
 
@@ -194,17 +205,16 @@ class RankMethod(Method):
     def _linears(self, model, layer: nn.Module, only: set[str] | None = None) -> dict[str, nn.Module]:
         return {n: m for n, m in models.layer_linears(model, layer, only).items() if self.targets(n)}
 
-    def layer_energies(self, model, index: int, layer: nn.Module, grams: dict | None) -> dict[str, torch.Tensor]:
-        """Per targeted full module name in one decoder layer, the component energies (descending)."""
+    def layer_energies(self, model, index: int, layer: nn.Module, grams: dict | None, executor) -> dict[str, torch.Tensor]:
+        """Per targeted full module name in one decoder layer, the component energies (descending).
+        executor: the run's (Run.executor), which may share the matrices out by cost."""
         prefix = models.layer_prefix(model, index)
         linears = self._linears(model, layer)
         weights = [models.weight_of(m).detach() for m in linears.values()]
         arch = models.arch_for(model)
         hs = [grams[arch.linears[n]] for n in linears] if self.needs_gram else [None] * len(weights)
-        if distributed.spreading():  # distributed: each shape's matrices on one rank, results broadcast
-            found = distributed.spread(weights, lambda idx: self.energies([weights[j] for j in idx], [hs[j] for j in idx]), "spectra")
-        else:
-            found = self.energies(weights, hs)
+        found = executor.map_by_cost(lambda idx: self.energies([weights[j] for j in idx], [hs[j] for j in idx]), range(len(weights)),
+                                     lambda j: decomposition_cost(weights[j].shape), lambda j: tuple(weights[j].shape), "spectra")
         return {f"{prefix}.{name}": e.cpu() for name, e in zip(linears, found)}
 
     def plan_ranks(self, model, energies: dict | None) -> dict:
@@ -215,13 +225,13 @@ class RankMethod(Method):
         energies = None
         if self.needs_energies():
             energies = {}
-            run.walk(lambda i, layer, grams: energies.update(self.layer_energies(run.model, i, layer, grams)), "spectra", self.needs_gram)
-            energies = distributed.merge_split(energies)  # distributed: every rank's layers' spectra (a no-op otherwise)
+            run.walk(lambda i, layer, grams: energies.update(self.layer_energies(run.model, i, layer, grams, run.executor)), "spectra", self.needs_gram)
+            energies = run.executor.merge_layers(energies, "spectra")  # a walk split over ranks by layer saw some layers each
         self.ranks = self.plan_ranks(run.model, energies)
         run.plan.update({n: {"type": "lowrank", "rank": r} for n, r in self.ranks.items() if r is not None})
 
     def apply(self, work) -> None:
-        work.run.specs.update(self.compress_layer(work.run.model, work.index, work.layer, work.grams, work.only))
+        work.run.specs.update(self.compress_layer(work.run.model, work.index, work.layer, work.grams, work.run.executor, work.only))
 
     def summary_lines(self, model, specs: dict, entry: dict) -> list[str]:
         ranks = [r for r in self.ranks.values() if r is not None]
@@ -230,9 +240,10 @@ class RankMethod(Method):
         total = sum(1 for _ in models.iter_linears_any(model))
         return [f"factorised {len(ranks)} of {total} decoder linears with {self.name} (ranks {min(ranks)}..{max(ranks)})"]
 
-    def compress_layer(self, model, index: int, layer: nn.Module, grams: dict | None, only: set[str] | None = None) -> dict:
+    def compress_layer(self, model, index: int, layer: nn.Module, grams: dict | None, executor, only: set[str] | None = None) -> dict:
         """Replace the targeted linears of one decoder layer (those named in `only`, if given) by
-        their factorisation; returns their specs."""
+        their factorisation; returns their specs. executor: the run's (Run.executor), which may
+        share the decompositions out by cost."""
         arch = models.arch_for(model)
         prefix = models.layer_prefix(model, index)
         specs: dict[str, ModuleSpec] = {}
@@ -246,10 +257,12 @@ class RankMethod(Method):
             weights.append(w)
         hs = [grams[arch.linears[n]] for n in todo] if self.needs_gram else [None] * len(weights)
         ks = [self.ranks[f"{prefix}.{n}"] for n in todo]
-        if distributed.spreading():  # distributed: each shape's matrices on one rank, results broadcast
-            factors = distributed.spread(weights, lambda idx: self.decompose([weights[j] for j in idx], [hs[j] for j in idx], [ks[j] for j in idx]))
-        else:
-            factors = self.decompose(weights, hs, ks)
+        # Matrices of one shape stay together: decompose batches them by shape (a shape's matrices
+        # get the largest rank asked of any; the randomized SVD's test matrix depends on the position
+        # in the batch), so every result is what one call on all of them computes.
+        factors = executor.map_by_cost(lambda idx: self.decompose([weights[j] for j in idx], [hs[j] for j in idx], [ks[j] for j in idx]),
+                                       range(len(weights)), lambda j: decomposition_cost(weights[j].shape), lambda j: tuple(weights[j].shape),
+                                       "decompositions")
         for (name, old), w, f, k in zip(todo.items(), weights, factors, ks):
             spec = self.module_spec(tuple(w.shape), k, old.bias is not None)
             new = build_module(spec, old)

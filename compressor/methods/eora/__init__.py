@@ -194,7 +194,8 @@ class Eora(Method):
     def prepare(self, run) -> None:
         if self.config.weighting != "output":  # measured on the dense model, before any stage changes it
             names = {full for full, name, _ in models.iter_linears(run.model) if self.targets(name)}
-            self.weights = output_sensitivity(run.model, run.windows, run.device, names, full=self.config.weighting == "loss-full")
+            self.weights = output_sensitivity(run.model, run.windows, run.device, names, full=self.config.weighting == "loss-full",
+                                              executor=run.executor)
 
     def apply(self, work) -> None:
         specs = work.run.specs

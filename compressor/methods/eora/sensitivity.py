@@ -27,18 +27,20 @@ import os
 import torch
 from torch import nn
 
-from compressor import distributed, models, progress
+from compressor import models, progress
 from compressor.errors import CompressorError
 
 
 def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.device, names: set[str] | None = None,
-                       full: bool = False) -> dict[str, torch.Tensor]:
+                       full: bool = False, *, executor) -> dict[str, torch.Tensor]:
     """Full linear name -> D (out_features,), float64 on CPU: the mean over calibration tokens of
     the squared gradient of the summed next-token cross-entropy with respect to that output; with
     `full`, G (out_features, out_features), the mean of the gradients' outer products (D is its
     diagonal).
 
-    names: the linears to measure (default: every decoder linear)."""
+    names: the linears to measure (default: every decoder linear).
+    executor: the run's (Run.executor): with several ranks, each runs its share of the windows and
+    the sums and token counts are added over the ranks."""
     targets = {name: module for name, _, module in models.iter_linears(model) if names is None or name in names}
     if not targets:
         raise CompressorError("loss weighting found no decoder linears to measure")
@@ -68,7 +70,7 @@ def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.de
     hooks.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     home = next(model.parameters()).device
     tokens = 0
-    windows = distributed.share(windows)  # distributed: this rank's windows (all in one process)
+    windows = executor.shard(windows)
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -87,8 +89,7 @@ def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.de
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.to(home)
-    if distributed.active():  # distributed: sums and token counts over every rank, added in rank order
-        sums, tokens = distributed.reduce_in_order(sums, "loss sensitivities"), distributed.reduce_counts({"tokens": tokens})["tokens"]
+    sums, tokens = executor.sum_tensors(sums, "loss sensitivities"), executor.sum_counts({"tokens": tokens})["tokens"]
     missing = sorted(set(targets) - set(sums))
     if missing:
         raise CompressorError(f"loss weighting: no gradient reached {missing[0]} (and {len(missing) - 1} more); the loss does not depend on it")

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 import compressor
-from compressor import distributed, models, modules
+from compressor import models, modules
 from compressor.errors import CompressorError, check_patterns
 from compressor.methods import register
-from compressor.methods.base import Method, target_shapes
+from compressor.methods.base import Method, decomposition_cost, target_shapes
 from compressor.methods.gptq import format as gptq_v1
 from compressor.methods.gptq.solver import QuantConfig, QuantResult, gptq_quantize, rtn_quantize, to_module
 from compressor.modules import LowRankLinear, ModuleSpec, pack_chunk
@@ -81,19 +80,15 @@ class Gptq(Method):
     def apply(self, work) -> None:
         names = [n for n in work.names if self.does(n)]
 
-        def quantize(indices: list[int]) -> list[tuple[nn.Module, dict]]:
-            done = []
-            for j in indices:
-                module, spec = self.quantize_module(work.module(names[j]), work.gram(names[j]), work.run.specs.get(work.full(names[j])))
-                done.append((module.cpu() if distributed.spreading() else module, spec))
-            return done
+        def quantize(batch: list[str]) -> list[tuple[nn.Module, dict]]:
+            return [self.quantize_module(work.module(n), work.gram(n), work.run.specs.get(work.full(n))) for n in batch]
 
-        if distributed.spreading():  # distributed: each shape's linears quantised on one rank, the modules broadcast
-            devices = [next(work.module(n).parameters()).device for n in names]
-            shapes = [SimpleNamespace(shape=models.linear_shape(work.module(n))) for n in names]
-            found = [(m.to(d), spec) for d, (m, spec) in zip(devices, distributed.spread(shapes, quantize, "quantisation"))]
-        else:
-            found = quantize(list(range(len(names))))
+        # The executor may quantise some linears on another rank (it hands their modules back on
+        # the host): each goes back to the device its linear was on.
+        devices = [next(work.module(n).parameters()).device for n in names]
+        shapes = {n: tuple(models.linear_shape(work.module(n))) for n in names}
+        found = work.run.executor.map_by_cost(quantize, names, lambda n: decomposition_cost(shapes[n]), lambda n: shapes[n], "quantisation")
+        found = [(m.to(d), spec) for d, (m, spec) in zip(devices, found)]
         for name, (module, spec) in zip(names, found):
             work.replace(name, module, spec)
 

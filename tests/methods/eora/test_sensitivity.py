@@ -4,9 +4,16 @@ from conftest import tiny_model
 from torch import nn
 
 from compressor import models
+from compressor.distributed import Executor
 from compressor.errors import CompressorError
 from compressor.methods.eora import sensitivity
 from compressor.methods.eora.sensitivity import output_roots, output_sensitivity, row_weights
+
+
+def measure(*args, **kwargs):
+    """output_sensitivity as one process runs it (the run's executor is the one-process one)."""
+    return output_sensitivity(*args, executor=Executor(), **kwargs)
+
 
 WINDOWS = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
 
@@ -34,7 +41,7 @@ def reference(model, windows, full=False):
 def test_matches_float64_autograd(arch):
     model = tiny_model(arch).double()
     want = reference(tiny_model(arch), WINDOWS)
-    got = output_sensitivity(model, WINDOWS, torch.device("cpu"))
+    got = measure(model, WINDOWS, torch.device("cpu"))
     assert set(got) == set(want) and len(got) == sum(1 for _ in models.iter_linears(model))
     for n in want:
         assert got[n].dtype == torch.float64 and got[n].shape == want[n].shape
@@ -46,8 +53,8 @@ def test_matches_float64_autograd(arch):
 def test_full_matrix_matches_float64_autograd():
     model = tiny_model("llama").double()
     want = reference(tiny_model("llama"), WINDOWS, full=True)
-    got = output_sensitivity(model, WINDOWS, torch.device("cpu"), full=True)
-    diag = output_sensitivity(model, WINDOWS, torch.device("cpu"))
+    got = measure(model, WINDOWS, torch.device("cpu"), full=True)
+    diag = measure(model, WINDOWS, torch.device("cpu"))
     assert set(got) == set(want)
     for n in want:
         out = want[n].shape[0]
@@ -59,8 +66,8 @@ def test_full_matrix_matches_float64_autograd():
 def test_full_matrix_refuses_what_memory_cannot_hold(monkeypatch):
     monkeypatch.setattr(sensitivity, "host_memory", lambda: 1000)
     with pytest.raises(CompressorError, match=r"weighting: loss-full keeps an out x out float64 matrix per adapted linear, .* GiB here, more than half"):
-        output_sensitivity(tiny_model("llama"), WINDOWS[:1], torch.device("cpu"), full=True)
-    assert output_sensitivity(tiny_model("llama"), WINDOWS[:1], torch.device("cpu"))  # the diagonal still fits
+        measure(tiny_model("llama"), WINDOWS[:1], torch.device("cpu"), full=True)
+    assert measure(tiny_model("llama"), WINDOWS[:1], torch.device("cpu"))  # the diagonal still fits
 
 
 def test_output_roots_invert_and_square_to_the_gram():
@@ -77,9 +84,9 @@ def test_output_roots_invert_and_square_to_the_gram():
 def test_selected_names_only():
     model = tiny_model("llama")
     names = {n for n, _, _ in models.iter_linears(model) if n.endswith("down_proj")}
-    assert set(output_sensitivity(model, WINDOWS[:1], torch.device("cpu"), names)) == names
+    assert set(measure(model, WINDOWS[:1], torch.device("cpu"), names)) == names
     with pytest.raises(CompressorError, match="found no decoder linears"):
-        output_sensitivity(model, WINDOWS[:1], torch.device("cpu"), {"nope"})
+        measure(model, WINDOWS[:1], torch.device("cpu"), {"nope"})
 
 
 def test_row_weights_are_safe_to_divide_by():
