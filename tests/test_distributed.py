@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import byte_tokenizer, tiny_model
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from compressor import distributed
 from compressor.api import compress
@@ -136,6 +137,36 @@ def test_gptq_matches_one_process(src, tmp_path, one_thread):
         else:
             assert torch.equal(a, b), key  # g_idx (act_order's column order), qzeros, norms, embeddings
     assert flipped <= 1e-3 * total, f"{flipped} of {total} codes differ"
+    assert json.loads((ref / "config.json").read_text())["quantization_config"] == json.loads((out / "config.json").read_text())["quantization_config"]
+
+
+def test_streamed_run_over_ranks_matches_one_streamed_process(src, tmp_path, one_thread):
+    """--stream --nproc 2: the ranks share the calibration windows, each reads every layer from
+    the shards, and rank 0 alone writes the streamed folder; it holds what one process streams."""
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(src / "llama")
+    model.save_pretrained(sharded, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(sharded)
+    ref = compress(str(sharded), str(src / "gptq4.yaml"), tmp_path / "one", device="cpu", stream=True).out
+    out = tmp_path / "two"
+    proc = ranks("compress", sharded, "-r", src / "gptq4.yaml", "-o", out, "--device", "cpu", "--stream", "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("compressed ") == 1, proc.stdout
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    one = {k: v for f in sorted(ref.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+    two = {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+    assert one.keys() == two.keys()
+    flipped = total = 0
+    for key in one:
+        if key.endswith(".qweight"):  # as in test_gptq_matches_one_process: rare rounding ties only
+            flipped += int((codes(one[key]) != codes(two[key])).sum())
+            total += codes(one[key]).numel()
+        elif key.endswith(".scales"):
+            assert torch.allclose(one[key].float(), two[key].float(), rtol=2**-10, atol=0), key
+        else:
+            assert torch.equal(one[key], two[key]), key
+    assert flipped <= 1e-3 * total
+    assert report(out)["streamed"] and report(out)["distributed"]["world_size"] == 2
     assert json.loads((ref / "config.json").read_text())["quantization_config"] == json.loads((out / "config.json").read_text())["quantization_config"]
 
 
