@@ -11,6 +11,7 @@ change is meant to change results, rewrite it and say so in the commit:
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import tempfile
@@ -45,6 +46,7 @@ NAMES = recipe.shipped() + sorted(VARIANTS)
 def _recipe(name: str) -> recipe.Recipe:
     """The shipped recipe (or variant) with a GPTQ group size the tiny model's 64/96-wide layers allow."""
     base, calibration, stages = VARIANTS.get(name, (name, {}, {}))
+    stages = copy.deepcopy(stages)  # popped below: the table must stay as written for the next caller
     data = recipe.load(base).to_dict()
     data["calibration"].update(calibration)
     data["stages"] = [stages.pop(s["method"], s) for s in data["stages"]] + list(stages.values())
