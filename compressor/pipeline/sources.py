@@ -169,6 +169,12 @@ def _layerless(config) -> nn.Module:
     small.num_hidden_layers = 0
     if getattr(small, "layer_types", None) is not None:
         small.layer_types = []
+    # A one-token vocabulary: the embedding and head are what streaming keeps from the checkpoint
+    # anyway, and at full size (Gemma 3's 262k x 640) this copy would cost as much again.
+    small.vocab_size = 1
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if hasattr(small, key):
+            setattr(small, key, None)
     try:
         return AutoModelForCausalLM.from_config(small, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - any failure means: this architecture cannot be streamed
