@@ -590,9 +590,9 @@ def test_runner_is_isolated_from_the_toolkit():
         "assert not [p for p in sys.path if 'sandbox' in p or p in ('', '.')], sys.path\n"
     )
     assert out.passed, out.detail
-    from compressor.eval.sandbox import outcome, runner
+    from compressor.eval.sandbox import common, runner
 
-    assert (runner.EXIT_SETUP, runner.EXIT_TIMEOUT, runner.EXIT_CANCELLED) == (outcome.EXIT_SETUP, outcome.EXIT_TIMEOUT, outcome.EXIT_CANCELLED)
+    assert (runner.EXIT_SETUP, runner.EXIT_TIMEOUT, runner.EXIT_CANCELLED) == (common.EXIT_SETUP, common.EXIT_TIMEOUT, common.EXIT_CANCELLED)
 
 
 def test_runner_pieces_in_process():

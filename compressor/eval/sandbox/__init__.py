@@ -42,13 +42,13 @@ layers above are what hold. Which layers work is probed once per process (`isola
 missing one is reported once with a logging warning and the sandbox runs without it.
 
 Modules: runner.py and runner_linux.py (the child program, run by path: standard library only),
-outcome.py (Outcome and shared constants), probe.py (which layers work here), launch.py (one run:
+common.py (Outcome and shared constants), probe.py (which layers work here), launch.py (one run:
 start, cancel, output, cleanup), cleanup.py (removing the working folder), pool.py (run_program,
 run_many).
 """
 
 from compressor.eval.sandbox import probe
-from compressor.eval.sandbox.outcome import DETAIL_CHARS, MECHANISMS, NOBODY, OUTPUT_CHARS, STATUSES, Outcome
+from compressor.eval.sandbox.common import DETAIL_CHARS, MECHANISMS, NOBODY, OUTPUT_CHARS, STATUSES, Outcome
 from compressor.eval.sandbox.pool import run_many, run_program
 from compressor.eval.sandbox.probe import isolation, network_isolation
 

@@ -16,7 +16,7 @@ import threading
 import time
 
 from compressor.eval.sandbox.cleanup import remove_tree
-from compressor.eval.sandbox.outcome import (
+from compressor.eval.sandbox.common import (
     DETAIL_CHARS,
     EXIT_CANCELLED,
     EXIT_PASSED,

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from compressor.errors import CompressorError
 from compressor.eval.sandbox import probe
+from compressor.eval.sandbox.common import DISK_MB, MAX_FILE_MB, MAX_INODES, Outcome
 from compressor.eval.sandbox.launch import Cancel, launch
-from compressor.eval.sandbox.outcome import DISK_MB, MAX_FILE_MB, MAX_INODES, Outcome
 
 
 def run_program(

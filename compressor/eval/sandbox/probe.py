@@ -8,8 +8,8 @@ import os
 import sys
 import threading
 
+from compressor.eval.sandbox.common import DISK_MB, MAX_FILE_MB, MAX_INODES
 from compressor.eval.sandbox.launch import launch
-from compressor.eval.sandbox.outcome import DISK_MB, MAX_FILE_MB, MAX_INODES
 
 logger = logging.getLogger("compressor.eval.sandbox")
 

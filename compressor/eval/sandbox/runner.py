@@ -6,7 +6,7 @@ library and its sibling `runner_linux.py` (loaded by path), so `-I -S` keep the 
 packages, environment and working folder out of the program's interpreter. The process roles
 (outer, init, program) are described in `compressor/eval/sandbox/__init__.py`.
 
-Exit codes the evaluator reads (see `compressor.eval.sandbox.outcome`): 0 passed, 4 setup failed,
+Exit codes the evaluator reads (see `compressor.eval.sandbox.common`): 0 passed, 4 setup failed,
 5 wall-clock timeout, 6 cancelled; anything else is the program's own failure.
 """
 
