@@ -12,9 +12,11 @@ compressed`: the kept gate/up rows and refitted down_proj of `structured`, both 
 stage's low-rank modules), or every linear the `targets` patterns match (`train: all`), plus the
 layer's norms with `train_norms`. Shapes never change, so exports stay what the earlier stages made.
 
-The target (`target`): `dense`, the dense layer's output on the dense model's inputs (the
-driver's dense stream; each layer then also undoes what earlier layers' compression changed in
-its input), or `own`, the dense layer's output on the compressed model's inputs (the layer alone).
+The target (`target`): `own` (default), the dense layer's output on the compressed model's
+inputs (the layer's own error), or `dense`, the dense layer's output on the dense model's inputs
+(the driver's dense stream; each layer then also tries to undo what earlier layers' compression
+changed in its input). On the demo model (structured 20 %), `own` lowered code and WikiText-2
+perplexity a little and `dense` raised both, at 1.5x the time.
 
 It never leaves a layer worse than the closed form it started from: a share of the calibration
 batches (`holdout`) is held back from the fit, the weights with the lowest held-out error are
@@ -52,8 +54,8 @@ class HealConfig:
     (at least one batch). eval_every: steps between held-out evaluations. patience: evaluations
     without improvement before the fit stops. seed: batch order and held-out split (per layer: seed + index).
     train: compressed (linears an earlier stage changed) or all (every linear `targets` matches).
-    train_norms: also fit the layer's norm weights. target: dense (dense layer on the dense model's
-    inputs) or own (dense layer on this layer's compressed inputs)."""
+    train_norms: also fit the layer's norm weights. target: own (the dense layer on this layer's
+    compressed inputs) or dense (the dense layer on the dense model's inputs)."""
 
     steps: int = 200
     lr: float = 1e-4
@@ -63,7 +65,7 @@ class HealConfig:
     seed: int = 0
     train: str = "compressed"
     train_norms: bool = False
-    target: str = "dense"
+    target: str = "own"
     targets: list[str] = field(default_factory=lambda: ["*"])
 
     def __post_init__(self):

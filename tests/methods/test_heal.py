@@ -75,8 +75,9 @@ def test_healing_lowers_the_layer_error_below_the_closed_form_on_unseen_windows(
     assert fit.after < fit.before and not fit.kept_start and 0 < fit.steps <= 200
 
 
-def test_the_held_out_error_never_rises_and_matches_the_report():
-    model, built = compressed({"steps": 60, "lr": 3e-3})  # a rate high enough that some layers get worse
+@pytest.mark.parametrize("target", ["own", "dense"])
+def test_the_held_out_error_never_rises_and_matches_the_report(target):
+    model, built = compressed({"steps": 60, "lr": 3e-3, "target": target})  # a rate high enough that some layers get worse
     for i, fit in built[1].fits.items():
         assert fit.after <= fit.before
     report = built[1].report(model, {})["heal"]
@@ -245,3 +246,49 @@ def test_a_bfloat16_layer_is_fitted_in_float32_and_never_worse():
     assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
     assert fit.after <= fit.before
     assert isinstance(layer, nn.Module)
+
+
+class _Recorder(Method):
+    """A stage that asks for the layer's inputs and targets, records them, then changes the layer."""
+
+    name, kind, needs_gram = "recorder", "quant", True
+
+    def __init__(self, dense_stream: bool):
+        super().__init__(SimpleNamespace(targets=["*"]))
+        self.dense_stream = dense_stream
+        self.seen: dict[int, tuple] = {}
+
+    def needs_layer_io(self):
+        return True
+
+    def needs_dense_stream(self):
+        return self.dense_stream
+
+    def apply(self, work):
+        self.seen[work.index] = (list(work.inputs), list(work.calls), list(work.own_targets), None if work.targets is None else list(work.targets))
+        with torch.no_grad():
+            work.layer.mlp.down_proj.weight.mul_(0.5)  # so the compressed stream leaves the dense one
+
+
+@pytest.mark.parametrize("dense_stream", [False, True])
+def test_the_driver_gives_a_layer_its_inputs_and_the_dense_outputs(dense_stream):
+    model, dense = tiny_model("llama"), tiny_model("llama")
+    rec = _Recorder(dense_stream)
+    calib = windows(6)
+    driver.run(model, [rec], torch.device("cpu"), calib, 2)
+    acts = driver.capture(dense, calib, 2, torch.device("cpu"))
+    dense_in = acts.hidden
+    for i, layer in enumerate(models.decoder_layers(dense)):
+        inputs, calls, own, targets = rec.seen[i]
+        assert len(inputs) == len(calls) == len(own) == 3
+        # own_targets: the dense layer on the compressed model's inputs
+        want_own = [driver._forward(layer, x, c) for x, c in zip(inputs, calls)]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(own, want_own))
+        if dense_stream:  # targets: the dense layer on the dense model's inputs
+            want = driver.run_layer(layer, SimpleNamespace(hidden=dense_in, calls={i: acts.calls[i]}), i)
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(targets, want))
+            dense_in = want
+        else:
+            assert targets is None
+    inputs1 = rec.seen[1][0]
+    assert not torch.allclose(inputs1[0], driver.run_layer(models.decoder_layers(dense)[0], acts, 0)[0])  # layer 1 saw the changed layer 0
