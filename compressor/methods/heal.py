@@ -121,6 +121,8 @@ class Heal(Method):
         mine = stages.index(self)
         if mine == 0:
             raise CompressorError(f"'{self.name}' fits what an earlier stage compressed; put a structured or rank-reduction stage before it")
+        if getattr(calibration, "true_sequential", False):
+            raise CompressorError(f"'{self.name}' fits the whole layer once its compression is done; set calibration.true_sequential: false")
         later = stages[mine + 1:]
         others = [s for s in stages if s is not self and s.needs_dense_stream()]
         if others:

@@ -234,6 +234,8 @@ def test_recipe_rules():
     with pytest.raises(CompressorError, match="propagation"):
         recipe.from_dict({"name": "h", "stages": [{"method": "whiten"}, {"method": "heal"}, {"method": "gptq", "bits": 4},
                                                   {"method": "eora", "rank": 4, "propagation": 0.25}]})
+    with pytest.raises(CompressorError, match="true_sequential"):
+        recipe.from_dict({"name": "h", "stages": [{"method": "whiten"}, {"method": "heal"}], "calibration": {"true_sequential": True}})
     recipe.from_dict({"name": "h", "stages": [{"method": "whiten", "ratio": 0.2}, {"method": "heal"}]})
 
 
@@ -292,3 +294,12 @@ def test_the_driver_gives_a_layer_its_inputs_and_the_dense_outputs(dense_stream)
             assert targets is None
     inputs1 = rec.seen[1][0]
     assert not torch.allclose(inputs1[0], driver.run_layer(models.decoder_layers(dense)[0], acts, 0)[0])  # layer 1 saw the changed layer 0
+
+
+def test_whiten_heal_exports_and_reloads(tmp_path):
+    out = tmp_path / "out"
+    rec = recipe.from_dict({"name": "wh", "stages": [{"method": "whiten", "ratio": 0.3}, {"method": "heal", "steps": 30, "lr": 3e-4}],
+                            "calibration": {"samples": 8, "seq_len": 32, "batch_size": 2}})
+    result = compress(tiny_model("llama"), rec, out, tokenizer=byte_tokenizer(), device="cpu")
+    assert result.report["heal"]["layers"] and all(s["type"] == "lowrank" for s in result.report["per_module"].values())
+    assert torch.allclose(logits(compressor.load(out)), logits(result.model), atol=1e-4)
