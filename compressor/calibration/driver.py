@@ -6,6 +6,8 @@
         collect what the stages need from the calibration inputs of layer i (input Grams, and with
             a dense stream the cross-Grams against the dense model's inputs), in one pass;
         for each stage, in recipe order: stage.apply(LayerWork)   # change the layer's linears
+            (with a stage that asks, LayerWork also holds the layer's calibration inputs and the
+            dense layer's outputs, so a stage can fit the changed layer to them)
         run the finished layer to get layer i+1's inputs
     for each stage: stage.finish(run)             # decisions that need every layer (allocations)
 
@@ -82,6 +84,37 @@ class LayerWork:
     crosses: dict | None = None
     only: set[str] | None = None  # true_sequential: the linears of this visit's input group
     reference: dict[str, torch.Tensor] = field(default_factory=dict)
+    io: LayerIO | None = None  # with a stage whose needs_layer_io() is true: what the layer sees and should give
+
+    @property
+    def inputs(self) -> list[torch.Tensor] | None:
+        """Per calibration batch, the layer's input hidden states (the compressed model's)."""
+        return None if self.io is None else self.io.inputs
+
+    @property
+    def calls(self) -> list[tuple] | None:
+        """Per calibration batch, the (args, kwargs) the model passes the layer besides its input."""
+        return None if self.io is None else self.io.calls
+
+    @property
+    def targets(self) -> list[torch.Tensor] | None:
+        """Per batch, the dense layer's output on the dense model's inputs (the dense model's next
+        hidden states); None without a dense stream."""
+        return None if self.io is None else self.io.targets
+
+    @property
+    def own_targets(self) -> list[torch.Tensor] | None:
+        """Per batch, the dense layer's output on `inputs` (before any stage changed the layer)."""
+        return None if self.io is None else self.io.own_targets
+
+    def regather(self) -> None:
+        """Collect the input Grams again from `inputs`, for a stage that changed the layer's weights
+        (not only its shapes) before later stages read them; crosses no longer apply and go."""
+        if self.io is None:
+            raise RuntimeError("regather needs the layer's inputs: the stage must declare needs_layer_io()")
+        acts = Activations(self.io.inputs, {self.index: self.io.calls})
+        self.grams, _, _ = collect(self.run.model, self.layer, acts, self.index, self.run.gram_dtype)
+        self.crosses = None
 
     @property
     def prefix(self) -> str:
@@ -110,6 +143,17 @@ class LayerWork:
             self.run.specs[self.full(name)] = spec
 
 
+@dataclass
+class LayerIO:
+    """One layer's calibration inputs and the dense layer's outputs, kept for stages that fit the
+    changed layer to them (Method.needs_layer_io). Shared lists: a stage must not change them."""
+
+    inputs: list[torch.Tensor]
+    calls: list[tuple]
+    own_targets: list[torch.Tensor]
+    targets: list[torch.Tensor] | None = None
+
+
 def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Tensor | None = None, batch_size: int = 8,
         gram_dtype: torch.dtype = torch.float64, true_sequential: bool = False, layers: MemoryLayers | None = None,
         specs: dict | None = None, executor: distributed.Executor | None = None) -> Run:
@@ -125,8 +169,8 @@ def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Ten
         stage.prepare(state)
     wants_reference = any(stage.needs_reference() for stage in stages)
 
-    def visit(i, layer, grams, crosses=None, only=None):
-        work = LayerWork(state, i, layer, grams, crosses, only)
+    def visit(i, layer, grams, crosses=None, only=None, io=None):
+        work = LayerWork(state, i, layer, grams, crosses, only, io=io)
         clock = _Clock()
         stale = True
         for stage in stages:
@@ -141,7 +185,8 @@ def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Ten
     names = "+".join(stage.name for stage in stages)
     needs_gram = any(stage.needs_gram for stage in stages)
     walk(model, device, visit, windows if needs_gram else None, batch_size, gram_dtype, desc=f"compressing ({names})",
-         dense_stream=any(stage.needs_dense_stream() for stage in stages), true_sequential=true_sequential, layers=layers)
+         dense_stream=any(stage.needs_dense_stream() for stage in stages), true_sequential=true_sequential, layers=layers,
+         layer_io=any(stage.needs_layer_io() for stage in stages))
     for stage in stages:
         stage.finish(state)
     return state
@@ -246,16 +291,19 @@ def _forward(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tenso
 
 
 def _paired_pass(layer: nn.Module, acts: Activations, dense: list[torch.Tensor], index: int, collector: DriftCollector,
-                 dense_layer: nn.Module | None = None) -> list[torch.Tensor]:
+                 dense_layer: nn.Module | None = None, own: list | None = None) -> list[torch.Tensor]:
     """Per batch, the dense layer (`dense_layer`, default `layer` while it is still dense) on the
     dense model's hidden states (kept by the collector), then `layer` on the compressed model's
-    (paired with them). Returns the dense model's next hidden states."""
+    (paired with them; its outputs appended to `own` when given). Returns the dense model's next
+    hidden states."""
     outputs = []
     for d, hidden, call in zip(dense, acts.hidden, acts.calls[index]):
         collector.recording = True
         outputs.append(_forward(layer if dense_layer is None else dense_layer, d, call))
         collector.recording = False
-        _forward(layer, hidden, call)
+        out = _forward(layer, hidden, call)
+        if own is not None:
+            own.append(out)
     return outputs
 
 
@@ -281,9 +329,10 @@ def _group_order(model, layer: nn.Module, acts: Activations, index: int) -> list
 
 
 def collect(model, layer: nn.Module, acts: Activations, index: int, gram_dtype, dense: list | None = None, names: set[str] | None = None,
-            dense_layer: nn.Module | None = None):
+            dense_layer: nn.Module | None = None, own: list | None = None):
     """(grams, crosses or None, the dense stream's next hidden states or None) from one pass of the
-    layer over the calibration batches; `names`: hook only those linears (one input group)."""
+    layer over the calibration batches; `names`: hook only those linears (one input group); `own`:
+    a list that receives the layer's outputs on acts.hidden (the pass computes them anyway)."""
     groups = models.arch_for(model).linears
     linears = models.layer_linears(model, layer, names)
     if dense is None:
@@ -292,9 +341,11 @@ def collect(model, layer: nn.Module, acts: Activations, index: int, gram_dtype, 
         collector = DriftCollector(linears, groups, gram_dtype, None if dense_layer is None else models.layer_linears(model, dense_layer))
     try:
         if dense is None:
-            run_layer(layer, acts, index)
+            outputs = run_layer(layer, acts, index)
+            if own is not None:
+                own.extend(outputs)
         else:
-            dense = _paired_pass(layer, acts, dense, index, collector, dense_layer)
+            dense = _paired_pass(layer, acts, dense, index, collector, dense_layer, own)
     finally:
         collector.close()
     if distributed.active():  # distributed: the sums over every rank's windows, added in rank order
@@ -353,6 +404,7 @@ def walk(
     dense_stream: bool = False,
     true_sequential: bool = False,
     layers: MemoryLayers | None = None,
+    layer_io: bool = False,
 ) -> None:
     """Visit every decoder layer on `device`, with its input Grams when `windows` are given.
 
@@ -365,6 +417,10 @@ def walk(
     the visits before it compressed theirs (so o_proj sees compressed q/k/v). The dense stream
     then runs through a dense copy of the layer.
     layers: where the layers come from and go to (MemoryLayers(model) by default).
+    layer_io: also call visit(..., io=LayerIO): the layer's inputs and call arguments per batch,
+    the layer's outputs on them before any visit changed it, and with a dense stream the dense
+    model's next hidden states (the collecting pass computes all of these; keeping them costs
+    memory only, about two more copies of the calibration hidden states).
     """
     arch = models.arch_for(model)
     source = layers if layers is not None else MemoryLayers(model)
@@ -394,18 +450,29 @@ def walk(
             if acts is None:
                 visit(i, layer, None)
             elif not true_sequential:
-                grams, crosses, dense = collect(model, layer, acts, i, gram_dtype, dense)
-                visit(i, layer, grams, **({} if dense is None else {"crosses": crosses}))
-                del grams, crosses
+                own = [] if layer_io else None
+                grams, crosses, dense = collect(model, layer, acts, i, gram_dtype, dense, own=own)
+                extra = {} if dense is None else {"crosses": crosses}
+                if layer_io:
+                    extra["io"] = LayerIO(acts.hidden, acts.calls[i], own, dense)
+                visit(i, layer, grams, **extra)
+                del grams, crosses, extra
             else:
                 original = copy.deepcopy(layer) if dense is not None else None
                 following = dense
+                io = None
                 for group in _group_order(model, layer, acts, i):
                     names = {n for n, g in arch.linears.items() if g == group}
-                    grams, crosses, following = collect(model, layer, acts, i, gram_dtype, dense, names, original)
-                    visit(i, layer, grams, only=names, **({} if dense is None else {"crosses": crosses}))
+                    # The first group's pass runs the still-dense layer: its outputs are the targets.
+                    own = [] if layer_io and io is None else None
+                    grams, crosses, following = collect(model, layer, acts, i, gram_dtype, dense, names, original, own=own)
+                    extra = {} if dense is None else {"crosses": crosses}
+                    if layer_io:
+                        io = io or LayerIO(acts.hidden, acts.calls[i], own, following)
+                        extra["io"] = io
+                    visit(i, layer, grams, only=names, **extra)
                 dense = following
-                del original
+                del original, io
             source.settle(i, layer)
             if acts is not None and i + 1 < count:
                 acts.hidden = run_layer(layer, acts, i)

@@ -17,6 +17,11 @@ from compressor.distributed.state import active, rank, world_size
 class Executor:
     """One process: map_by_cost calls fn once on every item; the rest return their input."""
 
+    @property
+    def ranks(self) -> int:
+        """How many processes share the work (a stage whose work cannot be split may refuse more than one)."""
+        return 1
+
     def map_by_cost(self, fn: Callable[[list], Sequence], items: Sequence, cost: Callable[[object], float],
                     group: Callable[[object], Hashable] | None = None, what: str = "work") -> list:
         """fn(some items) -> one result per item, in order; returns one result per item of `items`.
@@ -55,6 +60,11 @@ def pack_by_cost(costs: dict, first: dict, ranks: int) -> dict:
 
 
 class RankExecutor(Executor):
+    @property
+    def ranks(self) -> int:
+        return world_size()
+
+
     """Several ranks. In a shared visit (policy.py: every rank is at the same layer), map_by_cost
     packs the item groups over the ranks by cost (pack_by_cost), each rank calls fn on its own
     items, and the owners broadcast their results (moved to the host for pickling), so every rank

@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # the methods themselves (and torch) load on first lookup, no
     from compressor.methods.base import Method
 
 # What a stage does to a layer, in the order stages run: change its shapes (structured widths),
-# factorise linears, quantise them, compensate the error with adapters. One stage per kind.
-KINDS = ("structure", "rank", "quant", "adapter")
+# factorise linears, fit the changed layer's float weights to the dense layer's outputs, quantise
+# them, compensate the error with adapters. One stage per kind.
+KINDS = ("structure", "rank", "heal", "quant", "adapter")
 
 REGISTRY: dict[str, type["Method"]] = {}
 _discovered = False
@@ -60,7 +61,9 @@ def check_stages(stages: list["Method"], calibration, source: str) -> None:
             raise CompressorError(f"{source}: only one {stage.kind} stage per recipe, got '{seen[stage.kind].name}' and '{stage.name}'")
         later = [k for k in seen if KINDS.index(k) > KINDS.index(stage.kind)]
         if later:
-            raise CompressorError(f"{source}: stage '{stage.name}' must come before '{seen[later[0]].name}' (order: rank reduction, quantisation, adapters)")
+            raise CompressorError(
+                f"{source}: stage '{stage.name}' must come before '{seen[later[0]].name}' (order: structure, rank reduction, healing, quantisation, adapters)"
+            )
         seen[stage.kind] = stage
     for stage in stages:
         try:

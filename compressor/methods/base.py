@@ -11,8 +11,8 @@ other stages. The driver (compressor/calibration/driver.py) then calls, knowing 
     report(model, specs)   entries for compression_report.json
     export(model, specs)   entries the export writes (see compressor/export/checkpoint.py: save)
 
-and reads `needs_gram`, `needs_dense_stream()`, `needs_reference()` and `sets_reference` to know
-what to collect. Stages run in the order of methods.KINDS inside every layer.
+and reads `needs_gram`, `needs_dense_stream()`, `needs_layer_io()`, `needs_reference()` and
+`sets_reference` to know what to collect. Stages run in the order of methods.KINDS inside every layer.
 
 Independent pieces of work (a layer's decompositions, its linears' quantisation) go through
 `run.executor.map_by_cost` (compressor/distributed/executor.py), which is the plain call in one
@@ -73,6 +73,11 @@ class Method:
 
     def needs_dense_stream(self) -> bool:
         """Carry the dense model's hidden states beside the compressed ones (crosses in LayerWork)."""
+        return False
+
+    def needs_layer_io(self) -> bool:
+        """Keep each layer's calibration inputs, call arguments and the dense layer's outputs on them
+        (work.inputs, work.calls, work.own_targets; work.targets with a dense stream)."""
         return False
 
     def needs_reference(self) -> bool:

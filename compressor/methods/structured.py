@@ -95,42 +95,71 @@ def channel_scores(C: torch.Tensor, W_down: torch.Tensor, selection: str = "ener
     return torch.linalg.solve(C + lam * eye, C).diagonal()
 
 
-def elimination_order(C: torch.Tensor, W_down: torch.Tensor, keep: int, damp: float = 1e-6, max_steps: int = 512) -> torch.Tensor:
+def _inverse(A: torch.Tensor) -> torch.Tensor:
+    """A^-1 of a symmetric positive definite A by Cholesky (half the work of LU), LU if it is not."""
+    L, info = torch.linalg.cholesky_ex(A)
+    return torch.cholesky_inverse(L) if int(info) == 0 else torch.linalg.inv(A)
+
+
+def elimination_order(C: torch.Tensor, W_down: torch.Tensor, keep: int, damp: float = 1e-6, max_steps: int = 512, block: int = 64) -> torch.Tensor:
     """Channels, most useful first, by backward elimination: starting from all of them, repeatedly
     drop the channel whose loss raises the refitted output error least, given the others.
 
     With P = C_A^-1 over the alive set A and B = P C_A W^T the refit's coefficients, dropping j
-    costs ||B[j]||^2 / P[j, j] of output energy (the downdate of a least-squares fit), and P and B
-    are downdated in place. Unlike a per-channel score this sees redundancy: of two channels that
-    carry the same signal, one goes and the refit moves its weight to the other. At most
-    `max_steps` downdates: with more channels to drop, the cheapest few go together. The `keep`
-    survivors come first (by energy), then the dropped ones, last dropped first, so every prefix
-    of length >= keep is a set the elimination passed through."""
+    costs ||B[j]||^2 / P[j, j] of output energy (the downdate of a least-squares fit). Unlike a
+    per-channel score this sees redundancy: of two channels that carry the same signal, one goes
+    and the refit moves its weight to the other. At most `max_steps` downdates: with more channels
+    to drop, the cheapest few go together. The `keep` survivors come first (by energy), then the
+    dropped ones, last dropped first, so every prefix of length >= keep is a set the elimination
+    passed through.
+
+    A step needs only B (downdated at once, n x out), P's diagonal and P's rows of the dropped
+    channels. So P's downdates are kept as factors, P - U V^T, and applied to P in one matrix
+    product every `block` columns, where the alive rows are also compacted: the n x n matrix is
+    swept once per block instead of a few times per step, which is what made wide MLPs slow."""
     C, W = C.double(), W_down.double()
     n = C.shape[0]
-    eye = torch.eye(n, dtype=C.dtype, device=C.device)
-    P = torch.linalg.inv(C + damp * C.diagonal().mean().clamp_min(1e-30) * eye)
-    B = P @ (C @ W.T)  # (n, out): W^T up to the damping
+    shift = damp * C.diagonal().mean().clamp_min(1e-30)
+    A = C.clone()
+    A.diagonal().add_(shift)
+    P = _inverse(A)
+    del A
+    B = W.T - shift * (P @ W.T)  # P C W^T, as P C = I - shift P: W^T up to the damping
+    diag = P.diagonal().clone()
     index = torch.arange(n, device=C.device)  # the channel each row of P and B belongs to
+    alive = torch.ones(n, dtype=torch.bool, device=C.device)
     dropped: list[torch.Tensor] = []
     todo = n - keep
     per_step = max(1, math.ceil(todo / max_steps))
+    cap = max(block, per_step)
+    U = C.new_empty(n, cap)
+    V = C.new_empty(n, cap)
+    used = 0
     while todo > 0:
-        cost = B.square().sum(1) / P.diagonal().clamp_min(1e-300)
+        cost = B.square().sum(1) / diag.clamp_min(1e-300)
+        cost[~alive] = math.inf
         J = cost.topk(min(per_step, todo), largest=False).indices
-        PJ = P[J]  # (b, m), a copy: P is symmetric, so PJ.T is its columns J before the update
+        b = len(J)
+        if used + b > cap:  # apply the pending downdates to the alive rows and columns only
+            on = alive.nonzero().squeeze(1)
+            P = P[on][:, on].addmm_(U[on, :used], V[on, :used].T, alpha=-1)
+            U, V = U[on], V[on]
+            B, diag, index = B[on], diag[on], index[on]
+            J = (alive.cumsum(0) - 1)[J]  # the same channels' positions among the alive
+            alive = alive[on]
+            used = 0
+        PJ = P[J].addmm_(U[J, :used], V[:, :used].T, alpha=-1) if used else P[J]  # rows J of the current P
         m = P.shape[0]
         solve = torch.linalg.solve(PJ[:, J], torch.cat([PJ, B[J]], dim=1))  # P_JJ^-1 [P_J. | B_J]
-        P.addmm_(PJ.T, solve[:, :m], alpha=-1)
+        U[:, used:used + b] = PJ.T
+        V[:, used:used + b] = solve[:, :m].T
+        used += b
+        diag -= (PJ * solve[:, :m]).sum(0)
         B.addmm_(PJ.T, solve[:, m:], alpha=-1)
         dropped.append(index[J])
-        todo -= len(J)
-        # Drop the eliminated rows and columns: the update is memory-bound, so a P that shrinks
-        # with the alive set is what keeps this fast, and it needs no mask on the cost.
-        alive = torch.ones(m, dtype=torch.bool, device=C.device)
         alive[J] = False
-        P, B, index = P[alive][:, alive], B[alive], index[alive]
-    survivors = index  # still in increasing channel order
+        todo -= b
+    survivors = index[alive]  # still in increasing channel order
     energy = channel_scores(C, W)[survivors]
     first = survivors[energy.argsort(descending=True)]
     rest = torch.cat(dropped[::-1]) if dropped else first.new_zeros(0)
@@ -152,11 +181,29 @@ def keep_set(order: torch.Tensor, k: int) -> torch.Tensor:
 def refit_down(C: torch.Tensor, W_down: torch.Tensor, kept: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
     """W_down C[:, S] C[S, S]^-1 in float64: the down_proj that best reproduces the MLP's output
     from the kept channels on the calibration data."""
+    return refit_with_error(C, W_down, kept, damp, with_error=False)[0]
+
+
+def refit_with_error(C: torch.Tensor, W_down: torch.Tensor, kept: torch.Tensor, damp: float = 1e-6, with_error: bool = True) -> tuple[torch.Tensor, float]:
+    """(the refitted down_proj, out x k; its relative output error on the calibration data,
+    ||Z W^T - Z_S W'^T||^2 / ||Z W^T||^2).
+
+    With R = C[S, :] W^T and (C_SS + s I) W'^T = R (s the damping), the error's middle terms
+    collapse: tr(W' C_SS W'^T) = tr(W' R) - s ||W'||^2, so it costs no k x k x out products."""
     C, W = C.double(), W_down.double()
     Css = C[kept][:, kept]
-    Css = Css + damp * Css.diagonal().mean().clamp_min(1e-30) * torch.eye(len(kept), dtype=C.dtype, device=C.device)
-    rhs = C[kept] @ W.T  # (k, out) = C[S, :] W^T
-    return torch.linalg.solve(Css, rhs).T  # (out, k); C symmetric, so (C[:, S] Css^-1)^T = Css^-1 C[S, :]
+    shift = damp * Css.diagonal().mean().clamp_min(1e-30)
+    Css.diagonal().add_(shift)
+    R = C[kept] @ W.T  # (k, out) = C[S, :] W^T
+    L, info = torch.linalg.cholesky_ex(Css)
+    # C symmetric, so (C[:, S] Css^-1)^T = Css^-1 C[S, :]; Cholesky when Css is positive definite
+    new = (torch.cholesky_solve(R, L) if int(info) == 0 else torch.linalg.solve(Css, R)).T  # (out, k)
+    if not with_error:
+        return new, math.nan
+    total = (W * (W @ C)).sum()  # tr(W C W^T)
+    explained = (new * R.T).sum()
+    diff = total - 2 * explained + (explained - shift * new.square().sum())
+    return new, float(diff / total.clamp_min(1e-30))
 
 
 def error_curve(C: torch.Tensor, W_down: torch.Tensor, order: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
@@ -308,13 +355,7 @@ class Structured(Method):
             self.error[index] = 0.0
             return {}, grams
         kept = keep_set(self._order(C, W.to(C.device), k), k)
-        full = W.to(C.device).double()
-        new_down = refit_down(C, full, kept, self.config.damp)
-        # Output error of the refit on the calibration data, ||Z W^T - Z_S W'^T||^2 / ||Z W^T||^2.
-        Cd = C.double()
-        total = (full @ Cd @ full.T).trace()
-        diff = total - 2 * (new_down @ Cd[kept] @ full.T).trace() + (new_down @ Cd[kept][:, kept] @ new_down.T).trace()
-        self.error[index] = float(diff / total.clamp_min(1e-30))
+        new_down, self.error[index] = refit_with_error(C, W.to(C.device), kept, self.config.damp)
         return narrow_mlp(model, index, layer, grams, kept, new_down.to(W.dtype))
 
     def finish(self, run) -> None:
