@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor import linalg
-from compressor.errors import CompressorError, check_choice
+from compressor.errors import CompressorError, check_choice, shown
 from compressor.methods import register
 from compressor.methods.base import RankConfig, RankMethod
 
@@ -39,7 +39,7 @@ class Lord(RankMethod):
 
     def __init__(self, config):
         if config.variant not in ("data", "weight"):
-            raise CompressorError(f"lord: variant must be 'data' or 'weight', got {config.variant!r}")
+            raise CompressorError(f"lord: variant must be 'data' or 'weight', got {shown(config.variant)}")
         super().__init__(config)
 
     @property

@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from compressor import models, modules, ranks
-from compressor.errors import CompressorError, check_choice, check_float, check_int, check_patterns
+from compressor.errors import MAX_DAMP, CompressorError, check_choice, check_float, check_int, check_patterns
 from compressor.export.peft import ADAPTER_DIR
 from compressor.methods import of_kind, register
 from compressor.methods.base import Method
@@ -78,6 +78,8 @@ from compressor.methods.eora.sensitivity import output_roots, output_sensitivity
 from compressor.methods.gptq import Gptq, GptqConfig
 from compressor.methods.gptq.solver import check_group_size
 from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear, linear_from, pack_chunk
+
+MAX_REFINE = 100  # refinement rounds: each is a GPTQ re-quantisation of every linear
 
 
 @dataclass
@@ -120,11 +122,11 @@ class EoraConfig:
         check_choice("rank_allocation", self.rank_allocation, ALLOCATIONS)
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_float("propagation", self.propagation, 0, 1)
-        check_float("propagation_damp", self.propagation_damp, 0)
+        check_float("propagation_damp", self.propagation_damp, 0, MAX_DAMP)
         if self.bits is not None:
             check_choice("bits", self.bits, (2, 3, 4, 8))
         check_group_size(self.group_size)
-        check_int("refine", self.refine, 0)
+        check_int("refine", self.refine, 0, most=MAX_REFINE)
         # Rules between options of this stage (those with other stages are in Eora.bind).
         c = self
         if c.rank_allocation != "uniform" and (c.sequential or c.merge):
@@ -201,6 +203,11 @@ class Eora(Method):
             if not self.targets(name):
                 continue
             full, H, cross = work.full(name), work.gram(name), work.cross(name)
+            shape = tuple(work.reference[name].shape)
+            if self.rank_for(name) > min(shape):
+                # As ranks.fixed refuses an svd rank: clamping it silently would give adapters as large as the weight.
+                raise CompressorError(f"eora rank {self.rank_for(name)} is larger than {full} allows (shape {shape[0]}x{shape[1]}, max {min(shape)}); "
+                                      "lower 'rank' (or its rank_pattern) in the recipe")
             module = work.module(name)
             fit = None  # (B, A, energies) when the base was fitted together with its adapters
             if self.base is not None and self.base.targets(name):
