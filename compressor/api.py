@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from compressor import distributed, files, models
+from compressor import distributed, files, limits, models
 from compressor import recipe as recipes
 from compressor.calibration import driver
 from compressor.calibration.driver import Result
@@ -19,7 +19,8 @@ from compressor.errors import CompressorError, check_counts
 from compressor.eval.tasks import run_tasks
 from compressor.export import accounting, checkpoint
 from compressor.linalg import check_finite
-from compressor.loading import DTYPES, load_model, source_dtype, source_size
+from compressor.loading import DTYPES, guard_token_ids, load_model, source_dtype, source_size
+from compressor.ownership import owns_output
 from compressor.streaming import compress_streaming
 
 log = logging.getLogger("compressor")
@@ -64,6 +65,7 @@ def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None
     if out is not None:
         files.check_output_folder(out, overwrite, source=model if isinstance(model, (str, Path)) else None)
         files.remove_stale_temps(out)
+    limits.check_run(model, recipe, samples, seq_len)
     if recipe.needs_calibration:
         wanted = recipe.calibration.seq_len if seq_len is None else seq_len
         context = _context_length(model)
@@ -74,6 +76,7 @@ def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None
     return recipe
 
 
+@owns_output  # one run at a time writes an -o (compressor/ownership.py)
 def compress(
     model: str | torch.nn.Module,
     recipe: str | recipes.Recipe,
@@ -136,6 +139,7 @@ def compress(
         model, tokenizer = load_model(str(model), dtype="float32")
     else:
         out_dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if dtype == "auto" else dtype
+        guard_token_ids(model)
     if out_dtype not in DTYPES:
         raise CompressorError(f"unknown dtype '{out_dtype}'; use one of {', '.join(DTYPES)} or auto")
     # Work in float32 on the weights as the output dtype stores them.

@@ -71,7 +71,9 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
                 return ModelSource("folder", str(path))
             raise CompressorError(f"{path} has no config.json; pass a Hugging Face model folder or a .gguf file")
         if path.suffix.lower() == ".gguf":
-            return ModelSource("gguf", str(path))
+            from compressor.files import input_file
+
+            return ModelSource("gguf", str(input_file(path, "model")))
         raise CompressorError(f"{path} is not a model; pass a Hugging Face model folder (with config.json) or a .gguf file")
 
     if text.startswith(("/", ".", "~")) or text.lower().endswith(".gguf") or text.count("/") > 1:
@@ -110,6 +112,7 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
         model, tokenizer = _load_pretrained(source, dtype)
     model = model.to(device).eval()
     check_finite_weights(model, str(spec))
+    guard_token_ids(model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s (%.1fM parameters, %s, %s) in %.1f s",
@@ -216,7 +219,11 @@ def _load_pretrained(source: ModelSource, dtype: str):
     if source.kind == "folder":
         check_checkpoint(source.location)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, output_loading_info=True)
+        if source.kind == "folder":
+            model = from_pretrained(AutoModelForCausalLM, source.location, source.location, dtype=dtype)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, output_loading_info=True)
+            _check_loading_info(info, source.location)
         tokenizer = AutoTokenizer.from_pretrained(source.location)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         if source.kind == "hub":
@@ -228,7 +235,6 @@ def _load_pretrained(source: ModelSource, dtype: str):
                 "pass a local model folder or .gguf file, or download it first with `hf download`"
             ) from e
         raise CompressorError(f"could not load the model folder {source.location}: {_first_line(e)}; it needs config.json, weights and a tokenizer") from e
-    _check_loading_info(info, source.location)
     if getattr(model, "is_quantized", False):
         # Its layers hold packed weights (GPTQ, bitsandbytes, ...), which the methods here cannot decompose.
         method = getattr(model, "quantization_method", "unknown method")
@@ -269,19 +275,30 @@ def check_causal_lm(config, where) -> None:
                               f"compressor handles causal LMs ({name}: use a *ForCausalLM checkpoint)")
 
 
-def _read_config(folder: Path):
-    from transformers import AutoConfig
-
-    path = folder / "config.json"
+def read_config_json(folder: str | Path) -> dict:
+    """A model folder's config.json as a dict; the one reader of that file, so that a damaged one
+    (unreadable, not JSON, a JSON list) is one error wherever it is met."""
+    path = Path(folder) / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CompressorError(f"{path} is unreadable or not JSON ({_first_line(e)}); re-download or re-save the model") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
+    if not isinstance(raw, dict):
+        raise CompressorError(f"{path} holds a JSON {type(raw).__name__}, not an object, so it is not a Hugging Face model config; "
+                              "re-save the model with save_pretrained")
+    return raw
+
+
+def _read_config(folder: Path):
+    from transformers import AutoConfig
+
+    path = folder / "config.json"
+    raw = read_config_json(folder)
+    if "model_type" not in raw:
         raise CompressorError(f"{path} has no model_type; it is not a Hugging Face model config (re-save the model with save_pretrained)")
     try:
         return AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever transformers makes of a damaged config (its validators raise their own types), it is bad input
         raise CompressorError(f"{path}: transformers cannot read this config ({_first_line(e)}); upgrade transformers or re-save the model") from None
 
 
@@ -362,8 +379,23 @@ def check_checkpoint(folder: str | Path) -> None:
     config = _read_config(folder)
     check_causal_lm(config, folder)
     stored = stored_tensors(folder)
-    if stored is None or (getattr(config, "quantization_config", None) is not None and getattr(config, "compression", None) is None):
-        return  # .bin weights are checked as they load; a quantised checkpoint is refused after loading
+    compressed = getattr(config, "compression", None) is not None
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None and not compressed:
+        # Refused here, not after loading: transformers would first demand the quantiser's packages.
+        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else getattr(quant, "quant_method", "unknown method")
+        raise CompressorError(f"{folder} is already quantised ({getattr(method, 'value', method)}); start from its full-precision checkpoint")
+    if compressed:
+        from compressor.export.checkpoint import check_compression
+
+        check_compression(config.compression, folder)
+    if stored is None:
+        return  # .bin weights are checked as they load
+    if not compressed and getattr(config, "model_type", None) not in _compressible():
+        # An architecture without an adapter here: its tensor names are transformers' business
+        # (GPT-NeoX stores its head as embed_out, which transformers maps onto lm_head). Its own
+        # loading report is checked after loading (_check_loading_info), so nothing random slips by.
+        return
     try:
         prefix, state, tied, ignore_missing, ignore_unexpected, unsaved, cls = _expected(config)
     except CompressorError:
@@ -393,6 +425,54 @@ def check_checkpoint(folder: str | Path) -> None:
         if k in state and tuple(state[k]) != tuple(shape):
             raise CompressorError(f"{folder}: tensor {k} is {list(shape)} in the checkpoint but {list(state[k])} in the model its config.json describes; "
                                   "config.json and the weights do not match")
+
+
+def _compressible() -> set[str]:
+    from compressor.models import ARCHS
+
+    return set(ARCHS)
+
+
+def from_pretrained(cls, location, where, **kwargs):
+    """cls.from_pretrained(location, **kwargs) with the loading report checked and every failure of
+    a damaged or foreign checkpoint as one CompressorError: the one place weights are loaded from a
+    folder (load_model, export.checkpoint.load). A PyTorch .bin that is a pickle of more than
+    tensors is refused as such (never loaded with weights_only=False: it could run code)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        model, info = cls.from_pretrained(location, output_loading_info=True, **kwargs)
+    except CompressorError:
+        raise
+    except pickle.UnpicklingError:
+        raise CompressorError(f"{where}: its PyTorch .bin weights are a pickle holding more than tensors, which is refused because loading it "
+                              "could run code; convert it to safetensors where you trust it, or use a safetensors checkpoint") from None
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError, ImportError, SafetensorError) as e:
+        raise CompressorError(f"could not load the model folder {where}: {type(e).__name__}: {_first_line(e)}; "
+                              "it needs an intact config.json, weights and a tokenizer") from e
+    _check_loading_info(info, str(where))
+    return model
+
+
+def guard_token_ids(model) -> None:
+    """Refuse, with a message, a token id beyond the model's embedding (a tokenizer of another
+    model): without this, the embedding lookup fails with an IndexError deep in the forward pass.
+    A forward pre-hook, so every path that feeds the model (calibration, perplexity, generation)
+    is covered at the cost of one max() per call."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None or getattr(embedding, "_compressor_guard", False):
+        return
+
+    def check(module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input")
+        if ids is not None and ids.numel() and not ids.is_meta and int(ids.max()) >= module.num_embeddings:
+            raise CompressorError(f"token id {int(ids.max())} is beyond the model's {module.num_embeddings} embeddings: the tokenizer "
+                                  "does not belong to this model; save the model's own tokenizer beside it")
+
+    embedding.register_forward_pre_hook(check, with_kwargs=True)
+    embedding._compressor_guard = True
 
 
 def _check_loading_info(info: dict, where: str) -> None:
@@ -447,11 +527,9 @@ def source_dtype(spec) -> str:
     if source.kind == "gguf" or source.origin is not None or source.convert_to is not None:
         return "bfloat16"
     if source.kind == "folder":
-        try:
-            config = json.loads((Path(source.location) / "config.json").read_text())
-        except (OSError, ValueError):
-            return "float32"
-        found = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+        config = read_config_json(source.location)
+        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        found = config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype")
         return found if found in DTYPES else "float32"
     return "float32"
 
@@ -467,3 +545,33 @@ def source_size(spec) -> int | None:
     if source.kind == "folder":
         return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")) or None
     return None
+
+
+def source_identity(folder: str | Path) -> dict:
+    """What a checkpoint folder holds, cheaply: per weight file its size, modification time and a
+    hash of its safetensors header (names, shapes, offsets) and of its first and last MiB of data,
+    plus a hash of the index and config. A resumed run compares it with the run it continues, so
+    weights replaced at the same path (same shapes, even) are noticed instead of mixed in."""
+    import hashlib
+
+    folder = Path(folder)
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or not path.name.endswith((".safetensors", ".bin", ".json")) or path.name.startswith("."):
+            continue
+        digest = hashlib.sha256()
+        info = path.stat()
+        with open(path, "rb") as f:
+            if path.suffix == ".json":
+                digest.update(f.read(1 << 20))
+            else:
+                head = f.read(8)
+                digest.update(head)
+                if path.suffix == ".safetensors" and len(head) == 8:
+                    digest.update(f.read(min(int.from_bytes(head, "little"), 100 << 20)))
+                digest.update(f.read(1 << 20))
+                if info.st_size > 2 << 20:
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(f.read(1 << 20))
+        found[path.name] = {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": digest.hexdigest()}
+    return found

@@ -39,9 +39,10 @@ from compressor.calibration.windows import calibration_windows
 from compressor.environment import device_name, resolve_device, versions
 from compressor.errors import CompressorError, EnvironmentFault, Interrupted, environment_fault
 from compressor.export import checkpoint
-from compressor.loading import check_checkpoint, source_dtype
+from compressor.loading import check_checkpoint, guard_token_ids, source_dtype, source_identity
 from compressor.methods.base import RankMethod, target_shapes
 from compressor.modules import build_module
+from compressor.ownership import owns_output
 
 PROGRESS = "progress.json"
 
@@ -258,6 +259,7 @@ class ShardLayers(driver.MemoryLayers):
         return ShardLayers(self.model, self.ckpt, self.dtype)
 
 
+@owns_output  # holds .OUT.lock: no other run may touch OUT or its .partial meanwhile (compressor/ownership.py)
 def compress_streaming(
     source: str | Path,
     recipe: str | recipes.Recipe,
@@ -304,6 +306,7 @@ def compress_streaming(
     check_checkpoint(source)  # a causal LM, intact shards, no tensor missing, unexpected or mis-shaped
     ckpt = Checkpoint(source)
     model = skeleton(source, ckpt, torch_dtype)
+    guard_token_ids(model)
     total = _count(model)
     if tokenizer is None and recipe.needs_calibration:
         from transformers import AutoTokenizer
@@ -313,7 +316,9 @@ def compress_streaming(
         except (OSError, ValueError, KeyError) as e:
             raise CompressorError(f"{source} has no usable tokenizer ({type(e).__name__}), which calibration needs; save one beside the model") from None
 
-    identity = {"source": str(source.resolve()), "recipe": recipe.to_dict(), "dtype": dtype, "calib": calib, "samples": samples, "seq_len": seq_len}
+    # What the source holds, not only where it is: weights replaced at the same path refuse --resume.
+    identity = {"source": str(source.resolve()), "weights": source_identity(source),
+                "recipe": recipe.to_dict(), "dtype": dtype, "calib": calib, "samples": samples, "seq_len": seq_len}
     progress = None
     if work.exists() and not resume:
         if not overwrite:
@@ -322,7 +327,7 @@ def compress_streaming(
     if work.exists():
         progress = _read_progress(work, total) if (work / PROGRESS).is_file() else None
         if progress is not None and progress["identity"] != identity:
-            raise CompressorError(f"{work} was started with other settings (source, recipe, dtype or calibration); "
+            raise CompressorError(f"{work} was started with other settings (source or its weights, recipe, dtype or calibration); "
                                   "pass --overwrite instead of --resume to start over")
         for torn in work.glob("*.tmp"):  # a write the killed process did not finish
             torn.unlink()
@@ -400,12 +405,12 @@ def compress_streaming(
         }
         (work / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (work / PROGRESS).unlink()
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        files.land(work, out, overwrite)
     except BaseException as exc:
         done = (progress or {}).get("done", 0)
-        if done == 0 and created:
+        if files.landed(work, out):  # the signal came after the final rename
+            note = f"{out} was written completely before the interruption"
+        elif done == 0 and created:
             shutil.rmtree(work, ignore_errors=True)  # nothing finished: leave nothing behind
             note = f"nothing was kept ({work} removed)"
         else:

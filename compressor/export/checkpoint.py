@@ -47,6 +47,65 @@ def check_finite_tensors(model) -> None:
                                   "(check the source checkpoint, or use --dtype float32 if a 16-bit dtype overflowed)")
 
 
+_SPEC_KEYS = {  # module type -> the integer keys its spec needs besides in/out
+    "dense": (),
+    "quant": ("bits", "group_size"),
+    "lowrank": ("rank",),
+    "lowrank_sparse": ("rank", "cols"),
+}
+_QUANT_BITS = (2, 3, 4, 8)
+
+
+def check_compression(compression, where) -> None:
+    """The `compression` section of a config.json, checked before anything is built from it: a
+    hand-edited or damaged one (a negative or string rank, an unknown module type, `modules` as a
+    list, 7 bits) is one CompressorError naming the key, not a raw exception from deep inside."""
+    from compressor.errors import MAX_COUNT, shown
+
+    def fail(key, wanted, value):
+        raise CompressorError(f"{where}/config.json: compression{key} must be {wanted}, got {shown(value)}; "
+                              "the section was edited or damaged, so re-export the model")
+
+    def count(key, value, least=1):
+        if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= MAX_COUNT:
+            fail(key, f"an integer in [{least}, {MAX_COUNT}]", value)
+
+    def quant(key, value):
+        if not isinstance(value, dict):
+            fail(key, "a mapping with bits and group_size", value)
+        if value.get("bits") not in _QUANT_BITS:
+            fail(f"{key}['bits']", f"one of {', '.join(map(str, _QUANT_BITS))}", value.get("bits"))
+        if value.get("group_size") != -1:
+            count(f"{key}['group_size']", value.get("group_size"))
+
+    if not isinstance(compression, dict):
+        fail("", "a mapping", compression)
+    specs = compression.get("modules")
+    if not isinstance(specs, dict):
+        fail("['modules']", "a mapping of module name to spec", specs)
+    for name, spec in specs.items():
+        key = f"['modules'][{shown(name)}]"
+        if not isinstance(spec, dict):
+            fail(key, "a mapping", spec)
+        kind = spec.get("type")
+        if not isinstance(kind, str) or kind not in _SPEC_KEYS:
+            fail(f"{key}['type']", f"one of {', '.join(_SPEC_KEYS)}", kind)
+        for field in ("in", "out", *_SPEC_KEYS[kind]):
+            count(f"{key}[{field!r}]", spec.get(field), 0 if field == "cols" else 1)
+        if not isinstance(spec.get("bias"), bool):
+            fail(f"{key}['bias']", "true or false", spec.get("bias"))
+        if kind == "quant":
+            quant(key, spec)
+        for part in ("quant", "adapter"):
+            if spec.get(part) is not None:
+                quant(f"{key}[{part!r}]", spec[part])
+        if spec.get("adapter") is not None:
+            count(f"{key}['adapter']['rank']", spec["adapter"].get("rank"))
+    adapter = compression.get("adapter")
+    if adapter is not None and (not isinstance(adapter, dict) or not isinstance(adapter.get("path"), (str, type(None)))):
+        fail("['adapter']", "a mapping whose path is a folder name or null", adapter)
+
+
 def shim_source(base_class_name: str) -> str:
     source = Path(modules.__file__).read_text()
     return f"{source}\n\nfrom transformers import {base_class_name}  # noqa: E402\n\nCompressedForCausalLM = compressed_class({base_class_name})\n"
@@ -110,21 +169,36 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "
     adapter: apply the folder's PEFT adapter (`adapter/`), as the compression left the model;
     False gives the base alone, e.g. to put the adapter on with peft itself. Quantised adapters are
     part of the checkpoint and always load."""
+    from compressor import loading
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CompressorError(f"{path} is not a model folder (no config.json); pass the -o folder of `compressor compress`")
-    config = AutoConfig.from_pretrained(path)
+    if isinstance(dtype, str) and dtype not in ("float32", "bfloat16", "float16", "float64"):
+        raise CompressorError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    loading.read_config_json(path)  # a damaged config.json: one error
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - whatever transformers makes of a damaged config, it is bad input
+        raise CompressorError(f"{path}/config.json: transformers cannot read this config ({type(e).__name__}: {loading._first_line(e)}); "
+                              "re-export the model") from None
     if getattr(config, "compression", None) is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    # Our modules read GPTQ tensors themselves; transformers' GPTQ path would demand gptqmodel.
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
-    cls = modules.compressed_class(base_class(config))
-    model = cls.from_pretrained(path, config=config, dtype=dtype)
-    found = config.compression.get("adapter") or {}
-    if adapter and found.get("path"):
-        attach_adapter(model, path / found["path"])
-    elif found.get("required"):
-        warnings.warn(f"{path}: the base was quantised to go with its adapter (eora refine) and gives nonsense alone; load with adapter=True", stacklevel=2)
+        model = loading.from_pretrained(AutoModelForCausalLM, path, path, dtype=dtype)
+    else:
+        check_compression(config.compression, path)
+        # Our modules read GPTQ tensors themselves; transformers' GPTQ path would demand gptqmodel.
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        try:
+            cls = modules.compressed_class(base_class(config))
+        except (KeyError, ValueError, TypeError) as e:
+            raise CompressorError(f"{path}/config.json: no model class for this config ({type(e).__name__}: {loading._first_line(e)})") from None
+        model = loading.from_pretrained(cls, path, path, config=config, dtype=dtype)
+        found = config.compression.get("adapter") or {}
+        if adapter and found.get("path"):
+            attach_adapter(model, path / found["path"])
+        elif found.get("required"):
+            warnings.warn(f"{path}: the base was quantised to go with its adapter (eora refine) and gives nonsense alone; load with adapter=True", stacklevel=2)
+    loading.guard_token_ids(model)
     return model.to(device).eval()
