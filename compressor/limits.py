@@ -11,6 +11,9 @@ from compressor.errors import CompressorError
 # averages (code and prose give 3-5 characters per token), so the windows are the same as if the
 # whole file had been read, while a 30 MB file given for 256 tokens is not read or tokenised whole.
 CHARS_PER_TOKEN = 64
+# ... and never less than this: a text shorter than it is tokenised whole, as it always was, so
+# the windows of small calibration budgets (tests, quick runs) do not change with this bound.
+MIN_TEXT_CHARS = 1 << 20
 
 
 def available_memory() -> int | None:
@@ -48,7 +51,7 @@ def text_budget(samples: int, seq_len: int) -> int:
     """Characters of calibration text worth reading for `samples` windows of `seq_len` tokens."""
     if samples < 1 or seq_len < 1:
         raise CompressorError(f"calibration needs at least one window of at least one token, got {samples} x {seq_len}")
-    return CHARS_PER_TOKEN * 4 * samples * seq_len
+    return max(CHARS_PER_TOKEN * 4 * samples * seq_len, MIN_TEXT_CHARS)
 
 
 def model_width(model) -> int | None:
