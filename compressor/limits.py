@@ -5,7 +5,10 @@ model, the calibration windows, are checked against the memory this machine has,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from compressor.errors import CompressorError
+from compressor.loading import read_config_json
 
 # Characters of calibration text read per calibration token needed: far above what any tokenizer
 # averages (code and prose give 3-5 characters per token), so the windows are the same as if the
@@ -57,14 +60,10 @@ def text_budget(samples: int, seq_len: int) -> int:
 def model_width(model) -> int | None:
     """The hidden size of a loaded model or of a folder's config.json, without loading weights;
     None when unknown (GGUF files, hub ids, a damaged config that loading reports)."""
-    from pathlib import Path
-
     config = getattr(model, "config", None)
     if config is not None:
         config = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
     elif isinstance(model, (str, Path)) and (Path(model) / "config.json").is_file():
-        from compressor.loading import read_config_json
-
         try:
             config = read_config_json(model)
         except CompressorError:

@@ -25,8 +25,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from compressor import modules
-from compressor.errors import CompressorError
+from compressor import loading, modules
+from compressor.errors import MAX_COUNT, CompressorError, shown
 from compressor.export.peft import ADAPTER_DIR, adapted, attach_adapter, save_adapter, without_adapters
 from compressor.files import atomic_dir
 
@@ -60,8 +60,6 @@ def check_compression(compression, where) -> None:
     """The `compression` section of a config.json, checked before anything is built from it: a
     hand-edited or damaged one (a negative or string rank, an unknown module type, `modules` as a
     list, 7 bits) is one CompressorError naming the key, not a raw exception from deep inside."""
-    from compressor.errors import MAX_COUNT, shown
-
     def fail(key, wanted, value):
         raise CompressorError(f"{where}/config.json: compression{key} must be {wanted}, got {shown(value)}; "
                               "the section was edited or damaged, so re-export the model")
@@ -169,8 +167,6 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "
     adapter: apply the folder's PEFT adapter (`adapter/`), as the compression left the model;
     False gives the base alone, e.g. to put the adapter on with peft itself. Quantised adapters are
     part of the checkpoint and always load."""
-    from compressor import loading
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CompressorError(f"{path} is not a model folder (no config.json); pass the -o folder of `compressor compress`")
