@@ -336,7 +336,7 @@ def compress_streaming(
     cal = recipe.calibration
     gram_dtype = getattr(torch, cal.gram_dtype)
     shapes = target_shapes(model, method)
-    created = not work.exists()
+    created, landing = not work.exists(), False
     try:
         work.mkdir(parents=True, exist_ok=True)
         if progress is None:
@@ -405,10 +405,11 @@ def compress_streaming(
         }
         (work / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (work / PROGRESS).unlink()
+        landing = True
         files.land(work, out, overwrite)
     except BaseException as exc:
         done = (progress or {}).get("done", 0)
-        if files.landed(work, out):  # the signal came after the final rename
+        if landing and files.landed(work, out):  # the signal came after the final rename
             note = f"{out} was written completely before the interruption"
         elif done == 0 and created:
             shutil.rmtree(work, ignore_errors=True)  # nothing finished: leave nothing behind
