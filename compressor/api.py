@@ -19,7 +19,8 @@ from compressor.errors import CompressorError, check_counts
 from compressor.eval.tasks import run_tasks
 from compressor.export import accounting, checkpoint
 from compressor.linalg import check_finite
-from compressor.loading import DTYPES, guard_token_ids, load_model, source_dtype, source_size
+from compressor.loading import DTYPES, load_model, source_dtype, source_size
+from compressor.models import guard_token_ids
 from compressor.ownership import owns_output
 from compressor.streaming import compress_streaming
 

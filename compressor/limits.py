@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.loading import read_config_json
+from compressor.hf import read_config_json
 
 # Characters of calibration text read per calibration token needed: far above what any tokenizer
 # averages (code and prose give 3-5 characters per token), so the windows are the same as if the

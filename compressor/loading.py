@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.errors import CompressorError
+from compressor.hf import check_loading_info, from_pretrained, read_config_json
+from compressor.hf import first_line as _first_line
 
 log = logging.getLogger("compressor.loading")
 
@@ -112,6 +114,8 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
         model, tokenizer = _load_pretrained(source, dtype)
     model = model.to(device).eval()
     check_finite_weights(model, str(spec))
+    from compressor.models import guard_token_ids
+
     guard_token_ids(model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -223,7 +227,7 @@ def _load_pretrained(source: ModelSource, dtype: str):
             model = from_pretrained(AutoModelForCausalLM, source.location, source.location, dtype=dtype)
         else:
             model, info = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, output_loading_info=True)
-            _check_loading_info(info, source.location)
+            check_loading_info(info, source.location)
         tokenizer = AutoTokenizer.from_pretrained(source.location)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         if source.kind == "hub":
@@ -273,20 +277,6 @@ def check_causal_lm(config, where) -> None:
     if archs and not any(a in causal or a.removeprefix("Compressed") in causal for a in archs):
         raise CompressorError(f"{where}: the checkpoint is a {archs[0]}, not a causal LM, so its LM head would be random; "
                               f"compressor handles causal LMs ({name}: use a *ForCausalLM checkpoint)")
-
-
-def read_config_json(folder: str | Path) -> dict:
-    """A model folder's config.json as a dict; the one reader of that file, so that a damaged one
-    (unreadable, not JSON, a JSON list) is one error wherever it is met."""
-    path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CompressorError(f"{path} is unreadable or not JSON ({_first_line(e)}); re-download or re-save the model") from None
-    if not isinstance(raw, dict):
-        raise CompressorError(f"{path} holds a JSON {type(raw).__name__}, not an object, so it is not a Hugging Face model config; "
-                              "re-save the model with save_pretrained")
-    return raw
 
 
 def _read_config(folder: Path):
@@ -394,7 +384,7 @@ def check_checkpoint(folder: str | Path) -> None:
     if not compressed and getattr(config, "model_type", None) not in _compressible():
         # An architecture without an adapter here: its tensor names are transformers' business
         # (GPT-NeoX stores its head as embed_out, which transformers maps onto lm_head). Its own
-        # loading report is checked after loading (_check_loading_info), so nothing random slips by.
+        # loading report is checked after loading (hf.check_loading_info), so nothing random slips by.
         return
     try:
         prefix, state, tied, ignore_missing, ignore_unexpected, unsaved, cls = _expected(config)
@@ -433,58 +423,6 @@ def _compressible() -> set[str]:
     return set(ARCHS)
 
 
-def from_pretrained(cls, location, where, **kwargs):
-    """cls.from_pretrained(location, **kwargs) with the loading report checked and every failure of
-    a damaged or foreign checkpoint as one CompressorError: the one place weights are loaded from a
-    folder (load_model, export.checkpoint.load). A PyTorch .bin that is a pickle of more than
-    tensors is refused as such (never loaded with weights_only=False: it could run code)."""
-    import pickle
-
-    from safetensors import SafetensorError
-
-    try:
-        model, info = cls.from_pretrained(location, output_loading_info=True, **kwargs)
-    except CompressorError:
-        raise
-    except pickle.UnpicklingError:
-        raise CompressorError(f"{where}: its PyTorch .bin weights are a pickle holding more than tensors, which is refused because loading it "
-                              "could run code; convert it to safetensors where you trust it, or use a safetensors checkpoint") from None
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError, ImportError, SafetensorError) as e:
-        raise CompressorError(f"could not load the model folder {where}: {type(e).__name__}: {_first_line(e)}; "
-                              "it needs an intact config.json, weights and a tokenizer") from e
-    _check_loading_info(info, str(where))
-    return model
-
-
-def guard_token_ids(model) -> None:
-    """Refuse, with a message, a token id beyond the model's embedding (a tokenizer of another
-    model): without this, the embedding lookup fails with an IndexError deep in the forward pass.
-    A forward pre-hook, so every path that feeds the model (calibration, perplexity, generation)
-    is covered at the cost of one max() per call."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embedding is None or getattr(embedding, "_compressor_guard", False):
-        return
-
-    def check(module, args, kwargs):
-        ids = args[0] if args else kwargs.get("input")
-        if ids is not None and ids.numel() and not ids.is_meta and int(ids.max()) >= module.num_embeddings:
-            raise CompressorError(f"token id {int(ids.max())} is beyond the model's {module.num_embeddings} embeddings: the tokenizer "
-                                  "does not belong to this model; save the model's own tokenizer beside it")
-
-    embedding.register_forward_pre_hook(check, with_kwargs=True)
-    embedding._compressor_guard = True
-
-
-def _check_loading_info(info: dict, where: str) -> None:
-    """What transformers reports after loading: anything missing, unexpected or mismatched means
-    random or dropped weights, which the static check_checkpoint could not see (e.g. .bin files)."""
-    for key, what in (("missing_keys", "lacks"), ("unexpected_keys", "holds unexpected"), ("mismatched_keys", "has mis-shaped")):
-        found = sorted(str(k) for k in (info.get(key) or ()))
-        if found:
-            raise CompressorError(f"{where}: the checkpoint {what} tensors ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
-                                  "transformers would load random or no values for them. Re-download or re-save the checkpoint")
-
-
 def _check_gguf_header(path: Path) -> None:
     try:
         with open(path, "rb") as f:
@@ -511,10 +449,6 @@ def _check_device(device: str) -> str:
         raise CompressorError(f"device '{device}' asked for, but CUDA is not available; use --device cpu")
     return device
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 DTYPES = ("float32", "bfloat16", "float16")  # what a compressed model can be stored in
@@ -546,32 +480,3 @@ def source_size(spec) -> int | None:
         return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")) or None
     return None
 
-
-def source_identity(folder: str | Path) -> dict:
-    """What a checkpoint folder holds, cheaply: per weight file its size, modification time and a
-    hash of its safetensors header (names, shapes, offsets) and of its first and last MiB of data,
-    plus a hash of the index and config. A resumed run compares it with the run it continues, so
-    weights replaced at the same path (same shapes, even) are noticed instead of mixed in."""
-    import hashlib
-
-    folder = Path(folder)
-    found = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or not path.name.endswith((".safetensors", ".bin", ".json")) or path.name.startswith("."):
-            continue
-        digest = hashlib.sha256()
-        info = path.stat()
-        with open(path, "rb") as f:
-            if path.suffix == ".json":
-                digest.update(f.read(1 << 20))
-            else:
-                head = f.read(8)
-                digest.update(head)
-                if path.suffix == ".safetensors" and len(head) == 8:
-                    digest.update(f.read(min(int.from_bytes(head, "little"), 100 << 20)))
-                digest.update(f.read(1 << 20))
-                if info.st_size > 2 << 20:
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    digest.update(f.read(1 << 20))
-        found[path.name] = {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": digest.hexdigest()}
-    return found

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import inspect
 import os
 from pathlib import Path
@@ -96,3 +97,31 @@ def owns_output(function):
             release(out)
 
     return wrapper
+
+
+def source_identity(folder: str | Path) -> dict:
+    """What a checkpoint folder holds, cheaply: per weight file its size, modification time and a
+    hash of its safetensors header (names, shapes, offsets) and of its first and last MiB of data,
+    plus a hash of the index and config. A resumed run compares it with the run it continues, so
+    weights replaced at the same path (same shapes, even) are noticed instead of mixed in."""
+    folder = Path(folder)
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or not path.name.endswith((".safetensors", ".bin", ".json")) or path.name.startswith("."):
+            continue
+        digest = hashlib.sha256()
+        info = path.stat()
+        with open(path, "rb") as f:
+            if path.suffix == ".json":
+                digest.update(f.read(1 << 20))
+            else:
+                head = f.read(8)
+                digest.update(head)
+                if path.suffix == ".safetensors" and len(head) == 8:
+                    digest.update(f.read(min(int.from_bytes(head, "little"), 100 << 20)))
+                digest.update(f.read(1 << 20))
+                if info.st_size > 2 << 20:
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(f.read(1 << 20))
+        found[path.name] = {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": digest.hexdigest()}
+    return found

@@ -39,10 +39,11 @@ from compressor.calibration.windows import calibration_windows
 from compressor.environment import device_name, resolve_device, versions
 from compressor.errors import CompressorError, EnvironmentFault, Interrupted, environment_fault
 from compressor.export import checkpoint
-from compressor.loading import check_checkpoint, guard_token_ids, source_dtype, source_identity
+from compressor.loading import check_checkpoint, source_dtype
 from compressor.methods.base import RankMethod, target_shapes
+from compressor.models import guard_token_ids
 from compressor.modules import build_module
-from compressor.ownership import owns_output
+from compressor.ownership import owns_output, source_identity
 
 PROGRESS = "progress.json"
 

@@ -25,10 +25,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from compressor import loading, modules
+from compressor import hf, modules
 from compressor.errors import MAX_COUNT, CompressorError, shown
 from compressor.export.peft import ADAPTER_DIR, adapted, attach_adapter, save_adapter, without_adapters
 from compressor.files import atomic_dir
+from compressor.models import guard_token_ids
 
 SHIM_NAME = "modeling_compressed"
 FORMAT_VERSION = 1
@@ -173,14 +174,14 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "
     if isinstance(dtype, str) and dtype not in ("float32", "bfloat16", "float16", "float64"):
         raise CompressorError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    loading.read_config_json(path)  # a damaged config.json: one error
+    hf.read_config_json(path)  # a damaged config.json: one error
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - whatever transformers makes of a damaged config, it is bad input
-        raise CompressorError(f"{path}/config.json: transformers cannot read this config ({type(e).__name__}: {loading._first_line(e)}); "
+        raise CompressorError(f"{path}/config.json: transformers cannot read this config ({type(e).__name__}: {hf.first_line(e)}); "
                               "re-export the model") from None
     if getattr(config, "compression", None) is None:
-        model = loading.from_pretrained(AutoModelForCausalLM, path, path, dtype=dtype)
+        model = hf.from_pretrained(AutoModelForCausalLM, path, path, dtype=dtype)
     else:
         check_compression(config.compression, path)
         # Our modules read GPTQ tensors themselves; transformers' GPTQ path would demand gptqmodel.
@@ -189,12 +190,12 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "
         try:
             cls = modules.compressed_class(base_class(config))
         except (KeyError, ValueError, TypeError) as e:
-            raise CompressorError(f"{path}/config.json: no model class for this config ({type(e).__name__}: {loading._first_line(e)})") from None
-        model = loading.from_pretrained(cls, path, path, config=config, dtype=dtype)
+            raise CompressorError(f"{path}/config.json: no model class for this config ({type(e).__name__}: {hf.first_line(e)})") from None
+        model = hf.from_pretrained(cls, path, path, config=config, dtype=dtype)
         found = config.compression.get("adapter") or {}
         if adapter and found.get("path"):
             attach_adapter(model, path / found["path"])
         elif found.get("required"):
             warnings.warn(f"{path}: the base was quantised to go with its adapter (eora refine) and gives nonsense alone; load with adapter=True", stacklevel=2)
-    loading.guard_token_ids(model)
+    guard_token_ids(model)
     return model.to(device).eval()
