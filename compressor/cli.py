@@ -22,6 +22,29 @@ MAX_TEMPERATURE = 100.0
 MAX_FEWSHOT = 1000
 MAX_SAMPLES_PER_TASK = 10_000
 
+
+class _Capped:
+    """A click range with a lower and an upper bound whose message names the bound that was
+    passed: the lower one as click words a range with no upper bound ("x>=1"), the upper one on
+    its own ("x<=1048576")."""
+
+    def convert(self, value, param, ctx):
+        number = click.types._NumberParamTypeBase.convert(self, value, param, ctx)
+        if number > self.max or (self.max_open and number == self.max):
+            self.fail(f"{number} is not in the range x{'<' if self.max_open else '<='}{self.max}.", param, ctx)
+        return super().convert(value, param, ctx)
+
+    def _describe_range(self) -> str:
+        return f"x{'>' if self.min_open else '>='}{self.min}"
+
+
+class IntCap(_Capped, click.IntRange):
+    pass
+
+
+class FloatCap(_Capped, click.FloatRange):
+    pass
+
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 OUT_DTYPES = click.Choice(["auto", "float32", "bfloat16", "float16"])
@@ -51,19 +74,19 @@ def cli(verbose: bool) -> None:
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fraction of decoder-linear parameters to remove, in (0, 1); overrides the recipe.")
 @click.option("--calib", help="Calibration data: shipped set name (code, python, ...) or a folder/.txt/.jsonl path.")
-@click.option("--samples", type=click.IntRange(1, MAX_COUNT), help="Calibration windows (overrides the recipe).")
-@click.option("--seq-len", type=click.IntRange(2, MAX_COUNT), help="Calibration window length in tokens (overrides the recipe).")
+@click.option("--samples", type=IntCap(1, MAX_COUNT), help="Calibration windows (overrides the recipe).")
+@click.option("--seq-len", type=IntCap(2, MAX_COUNT), help="Calibration window length in tokens (overrides the recipe).")
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where decompositions run.")
 @click.option("--dtype", type=OUT_DTYPES, default="auto", show_default=True,
               help="Precision of the output: auto keeps the source's (bfloat16 for a .gguf). Computation runs in float32/float64 regardless.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--eval", "eval_tasks", default="", help="Comma-separated perplexity tasks measured before and after, e.g. code_ppl.")
-@click.option("--eval-limit", type=click.IntRange(1, MAX_COUNT), help="At most this many windows per evaluation task.")
-@click.option("--eval-seq-len", type=click.IntRange(2, MAX_COUNT), default=2048, show_default=True,
+@click.option("--eval-limit", type=IntCap(1, MAX_COUNT), help="At most this many windows per evaluation task.")
+@click.option("--eval-seq-len", type=IntCap(2, MAX_COUNT), default=2048, show_default=True,
               help="Evaluation window length (capped at the model's context).")
 @click.option("--stream", is_flag=True, help="Read MODEL (a local safetensors folder) one layer at a time: for models larger than memory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --stream run from its last finished layer (same result, byte for byte).")
-@click.option("--nproc", type=click.IntRange(1, MAX_PROCESSES),
+@click.option("--nproc", type=IntCap(1, MAX_PROCESSES),
               help="Calibrate data-parallel in N processes on this machine (docs/distributed.md); not under torchrun.")
 def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit, eval_seq_len, stream, resume, nproc):
     """Compress MODEL (a local folder, a .gguf file, a hub id, or 'demo') into OUT."""
@@ -105,27 +128,27 @@ def _eval_options(f):
     options = [
         click.option("--tasks", default="wikitext2_ppl,code_ppl", show_default=True,
                      help="Comma-separated: wikitext2_ppl, code_ppl, humaneval, or lm-eval task names."),
-        click.option("--limit", type=click.IntRange(1, MAX_COUNT),
+        click.option("--limit", type=IntCap(1, MAX_COUNT),
                       help="At most this many perplexity windows / HumanEval problems / lm-eval documents per task."),
-        click.option("--seq-len", type=click.IntRange(2, MAX_COUNT), default=2048, show_default=True,
+        click.option("--seq-len", type=IntCap(2, MAX_COUNT), default=2048, show_default=True,
                      help="Perplexity window in tokens (capped at the model's context)."),
-        click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True,
+        click.option("--batch-size", type=IntCap(1, MAX_BATCH), default=1, show_default=True,
                      help="Windows per forward pass (perplexity), prompts per generate call (HumanEval), lm-eval batch."),
-        click.option("--max-new-tokens", type=click.IntRange(1, MAX_COUNT),
+        click.option("--max-new-tokens", type=IntCap(1, MAX_COUNT),
                       help="Generation cap per sample [HumanEval default: 512; lm-eval: the task's own]."),
-        click.option("--samples-per-task", type=click.IntRange(1, MAX_SAMPLES_PER_TASK), default=1, show_default=True,
+        click.option("--samples-per-task", type=IntCap(1, MAX_SAMPLES_PER_TASK), default=1, show_default=True,
                      help="HumanEval samples per problem; above 1 it samples (--temperature) and reports pass@k."),
-        click.option("--temperature", type=click.FloatRange(0, MAX_TEMPERATURE), default=0.2, show_default=True,
+        click.option("--temperature", type=FloatCap(0, MAX_TEMPERATURE), default=0.2, show_default=True,
                      help="HumanEval sampling temperature (with --samples-per-task > 1)."),
         click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
                      help="HumanEval nucleus sampling (with --samples-per-task > 1)."),
         click.option("--pass-k", help="HumanEval k values, e.g. 1,10 [default: 1, 10, 100 up to the samples per problem]."),
-        click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=2, show_default=True, help="Sandboxed test programs run at once."),
-        click.option("--timeout", type=click.FloatRange(0, MAX_TIMEOUT, min_open=True), default=10.0, show_default=True,
+        click.option("--workers", type=IntCap(1, MAX_WORKERS), default=2, show_default=True, help="Sandboxed test programs run at once."),
+        click.option("--timeout", type=FloatCap(0, MAX_TIMEOUT, min_open=True), default=10.0, show_default=True,
                       help="Seconds each test program may run."),
-        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Sampling seed."),
+        click.option("--seed", type=IntCap(0, MAX_SEED), default=0, show_default=True, help="Sampling seed."),
         click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder of extra lm-eval task YAMLs."),
-        click.option("--num-fewshot", type=click.IntRange(0, MAX_FEWSHOT), help="lm-eval few-shot examples (default: the task's own)."),
+        click.option("--num-fewshot", type=IntCap(0, MAX_FEWSHOT), help="lm-eval few-shot examples (default: the task's own)."),
         click.option("--device", type=DEVICES, default="auto", show_default=True),
         click.option("--dtype", type=DTYPES, default="float32", show_default=True),
         click.option("--adapter/--no-adapter", default=True, show_default=True,
