@@ -114,7 +114,10 @@ def check_int(key: str, value, least: int, optional: bool = False, most: int = M
         raise CompressorError(f"key '{key}' must be an integer <= {most}, got {shown(value)}")
 
 
-def check_float(key: str, value, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False) -> None:
+def check_float(key: str, value, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+                most: float | None = None) -> None:
+    """`value` in the range [low, high] (open ends as asked); `most`: an upper cap checked after,
+    with a message of its own (a key whose range has no natural upper end still has a bound)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN fails
     if ok and low is not None:
         ok = value > low if low_open else value >= low
@@ -126,6 +129,8 @@ def check_float(key: str, value, low: float | None = None, high: float | None = 
         span = (f"in {lo}, {hi}" if low is not None and high is not None
                 else (f">{'' if low_open else '='} {low}" if low is not None else f"<{'' if high_open else '='} {high}"))
         raise CompressorError(f"key '{key}' must be a number {span}, got {shown(value)}")
+    if most is not None and value > most:
+        raise CompressorError(f"key '{key}' must be a number <= {most}, got {shown(value)}")
 
 
 def check_choice(key: str, value, choices) -> None:

@@ -76,8 +76,8 @@ class StructuredConfig:
             raise CompressorError(f"structured: selection must be one of {', '.join(SELECTIONS)}, got {shown(self.selection)}")
         check_int("multiple_of", self.multiple_of, 1, most=MAX_MULTIPLE)
         check_float("min_keep", self.min_keep, 0, 1, low_open=True)
-        check_float("ridge", self.ridge, 0, MAX_DAMP)
-        check_float("damp", self.damp, 0, MAX_DAMP)
+        check_float("ridge", self.ridge, 0, most=MAX_DAMP)
+        check_float("damp", self.damp, 0, most=MAX_DAMP)
         if self.targets != ["mlp.*"]:
             raise CompressorError("structured: only the MLP width is reduced (targets: ['mlp.*']); attention cannot shrink in the standard classes")
 

@@ -26,7 +26,7 @@ class WhitenConfig(RankConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_float("damp", self.damp, 0, MAX_DAMP)
+        check_float("damp", self.damp, 0, most=MAX_DAMP)
 
 
 @register
