@@ -94,6 +94,8 @@ class _RecipeLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` brings keys the mapping may override: only keys written here count
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen

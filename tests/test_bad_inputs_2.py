@@ -257,6 +257,17 @@ def test_overlapping_windows_are_announced(zoo, tmp_path, capfd, caplog):
     assert len(warned) == 1 and "fewer than the 2048 that 32 windows of 64 need" in warned[0], warned
 
 
+def test_rule_duplicate_keys_but_not_merge_overrides():
+    """A key written twice is refused with its line; a key a merge (`<<: *base`) brings and the
+    mapping overrides is ordinary YAML and stays allowed; aliases within the cap load."""
+    from compressor.recipe import parse
+
+    with pytest.raises(CompressorError, match="line 4: key 'rank' is given twice"):
+        parse("stages:\n  - method: svd\n    rank: 4\n    rank: 8\n")
+    text = "base: &b {method: svd, rank: 4}\nstages:\n  - <<: *b\n    rank: 8\n  - *b\n"
+    assert parse(text)["stages"] == [{"method": "svd", "rank": 8}, {"method": "svd", "rank": 4}]
+
+
 # ----------------------------------------------------------------------------- 5. toolkit errors only
 
 
