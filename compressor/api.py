@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from compressor import distributed, files
+from compressor import distributed, files, limits
 from compressor import recipe as recipes
 from compressor.calibration.driver import Result
 from compressor.errors import CompressorError, check_counts
+from compressor.ownership import owns_output
 from compressor.pipeline.session import Session, stream_identity
 from compressor.pipeline.sinks import FolderSink, ShardSink
 from compressor.pipeline.sources import MemorySource, ShardSource
@@ -47,6 +48,7 @@ def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None
     if out is not None:
         files.check_output_folder(out, overwrite, source=model if isinstance(model, (str, Path)) else None)
         files.remove_stale_temps(out)
+    limits.check_run(model, recipe, samples, seq_len)
     if recipe.needs_calibration:
         wanted = recipe.calibration.seq_len if seq_len is None else seq_len
         context = _context_length(model)
@@ -57,6 +59,7 @@ def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None
     return recipe
 
 
+@owns_output  # one run at a time writes an -o (compressor/ownership.py)
 def compress(
     model: str | torch.nn.Module,
     recipe: str | recipes.Recipe,

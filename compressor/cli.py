@@ -8,8 +8,43 @@ from pathlib import Path
 
 import click
 
-from compressor.errors import CompressorError
+from compressor.errors import MAX_COUNT, CompressorError
 from compressor.loading import DTYPES as STORED_DTYPES
+
+# Upper bounds of the options (class 3 of docs/reference/errors.md): every number has one, so a typo costs a
+# usage error before any work; what the model or machine bounds more tightly (--seq-len against the
+# context, --samples against memory) is checked again before the model loads.
+MAX_SEED = 2**32 - 1  # the generators seeded (torch, numpy, random) all take it
+MAX_BATCH = 1 << 16
+MAX_WORKERS = 1024
+MAX_PROCESSES = 1024
+MAX_TIMEOUT = 86400.0  # a day per test program
+MAX_TEMPERATURE = 100.0
+MAX_FEWSHOT = 1000
+MAX_SAMPLES_PER_TASK = 10_000
+
+
+class _Capped:
+    """A click range with a lower and an upper bound whose message names the bound that was
+    passed: the lower one as click words a range with no upper bound ("x>=1"), the upper one on
+    its own ("x<=1048576")."""
+
+    def convert(self, value, param, ctx):
+        number = click.types._NumberParamTypeBase.convert(self, value, param, ctx)
+        if number > self.max or (self.max_open and number == self.max):
+            self.fail(f"{number} is not in the range x{'<' if self.max_open else '<='}{self.max}.", param, ctx)
+        return super().convert(value, param, ctx)
+
+    def _describe_range(self) -> str:
+        return f"x{'>' if self.min_open else '>='}{self.min}"
+
+
+class IntCap(_Capped, click.IntRange):
+    pass
+
+
+class FloatCap(_Capped, click.FloatRange):
+    pass
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 DTYPES = click.Choice(list(STORED_DTYPES))
@@ -40,18 +75,19 @@ def cli(verbose: bool) -> None:
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fraction of decoder-linear parameters to remove, in (0, 1); overrides the recipe.")
 @click.option("--calib", help="Calibration data: shipped set name (code, python, ...) or a folder/.txt/.jsonl path.")
-@click.option("--samples", type=click.IntRange(min=1), help="Calibration windows (overrides the recipe).")
-@click.option("--seq-len", type=click.IntRange(min=2), help="Calibration window length in tokens (overrides the recipe).")
+@click.option("--samples", type=IntCap(1, MAX_COUNT), help="Calibration windows (overrides the recipe).")
+@click.option("--seq-len", type=IntCap(2, MAX_COUNT), help="Calibration window length in tokens (overrides the recipe).")
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where decompositions run.")
 @click.option("--dtype", type=OUT_DTYPES, default="auto", show_default=True,
               help="Precision of the output: auto keeps the source's (bfloat16 for a .gguf). Computation runs in float32/float64 regardless.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--eval", "eval_tasks", default="", help="Comma-separated perplexity tasks measured before and after, e.g. code_ppl.")
-@click.option("--eval-limit", type=click.IntRange(min=1), help="At most this many windows per evaluation task.")
-@click.option("--eval-seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Evaluation window length (capped at the model's context).")
+@click.option("--eval-limit", type=IntCap(1, MAX_COUNT), help="At most this many windows per evaluation task.")
+@click.option("--eval-seq-len", type=IntCap(2, MAX_COUNT), default=2048, show_default=True,
+              help="Evaluation window length (capped at the model's context).")
 @click.option("--stream", is_flag=True, help="Read MODEL (a local safetensors folder) one layer at a time: for models larger than memory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --stream run from its last finished layer (same result, byte for byte).")
-@click.option("--nproc", type=click.IntRange(min=1),
+@click.option("--nproc", type=IntCap(1, MAX_PROCESSES),
               help="Calibrate data-parallel in N processes on this machine (docs/guides/distributed.md); not under torchrun.")
 def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit, eval_seq_len, stream, resume, nproc):
     """Compress MODEL (a local folder, a .gguf file, a hub id, or 'demo') into OUT."""
@@ -139,24 +175,27 @@ def _eval_options(f):
     options = [
         click.option("--tasks", default="wikitext2_ppl,code_ppl", show_default=True,
                      help="Comma-separated: wikitext2_ppl, code_ppl, humaneval, or lm-eval task names."),
-        click.option("--limit", type=click.IntRange(min=1), help="At most this many perplexity windows / HumanEval problems / lm-eval documents per task."),
-        click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True,
+        click.option("--limit", type=IntCap(1, MAX_COUNT),
+                      help="At most this many perplexity windows / HumanEval problems / lm-eval documents per task."),
+        click.option("--seq-len", type=IntCap(2, MAX_COUNT), default=2048, show_default=True,
                      help="Perplexity window in tokens (capped at the model's context)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--batch-size", type=IntCap(1, MAX_BATCH), default=1, show_default=True,
                      help="Windows per forward pass (perplexity), prompts per generate call (HumanEval), lm-eval batch."),
-        click.option("--max-new-tokens", type=click.IntRange(min=1), help="Generation cap per sample [HumanEval default: 512; lm-eval: the task's own]."),
-        click.option("--samples-per-task", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--max-new-tokens", type=IntCap(1, MAX_COUNT),
+                      help="Generation cap per sample [HumanEval default: 512; lm-eval: the task's own]."),
+        click.option("--samples-per-task", type=IntCap(1, MAX_SAMPLES_PER_TASK), default=1, show_default=True,
                      help="HumanEval samples per problem; above 1 it samples (--temperature) and reports pass@k."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.2, show_default=True,
+        click.option("--temperature", type=FloatCap(0, MAX_TEMPERATURE), default=0.2, show_default=True,
                      help="HumanEval sampling temperature (with --samples-per-task > 1)."),
         click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
                      help="HumanEval nucleus sampling (with --samples-per-task > 1)."),
         click.option("--pass-k", help="HumanEval k values, e.g. 1,10 [default: 1, 10, 100 up to the samples per problem]."),
-        click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Sandboxed test programs run at once."),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds each test program may run."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Sampling seed."),
+        click.option("--workers", type=IntCap(1, MAX_WORKERS), default=2, show_default=True, help="Sandboxed test programs run at once."),
+        click.option("--timeout", type=FloatCap(0, MAX_TIMEOUT, min_open=True), default=10.0, show_default=True,
+                      help="Seconds each test program may run."),
+        click.option("--seed", type=IntCap(0, MAX_SEED), default=0, show_default=True, help="Sampling seed."),
         click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder of extra lm-eval task YAMLs."),
-        click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval few-shot examples (default: the task's own)."),
+        click.option("--num-fewshot", type=IntCap(0, MAX_FEWSHOT), help="lm-eval few-shot examples (default: the task's own)."),
         click.option("--device", type=DEVICES, default="auto", show_default=True),
         click.option("--dtype", type=DTYPES, default="float32", show_default=True),
         click.option("--adapter/--no-adapter", default=True, show_default=True,
@@ -261,7 +300,7 @@ def evaluate(model, out, self_check, **kw):
 @_eval_options
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, callback=_output_file,
               help="Markdown table; the same name with .json gets the data.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Also draw the comparison as a PNG (needs matplotlib).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), callback=_output_file, help="Also draw the comparison as a PNG (needs matplotlib).")
 def compare(dense, compressed, out, plot_path, **kw):
     """Table of DENSE against COMPRESSED models: size, parameters, each metric and its change.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import reprlib
 import signal
 
 
@@ -76,6 +77,19 @@ def environment_fault(exc: BaseException, doing: str) -> EnvironmentFault | None
     return EnvironmentFault(f"{doing}: {what}{where}; {fix}")
 
 
+# A value the user gave, for a message: bounded in length and in the work it takes, since a recipe's
+# value can be huge (a YAML alias bomb expands to 10^9 items; its repr never ends). Every user value
+# in a message goes through here, never through repr().
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 80
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = _SHOW.maxset = 6
+_SHOW.maxlevel = 3
+
+
+def shown(value) -> str:
+    return _SHOW.repr(value)
+
+
 # Range checks for the recipe configs' __post_init__: each names the key, the range and the value.
 # recipe.from_dict prefixes the file and the stage.
 
@@ -83,14 +97,27 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_int(key: str, value, least: int, optional: bool = False) -> None:
+# Upper bounds of recipe numbers (class 3 of docs/reference/errors.md: every number has one, checked before
+# any work, so a typo such as `samples: 1000000000` costs an error, not the machine's memory).
+# Counts the model or the machine bound more tightly (a rank against a matrix, samples against
+# memory) are checked again where the model is known.
+MAX_COUNT = 1 << 20  # ranks, windows, window lengths: beyond any model or machine of today
+MAX_DAMP = 1e3  # relative dampings and ridges (times the mean of a Gram's diagonal)
+
+
+def check_int(key: str, value, least: int, optional: bool = False, most: int = MAX_COUNT) -> None:
     if optional and value is None:
         return
     if not _is_int(value) or value < least:
-        raise CompressorError(f"key '{key}' must be an integer >= {least}{' or null' if optional else ''}, got {value!r}")
+        raise CompressorError(f"key '{key}' must be an integer >= {least}{' or null' if optional else ''}, got {shown(value)}")
+    if value > most:
+        raise CompressorError(f"key '{key}' must be an integer <= {most}, got {shown(value)}")
 
 
-def check_float(key: str, value, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False) -> None:
+def check_float(key: str, value, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+                most: float | None = None) -> None:
+    """`value` in the range [low, high] (open ends as asked); `most`: an upper cap checked after,
+    with a message of its own (a key whose range has no natural upper end still has a bound)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN fails
     if ok and low is not None:
         ok = value > low if low_open else value >= low
@@ -101,17 +128,19 @@ def check_float(key: str, value, low: float | None = None, high: float | None = 
         hi = "" if high is None else f"{high}{')' if high_open else ']'}"
         span = (f"in {lo}, {hi}" if low is not None and high is not None
                 else (f">{'' if low_open else '='} {low}" if low is not None else f"<{'' if high_open else '='} {high}"))
-        raise CompressorError(f"key '{key}' must be a number {span}, got {value!r}")
+        raise CompressorError(f"key '{key}' must be a number {span}, got {shown(value)}")
+    if most is not None and value > most:
+        raise CompressorError(f"key '{key}' must be a number <= {most}, got {shown(value)}")
 
 
 def check_choice(key: str, value, choices) -> None:
     if value not in choices:
-        raise CompressorError(f"key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+        raise CompressorError(f"key '{key}' must be one of {', '.join(map(str, choices))}; got {shown(value)}")
 
 
 def check_patterns(key: str, value) -> None:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise CompressorError(f"key '{key}' must be a non-empty list of glob patterns such as ['*'] or ['mlp.*'], got {value!r}")
+        raise CompressorError(f"key '{key}' must be a non-empty list of glob patterns such as ['*'] or ['mlp.*'], got {shown(value)}")
 
 
 _LEAST = {"samples": 1, "seq_len": 2, "eval_limit": 1, "eval_seq_len": 2}
@@ -122,4 +151,6 @@ def check_counts(**counts) -> None:
     for name, value in counts.items():
         least = _LEAST[name]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
-            raise CompressorError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r} (leave it out to use the recipe's value)")
+            raise CompressorError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {shown(value)} (leave it out to use the recipe's value)")
+        if value is not None and value > MAX_COUNT:
+            raise CompressorError(f"--{name.replace('_', '-')} must be an integer <= {MAX_COUNT}, got {shown(value)}")

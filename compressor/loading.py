@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.errors import CompressorError
+from compressor.hf import check_loading_info, from_pretrained, read_config_json
+from compressor.hf import first_line as _first_line
 
 log = logging.getLogger("compressor.loading")
 
@@ -72,7 +74,9 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
                 return ModelSource("folder", str(path))
             raise CompressorError(f"{path} has no config.json; pass a Hugging Face model folder or a .gguf file")
         if path.suffix.lower() == ".gguf":
-            return ModelSource("gguf", str(path))
+            from compressor.files import input_file
+
+            return ModelSource("gguf", str(input_file(path, "model")))
         raise CompressorError(f"{path} is not a model; pass a Hugging Face model folder (with config.json) or a .gguf file")
 
     if text.startswith(("/", ".", "~")) or text.lower().endswith(".gguf") or text.count("/") > 1:
@@ -111,6 +115,9 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
         model, tokenizer = _load_pretrained(source, dtype)
     model = model.to(device).eval()
     check_finite_weights(model, str(spec))
+    from compressor.models import guard_token_ids
+
+    guard_token_ids(model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s (%.1fM parameters, %s, %s) in %.1f s",
@@ -217,7 +224,11 @@ def _load_pretrained(source: ModelSource, dtype: str):
     if source.kind == "folder":
         check_checkpoint(source.location)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, output_loading_info=True)
+        if source.kind == "folder":
+            model = from_pretrained(AutoModelForCausalLM, source.location, source.location, dtype=dtype)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, output_loading_info=True)
+            check_loading_info(info, source.location)
         tokenizer = AutoTokenizer.from_pretrained(source.location)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         if source.kind == "hub":
@@ -229,7 +240,6 @@ def _load_pretrained(source: ModelSource, dtype: str):
                 "pass a local model folder or .gguf file, or download it first with `hf download`"
             ) from e
         raise CompressorError(f"could not load the model folder {source.location}: {_first_line(e)}; it needs config.json, weights and a tokenizer") from e
-    _check_loading_info(info, source.location)
     if getattr(model, "is_quantized", False):
         # Its layers hold packed weights (GPTQ, bitsandbytes, ...), which the methods here cannot decompose.
         method = getattr(model, "quantization_method", "unknown method")
@@ -274,15 +284,12 @@ def _read_config(folder: Path):
     from transformers import AutoConfig
 
     path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CompressorError(f"{path} is unreadable or not JSON ({_first_line(e)}); re-download or re-save the model") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
+    raw = read_config_json(folder)
+    if "model_type" not in raw:
         raise CompressorError(f"{path} has no model_type; it is not a Hugging Face model config (re-save the model with save_pretrained)")
     try:
         return AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever transformers makes of a damaged config (its validators raise their own types), it is bad input
         raise CompressorError(f"{path}: transformers cannot read this config ({_first_line(e)}); upgrade transformers or re-save the model") from None
 
 
@@ -363,8 +370,23 @@ def check_checkpoint(folder: str | Path) -> None:
     config = _read_config(folder)
     check_causal_lm(config, folder)
     stored = stored_tensors(folder)
-    if stored is None or (getattr(config, "quantization_config", None) is not None and getattr(config, "compression", None) is None):
-        return  # .bin weights are checked as they load; a quantised checkpoint is refused after loading
+    compressed = getattr(config, "compression", None) is not None
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None and not compressed:
+        # Refused here, not after loading: transformers would first demand the quantiser's packages.
+        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else getattr(quant, "quant_method", "unknown method")
+        raise CompressorError(f"{folder} is already quantised ({getattr(method, 'value', method)}); start from its full-precision checkpoint")
+    if compressed:
+        from compressor.export.checkpoint import check_compression
+
+        check_compression(config.compression, folder)
+    if stored is None:
+        return  # .bin weights are checked as they load
+    if not compressed and getattr(config, "model_type", None) not in _compressible():
+        # An architecture without an adapter here: its tensor names are transformers' business
+        # (GPT-NeoX stores its head as embed_out, which transformers maps onto lm_head). Its own
+        # loading report is checked after loading (hf.check_loading_info), so nothing random slips by.
+        return
     try:
         prefix, state, tied, ignore_missing, ignore_unexpected, unsaved, cls = _expected(config)
     except CompressorError:
@@ -396,14 +418,10 @@ def check_checkpoint(folder: str | Path) -> None:
                                   "config.json and the weights do not match")
 
 
-def _check_loading_info(info: dict, where: str) -> None:
-    """What transformers reports after loading: anything missing, unexpected or mismatched means
-    random or dropped weights, which the static check_checkpoint could not see (e.g. .bin files)."""
-    for key, what in (("missing_keys", "lacks"), ("unexpected_keys", "holds unexpected"), ("mismatched_keys", "has mis-shaped")):
-        found = sorted(str(k) for k in (info.get(key) or ()))
-        if found:
-            raise CompressorError(f"{where}: the checkpoint {what} tensors ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
-                                  "transformers would load random or no values for them. Re-download or re-save the checkpoint")
+def _compressible() -> set[str]:
+    from compressor.models import ARCHS
+
+    return set(ARCHS)
 
 
 def _check_gguf_header(path: Path) -> None:
@@ -433,10 +451,6 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
 
 
 
@@ -447,11 +461,9 @@ def source_dtype(spec) -> str:
     if source.kind == "gguf" or source.origin is not None or source.convert_to is not None:
         return "bfloat16"
     if source.kind == "folder":
-        try:
-            config = json.loads((Path(source.location) / "config.json").read_text())
-        except (OSError, ValueError):
-            return "float32"
-        found = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+        config = read_config_json(source.location)
+        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        found = config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype")
         return found if found in DTYPES else "float32"
     return "float32"
 
@@ -467,3 +479,4 @@ def source_size(spec) -> int | None:
     if source.kind == "folder":
         return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")) or None
     return None
+

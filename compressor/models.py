@@ -179,3 +179,22 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def guard_token_ids(model) -> None:
+    """Refuse, with a message, a token id beyond the model's embedding (a tokenizer of another
+    model): without this, the embedding lookup fails with an IndexError deep in the forward pass.
+    A forward pre-hook, so every path that feeds the model (calibration, perplexity, generation)
+    is covered at the cost of one max() per call."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None or getattr(embedding, "_compressor_guard", False):
+        return
+
+    def check(module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input")
+        if ids is not None and ids.numel() and not ids.is_meta and int(ids.max()) >= module.num_embeddings:
+            raise CompressorError(f"token id {int(ids.max())} is beyond the model's {module.num_embeddings} embeddings: the tokenizer "
+                                  "does not belong to this model; save the model's own tokenizer beside it")
+
+    embedding.register_forward_pre_hook(check, with_kwargs=True)
+    embedding._compressor_guard = True

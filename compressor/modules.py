@@ -268,6 +268,7 @@ def stored_values(module) -> int:
 # ----------------------------------------------------------------------------- module specs
 
 SPEC_TYPES = ("dense", "quant", "lowrank", "lowrank_sparse")
+MAX_SIZE = 2**20
 
 
 @dataclass(frozen=True)
@@ -322,12 +323,11 @@ class ModuleSpec:
         if kind not in SPEC_TYPES:
             raise bad(f"type must be one of {', '.join(SPEC_TYPES)}, got {kind!r}")
 
-        def count(key, low=1, required=True):
+        def count(key, low=1):
             v = data.get(key)
-            if v is None and not required:
-                return None
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise bad(f"{key} must be an integer >= {low}, got {v!r}")
+            # 2**20 bounds every size (no model's width comes near): a tampered 10**9 allocates nothing.
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= MAX_SIZE:
+                raise bad(f"{key} must be an integer in [{low}, {MAX_SIZE}], got {str(v)[:40]}")
             return v
 
         def grid(key, value, need_rank=False):
@@ -336,10 +336,11 @@ class ModuleSpec:
             if value.get("bits") not in BITS or isinstance(value.get("bits"), bool):
                 raise bad(f"{key}.bits must be one of {BITS}, got {value.get('bits')!r}")
             g = value.get("group_size")
-            if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g >= 1):
+            if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or 1 <= g <= MAX_SIZE):
                 raise bad(f"{key}.group_size must be -1 or a positive integer, got {g!r}")
-            if need_rank and (isinstance(value.get("rank"), bool) or not isinstance(value.get("rank"), int) or value["rank"] < 1):
-                raise bad(f"{key}.rank must be an integer >= 1, got {value.get('rank')!r}")
+            r = value.get("rank")
+            if need_rank and (isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_SIZE):
+                raise bad(f"{key}.rank must be an integer in [1, {MAX_SIZE}], got {str(r)[:40]}")
             return dict(value)
 
         if not isinstance(data.get("bias"), bool):

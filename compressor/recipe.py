@@ -17,7 +17,8 @@ import yaml
 
 from compressor import methods
 from compressor.datasets import shipped_dir
-from compressor.errors import CompressorError, check_choice, check_int
+from compressor.errors import CompressorError, check_choice, check_int, shown
+from compressor.files import input_file
 from compressor.methods import check_stages
 
 RECIPES_DIR = shipped_dir("recipes")
@@ -28,6 +29,7 @@ GOALS = {
     "data-free": "no calibration data",
 }
 
+MAX_SEED = 2**32 - 1  # what every random generator the toolkit seeds accepts
 GRAM_DTYPES = ("float64", "float32")  # Gram accumulation: integer or 16-bit sums would be garbage
 
 
@@ -49,11 +51,11 @@ class CalibrationConfig:
 
     def __post_init__(self):
         if not isinstance(self.dataset, str) or not self.dataset.strip():
-            raise CompressorError(f"key 'dataset' must be a shipped set name or a path, got {self.dataset!r}")
+            raise CompressorError(f"key 'dataset' must be a shipped set name or a path, got {shown(self.dataset)}")
         check_int("samples", self.samples, 1)
         check_int("seq_len", self.seq_len, 2)
         check_int("batch_size", self.batch_size, 1)
-        check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0, most=MAX_SEED)
         check_choice("gram_dtype", self.gram_dtype, GRAM_DTYPES)
 
 
@@ -95,6 +97,72 @@ class Recipe:
         }
 
 
+# A recipe is a few dozen values. YAML aliases let 500 bytes stand for 10^9 of them (the "billion
+# laughs"), which any walk over the loaded value then expands: expansion is counted and capped.
+MAX_RECIPE_NODES = 10_000
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """safe_load, plus two rules: a key given twice in one mapping is an error naming it (PyYAML
+    keeps the last one silently), and the document may stand for at most MAX_RECIPE_NODES values
+    once its aliases are expanded."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` brings keys the mapping may override: only keys written here count
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if duplicate:
+                raise CompressorError(f"line {key_node.start_mark.line + 1}: key {shown(key)} is given twice in one mapping; "
+                                      "YAML would keep only the last, so delete one")
+        return super().construct_mapping(node, deep)
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node, sizes: dict, active: set) -> int:
+    """How many values `node` stands for with every alias expanded; refuses a recursive alias and
+    one past MAX_RECIPE_NODES. Shared nodes are sized once (memo), so this costs the file's size."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in active:
+        raise CompressorError(f"line {node.start_mark.line + 1}: a YAML alias refers to a value that contains it; a recipe cannot be recursive")
+    active.add(id(node))
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(n, sizes, active) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, active) + _expanded_size(v, sizes, active) for k, v in node.value)
+    active.discard(id(node))
+    if size > MAX_RECIPE_NODES:
+        raise CompressorError(f"line {node.start_mark.line + 1}: its YAML aliases expand to more than {MAX_RECIPE_NODES} values; "
+                              "a recipe needs a few dozen, so write the values out")
+    sizes[id(node)] = size
+    return size
+
+
+def parse(text: str, source: str = "<memory>"):
+    """The YAML of a recipe under the rules of _RecipeLoader; errors name `source`."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except CompressorError as exc:
+        raise CompressorError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise CompressorError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise CompressorError(f"{source}: nested too deeply for a recipe; a recipe is a mapping of a few levels") from None
+
+
 def _type_ok(value, annotation) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -114,6 +182,17 @@ def _type_ok(value, annotation) -> bool:
     return isinstance(value, annotation)
 
 
+def _looks_numeric(value) -> bool:
+    """A string PyYAML left as text although a user meant a number (YAML 1.1 wants `1.0e-3`, not `1e-3`)."""
+    if not isinstance(value, str) or len(value) > 40:
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise CompressorError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -123,8 +202,9 @@ def _build(cls, data: dict, where: str):
         if key not in allowed:
             raise CompressorError(f"{where}: unknown key '{key}' (allowed: {', '.join(sorted(allowed))})")
         if not _type_ok(value, hints[key]):
-            shown = getattr(hints[key], "__name__", str(hints[key]))
-            raise CompressorError(f"{where}: key '{key}' must be {shown}, got {value!r}")
+            wanted = getattr(hints[key], "__name__", str(hints[key]))
+            hint = f" (YAML reads {value} as text: write it with a dot and a signed exponent, e.g. 1.0e-3)" if _looks_numeric(value) else ""
+            raise CompressorError(f"{where}: key '{key}' must be {wanted}, got {shown(value)}{hint}")
     try:
         return cls(**data)
     except CompressorError as exc:
@@ -150,6 +230,8 @@ def from_dict(data: dict, source: str = "<memory>", ratio: float | None = None) 
         if not isinstance(raw, dict) or "method" not in raw:
             raise CompressorError(f"{where}: each stage needs a 'method' key (one of: {', '.join(methods.names())})")
         raw = dict(raw)
+        if not isinstance(raw["method"], str):
+            raise CompressorError(f"{where}: key 'method' must be one method name (one of: {', '.join(methods.names())}), got {shown(raw['method'])}")
         try:
             method_cls = methods.get(raw.pop("method"))
         except CompressorError as exc:
@@ -161,16 +243,19 @@ def from_dict(data: dict, source: str = "<memory>", ratio: float | None = None) 
             stages.append(method_cls(config))
         except CompressorError as exc:
             raise CompressorError(f"{where} ({method_cls.name}): {exc}") from None
+    if ratio is not None and not any("ratio" in {f.name for f in dataclasses.fields(s.config)} for s in stages):
+        raise CompressorError(f"{source}: --ratio {ratio} was given, but no stage of this recipe ({', '.join(s.name for s in stages)}) takes a ratio; "
+                              "leave out --ratio or choose a recipe with a rank or width stage")
     check_stages(stages, calib, source)
     data.setdefault("name", Path(source).stem)
     unknown = set(data) - {"name", "description", "version", "goal"}
     if unknown:
         raise CompressorError(f"{source}: unknown key '{sorted(unknown)[0]}' (allowed: calibration, description, goal, name, stages, version)")
     if data.get("goal") is not None and data["goal"] not in GOALS:
-        raise CompressorError(f"{source}: goal must be one of {', '.join(GOALS)}, got {data['goal']!r}")
+        raise CompressorError(f"{source}: goal must be one of {', '.join(GOALS)}, got {shown(data['goal'])}")
     for key, kind in (("name", str), ("description", str), ("version", int)):
         if key in data and not _type_ok(data[key], kind):
-            raise CompressorError(f"{source}: key '{key}' must be {kind.__name__}, got {data[key]!r}")
+            raise CompressorError(f"{source}: key '{key}' must be {kind.__name__}, got {shown(data[key])}")
     return Recipe(stages=stages, calibration=calib, source=source, **data)
 
 
@@ -198,15 +283,11 @@ def load(spec: str, ratio: float | None = None) -> Recipe:
         if not path.exists():
             raise CompressorError(f"unknown recipe '{spec}'; shipped recipes: {', '.join(shipped())}, or pass a path to a YAML file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = input_file(path, "recipe").read_text(encoding="utf-8")
     except IsADirectoryError:
         raise CompressorError(f"recipe {path} is a folder; pass a YAML file or a shipped recipe name") from None
     except OSError as exc:
         raise CompressorError(f"cannot read recipe {path}: {exc.strerror}; check the path") from None
     except UnicodeDecodeError as exc:
         raise CompressorError(f"recipe {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise CompressorError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return from_dict(data, source=str(path), ratio=ratio)
+    return from_dict(parse(text, str(path)), source=str(path), ratio=ratio)

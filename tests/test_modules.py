@@ -36,9 +36,10 @@ def test_spec_round_trips_through_json_and_builds_its_module(spec):
 
 
 @pytest.mark.parametrize("bad,why", [
-    ({"type": "lowrank", "out": 4, "in": 4, "bias": False, "rank": -1}, "rank must be an integer >= 1"),
-    ({"type": "lowrank", "out": 4, "in": 4, "bias": False, "rank": "8"}, "rank must be an integer >= 1"),
-    ({"type": "lowrank", "out": 4, "in": 4, "bias": False, "rank": True}, "rank must be an integer >= 1"),
+    ({"type": "lowrank", "out": 4, "in": 4, "bias": False, "rank": -1}, r"rank must be an integer in \[1, 1048576\]"),
+    ({"type": "lowrank", "out": 4, "in": 4, "bias": False, "rank": "8"}, r"rank must be an integer in \[1, 1048576\]"),
+    ({"type": "lowrank", "out": 4, "in": 4, "bias": False, "rank": True}, r"rank must be an integer in \[1, 1048576\]"),
+    ({"type": "lowrank", "out": 4, "in": 4, "bias": False, "rank": 10**9}, r"rank must be an integer in \[1, 1048576\], got 1000000000"),
     ({"type": "conv", "out": 4, "in": 4, "bias": False}, "type must be one of"),
     ({"type": "quant", "out": 8, "in": 8, "bias": False, "bits": 7, "group_size": 8}, "bits must be one of"),
     ({"type": "quant", "out": 8, "in": 8, "bias": False, "bits": 4, "group_size": 0}, "group_size must be -1 or a positive integer"),

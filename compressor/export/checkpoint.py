@@ -26,10 +26,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from compressor import modules
-from compressor.errors import CompressorError
+from compressor import hf, modules
+from compressor.errors import CompressorError, shown
 from compressor.export.peft import ADAPTER_DIR, adapted, attach_adapter, save_adapter, without_adapters
 from compressor.files import atomic_dir
+from compressor.models import guard_token_ids
 
 SHIM_NAME = "modeling_compressed"
 FORMAT_VERSION = 1
@@ -46,6 +47,28 @@ def check_finite_tensors(model) -> None:
         if not torch.isfinite(t).all():
             raise CompressorError(f"tensor {name} holds NaN or Inf values, so the output would be broken; nothing was written "
                                   "(check the source checkpoint, or use --dtype float32 if a 16-bit dtype overflowed)")
+
+
+
+
+def check_compression(compression, where) -> None:
+    """The `compression` section of a config.json, checked before anything is built from it: a
+    hand-edited or damaged one (a negative or string rank, an unknown module type, `modules` as a
+    list, 7 bits) is one CompressorError naming the key, not a raw exception from deep inside
+    (the module specs by modules.ModuleSpec.from_json, which the loading shim runs too)."""
+    def fail(key, wanted, value):
+        raise CompressorError(f"{where}/config.json: compression{key} must be {wanted}, got {shown(value)}; "
+                              "the section was edited or damaged, so re-export the model")
+
+    if not isinstance(compression, dict):
+        fail("", "a mapping", compression)
+    try:
+        modules.specs_from_json(compression.get("modules"))
+    except ValueError as e:
+        raise CompressorError(f"{where}/config.json: {e}; the compression section was edited or damaged, so re-export the model") from None
+    adapter = compression.get("adapter")
+    if adapter is not None and (not isinstance(adapter, dict) or not isinstance(adapter.get("path"), (str, type(None)))):
+        fail("['adapter']", "a mapping whose path is a folder name or null", adapter)
 
 
 def shim_source(base_class_name: str) -> str:
@@ -139,22 +162,31 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CompressorError(f"{path} is not a model folder (no config.json); pass the -o folder of `compressor compress`")
-    config = AutoConfig.from_pretrained(path)
+    if isinstance(dtype, str) and dtype not in ("float32", "bfloat16", "float16", "float64"):
+        raise CompressorError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if getattr(config, "compression", None) is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    # Our modules read quantised tensors themselves; transformers' quantizer would demand gptqmodel.
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
+    hf.read_config_json(path)  # a damaged config.json: one error
     try:
-        modules.specs_from_json(config.compression.get("modules") if isinstance(config.compression, dict) else None)
-    except ValueError as e:
-        raise CompressorError(f"{path}/config.json: {e}; the compression section was edited or damaged, so re-export the model") from None
-    cls = modules.compressed_class(base_class(config))
-    model = cls.from_pretrained(path, config=config, dtype=dtype)
-    found = config.compression.get("adapter") or {}
-    if adapter and found.get("path"):
-        attach_adapter(model, path / found["path"])
-    elif found.get("required"):
-        warnings.warn(f"{path}: the base was fitted together with its adapter and gives nonsense alone; load with adapter=True", stacklevel=2)
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - whatever transformers makes of a damaged config, it is bad input
+        raise CompressorError(f"{path}/config.json: transformers cannot read this config ({type(e).__name__}: {hf.first_line(e)}); "
+                              "re-export the model") from None
+    if getattr(config, "compression", None) is None:
+        model = hf.from_pretrained(AutoModelForCausalLM, path, path, dtype=dtype)
+    else:
+        check_compression(config.compression, path)
+        # Our modules read quantised tensors themselves; transformers' quantizer would demand gptqmodel.
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        try:
+            cls = modules.compressed_class(base_class(config))
+        except (KeyError, ValueError, TypeError) as e:
+            raise CompressorError(f"{path}/config.json: no model class for this config ({type(e).__name__}: {hf.first_line(e)})") from None
+        model = hf.from_pretrained(cls, path, path, config=config, dtype=dtype)
+        found = config.compression.get("adapter") or {}
+        if adapter and found.get("path"):
+            attach_adapter(model, path / found["path"])
+        elif found.get("required"):
+            warnings.warn(f"{path}: the base was fitted together with its adapter and gives nonsense alone; load with adapter=True", stacklevel=2)
+    guard_token_ids(model)
     return model.to(device).eval()

@@ -31,7 +31,7 @@ from torch import nn
 
 from compressor import models
 from compressor import ranks as rank_policies
-from compressor.errors import CompressorError, check_choice, check_int, check_patterns
+from compressor.errors import CompressorError, check_choice, check_int, check_patterns, shown
 from compressor.linalg import check_finite
 from compressor.modules import ModuleSpec, build_module
 
@@ -165,7 +165,7 @@ class RankConfig:
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
-            raise CompressorError(f"key 'ratio' must be strictly between 0 and 1, got {self.ratio!r}")
+            raise CompressorError(f"key 'ratio' must be strictly between 0 and 1, got {shown(self.ratio)}")
         check_choice("allocation", self.allocation, sorted(rank_policies.POLICIES))
         check_int("rank", self.rank, 1, optional=True)
         check_patterns("targets", self.targets)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor import linalg
-from compressor.errors import check_float
+from compressor.errors import MAX_DAMP, check_float
 from compressor.methods import register
 from compressor.methods.base import RankConfig, RankMethod
 
@@ -34,7 +34,7 @@ class LostConfig(RankConfig):
     def __post_init__(self):
         super().__post_init__()
         check_float("sparse_fraction", self.sparse_fraction, 0, 1, low_open=True, high_open=True)
-        check_float("damp", self.damp, 0)
+        check_float("damp", self.damp, 0, most=MAX_DAMP)
 
 
 def sparse_columns(in_features: int, fraction: float) -> int:

@@ -21,7 +21,7 @@ from compressor import models
 from compressor.errors import CompressorError, check_float, check_int
 from compressor.methods import register
 from compressor.methods.base import Method
-from compressor.methods.structured import mlp_layout, narrow_mlp, standard_width, uniform_width, width_lines
+from compressor.methods.structured import MAX_MULTIPLE, mlp_layout, narrow_mlp, standard_width, uniform_width, width_lines
 
 
 @dataclass
@@ -35,7 +35,7 @@ class MagnitudeConfig:
 
     def __post_init__(self):
         check_float("ratio", self.ratio, 0, 1, low_open=True, high_open=True)
-        check_int("multiple_of", self.multiple_of, 1)
+        check_int("multiple_of", self.multiple_of, 1, most=MAX_MULTIPLE)
         if self.targets != ["mlp.*"]:
             raise CompressorError("magnitude: only the MLP width is reduced (targets: ['mlp.*'])")
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from compressor import models
-from compressor.errors import CompressorError, check_float
+from compressor.errors import MAX_DAMP, CompressorError, check_float, check_int, shown
 from compressor.methods import register
 from compressor.methods.base import Method
 from compressor.modules import ModuleSpec
@@ -45,6 +45,9 @@ log = logging.getLogger("compressor.structured")
 
 SELECTIONS = ("energy", "leverage", "greedy")
 ALLOCATIONS = ("uniform", "budget")
+
+
+MAX_MULTIPLE = 1 << 16  # a width multiple beyond any MLP
 
 
 @dataclass
@@ -69,15 +72,13 @@ class StructuredConfig:
     def __post_init__(self):
         check_float("ratio", self.ratio, 0, 1, low_open=True, high_open=True)
         if self.allocation not in ALLOCATIONS:
-            raise CompressorError(f"structured: allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+            raise CompressorError(f"structured: allocation must be one of {', '.join(ALLOCATIONS)}, got {shown(self.allocation)}")
         if self.selection not in SELECTIONS:
-            raise CompressorError(f"structured: selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        if self.multiple_of < 1:
-            raise CompressorError(f"structured: multiple_of must be at least 1, got {self.multiple_of}")
-        if not 0.0 < self.min_keep <= 1.0:
-            raise CompressorError(f"structured: min_keep must be in (0, 1], got {self.min_keep}")
-        if self.ridge < 0 or self.damp < 0:
-            raise CompressorError("structured: ridge and damp must be >= 0")
+            raise CompressorError(f"structured: selection must be one of {', '.join(SELECTIONS)}, got {shown(self.selection)}")
+        check_int("multiple_of", self.multiple_of, 1, most=MAX_MULTIPLE)
+        check_float("min_keep", self.min_keep, 0, 1, low_open=True)
+        check_float("ridge", self.ridge, 0, most=MAX_DAMP)
+        check_float("damp", self.damp, 0, most=MAX_DAMP)
         if self.targets != ["mlp.*"]:
             raise CompressorError("structured: only the MLP width is reduced (targets: ['mlp.*']); attention cannot shrink in the standard classes")
 

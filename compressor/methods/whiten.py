@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compressor import linalg
-from compressor.errors import check_float
+from compressor.errors import MAX_DAMP, check_float
 from compressor.methods import register
 from compressor.methods.base import RankConfig, RankMethod
 
@@ -26,7 +26,7 @@ class WhitenConfig(RankConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_float("damp", self.damp, 0)
+        check_float("damp", self.damp, 0, most=MAX_DAMP)
 
 
 @register

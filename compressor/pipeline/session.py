@@ -25,6 +25,7 @@ from compressor.errors import CompressorError
 from compressor.eval.tasks import run_tasks
 from compressor.export import accounting
 from compressor.linalg import check_finite
+from compressor.ownership import source_identity
 from compressor.pipeline import report as reports
 
 log = logging.getLogger("compressor")
@@ -130,5 +131,6 @@ class Session:
 
 def stream_identity(source: str | Path) -> dict:
     """What a resumed streamed run must share with the run it continues, besides the recipe and
-    calibration settings: the source it reads."""
-    return {"source": str(Path(source).resolve())}
+    calibration settings: the source it reads, and what it holds (weights replaced at the same path
+    refuse --resume instead of being mixed in)."""
+    return {"source": str(Path(source).resolve()), "weights": source_identity(source)}

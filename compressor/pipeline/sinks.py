@@ -113,7 +113,7 @@ class ShardSink:
             shutil.rmtree(work)
         progress = self._read_progress() if work.exists() and (work / PROGRESS).is_file() else None
         if progress is not None and progress["identity"] != identity:
-            raise CompressorError(f"{work} was started with other settings (source, recipe, dtype or calibration); "
+            raise CompressorError(f"{work} was started with other settings (source or its weights, recipe, dtype or calibration); "
                                   "pass --overwrite instead of --resume to start over")
         if self.write:
             if work.exists():
@@ -237,9 +237,8 @@ class ShardSink:
         for i in range(total - 1):
             (work / _side_name(i)).unlink(missing_ok=True)
         (work / PROGRESS).unlink()
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        work.rename(self.out)
+        self.landing = True
+        files.land(work, self.out, self.overwrite)
         return self.out
 
     def failed(self, exc: BaseException) -> BaseException:
@@ -248,7 +247,9 @@ class ShardSink:
             return exc
         work = self.work
         done = (self.progress or {}).get("done", 0)
-        if done == 0 and self.created:
+        if getattr(self, "landing", False) and files.landed(work, self.out):  # the signal came after the final rename
+            kept = f"{self.out} was written completely before the interruption"
+        elif done == 0 and self.created:
             shutil.rmtree(work, ignore_errors=True)  # nothing finished: leave nothing behind
             kept = f"nothing was kept ({work} removed)"
         else:

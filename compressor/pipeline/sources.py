@@ -31,6 +31,7 @@ from compressor import models
 from compressor.calibration import driver
 from compressor.errors import CompressorError
 from compressor.loading import DTYPES, check_checkpoint, load_model, resolve_model, source_dtype, source_size
+from compressor.models import guard_token_ids
 from compressor.modules import build_module
 
 
@@ -66,6 +67,7 @@ class MemorySource:
             model, tokenizer = load_model(str(model), dtype="float32")
         else:
             out_dtype = _output_dtype(self.dtype, str(next(model.parameters()).dtype).removeprefix("torch."))
+            guard_token_ids(model)
         self.out_dtype = getattr(torch, out_dtype)
         model = model.to(self.out_dtype).float()
         return model, tokenizer, out_dtype
@@ -206,6 +208,7 @@ class ShardSource:
         check_checkpoint(self.folder)  # a causal LM, intact shards, no tensor missing, unexpected or mis-shaped
         self.ckpt = Checkpoint(self.folder)
         model = skeleton(self.folder, self.ckpt, self.out_dtype)
+        guard_token_ids(model)
         tokenizer = self.tokenizer
         if tokenizer is None:
             from transformers import AutoTokenizer

@@ -63,13 +63,14 @@ Recipe:
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from compressor import models, modules, ranks
-from compressor.errors import CompressorError, check_choice, check_float, check_int, check_patterns
+from compressor.errors import MAX_DAMP, CompressorError, check_choice, check_float, check_int, check_patterns
 from compressor.export.peft import ADAPTER_DIR
 from compressor.methods import of_kind, register
 from compressor.methods.base import Method
@@ -78,6 +79,9 @@ from compressor.methods.eora.sensitivity import output_roots, output_sensitivity
 from compressor.methods.gptq import Gptq, GptqConfig
 from compressor.methods.gptq.solver import check_group_size
 from compressor.modules import BITS, LoraAdapted, LowRankLinear, ModuleSpec, QuantLinear, effective_weight, linear_from, pack_chunk
+
+log = logging.getLogger("compressor.eora")
+MAX_REFINE = 100  # refinement rounds: each is a GPTQ re-quantisation of every linear
 
 
 @dataclass
@@ -120,11 +124,11 @@ class EoraConfig:
         check_choice("rank_allocation", self.rank_allocation, ALLOCATIONS)
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_float("propagation", self.propagation, 0, 1)
-        check_float("propagation_damp", self.propagation_damp, 0)
+        check_float("propagation_damp", self.propagation_damp, 0, most=MAX_DAMP)
         if self.bits is not None:
             check_choice("bits", self.bits, BITS)
         check_group_size(self.group_size)
-        check_int("refine", self.refine, 0)
+        check_int("refine", self.refine, 0, most=MAX_REFINE)
         # Rules between options of this stage (those with other stages are in Eora.bind).
         c = self
         if c.rank_allocation != "uniform" and (c.sequential or c.merge):
@@ -203,6 +207,7 @@ class Eora(Method):
             if not self.targets(name):
                 continue
             full, H, cross = work.full(name), work.gram(name), work.cross(name)
+            self._check_rank(work, name, full)
             module = work.module(name)
             fit = None  # (B, A, energies) when the base was fitted together with its adapters
             if self.base is not None and self.base.targets(name):
@@ -310,6 +315,23 @@ class Eora(Method):
             self.fitted[full] = (tensors[f"{full}.energies"], rank, (out_f, in_f))
         for name, full in state["deferred"]:
             self.deferred.append((index, name, full, (tensors[f"{full}.B"], tensors[f"{full}.A"])))
+
+    def _check_rank(self, work, name: str, full: str) -> None:
+        """A rank beyond every targeted matrix of the layer means nothing (100000: full-rank adapters,
+        an output larger than dense) and is refused, as ranks.fixed refuses an svd rank. A rank
+        beyond only some of them (rank 32 on the 16-row k_proj of a small GQA model) is clamped to
+        their full rank, as before, but said once per run instead of silently."""
+        rank, shape = self.rank_for(name), tuple(work.reference[name].shape)
+        if rank <= min(shape):
+            return
+        largest = max(min(work.reference[n].shape) for n in work.names if self.targets(n))
+        if rank > largest:
+            raise CompressorError(f"eora rank {rank} is larger than {full} allows (shape {shape[0]}x{shape[1]}, max {min(shape)}) "
+                                  f"and than any matrix of its layer (max {largest}); lower 'rank' (or its rank_pattern) in the recipe")
+        if not getattr(self, "_clamp_said", False):
+            self._clamp_said = True
+            log.warning("eora rank %d is larger than %s allows (shape %dx%d); its adapter, and that of any such matrix, gets full rank %d",
+                        rank, full, shape[0], shape[1], min(shape))
 
     # --- the maths
 

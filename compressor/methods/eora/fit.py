@@ -28,14 +28,14 @@ from __future__ import annotations
 import torch
 
 from compressor import linalg
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, shown
 
 
 def _check(dW: torch.Tensor, rank: int) -> int:
     if dW.dim() != 2:
         raise CompressorError(f"adapter target must be a 2-D weight difference, got shape {tuple(dW.shape)}")
     if not isinstance(rank, int) or rank < 1:
-        raise CompressorError(f"adapter rank must be a positive integer, got {rank!r}")
+        raise CompressorError(f"adapter rank must be a positive integer, got {shown(rank)}")
     return min(rank, *dW.shape)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor import modules
-from compressor.errors import CompressorError, check_choice, check_float
+from compressor.errors import MAX_COUNT, CompressorError, check_choice, check_float, shown
 from compressor.methods.gptq.format import pack_gptq_v1
 
 BLOCK = 128
@@ -58,8 +58,8 @@ class QuantConfig:
 
 
 def check_group_size(group_size) -> None:
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size >= 1):
-        raise CompressorError(f"key 'group_size' must be -1 (one scale per output row) or an integer >= 1 such as 128, got {group_size!r}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or 1 <= group_size <= MAX_COUNT):
+        raise CompressorError(f"key 'group_size' must be -1 (one scale per output row) or an integer >= 1 such as 128, got {shown(group_size)}")
 
 
 @dataclass
