@@ -27,7 +27,9 @@ from conftest import REPO, byte_tokenizer, tiny_model
 from test_bad_inputs import _cli, _copy, _listing, _one_error
 
 import compressor
-from compressor import api, files, limits, methods, ownership, streaming
+from compressor import api, files, limits, methods, ownership
+from compressor import recipe as recipes
+from compressor.calibration.windows import calibration_windows
 from compressor.errors import CompressorError
 from compressor.recipe import CalibrationConfig
 
@@ -185,7 +187,7 @@ def test_calibration_reads_only_what_the_windows_need(tmp_path, tokenizer, monke
         return real(self, text, *a, **k)
 
     monkeypatch.setattr(type(tokenizer), "__call__", counting)
-    windows = api.calibration_windows(api.recipes.load("whiten"), tokenizer, str(big), samples=2, seq_len=16)
+    windows = calibration_windows(recipes.load("whiten"), tokenizer, str(big), samples=2, seq_len=16)
     assert windows.shape == (2, 16)
     assert sum(seen) <= limits.text_budget(2, 16) + 2 < 30_000_000 // 20
 
@@ -388,7 +390,7 @@ def test_resume_refuses_changed_source_weights(zoo, tmp_path, capfd):
         raise Killed
 
     with pytest.raises(Killed):
-        streaming.compress_streaming(src, "svd", out, device="cpu", _after_layer=kill)
+        api.compress(src, "svd", out, device="cpu", stream=True, after_layer=kill)
     from safetensors.torch import load_file, save_file
 
     weights = load_file(src / "model.safetensors")
