@@ -64,12 +64,30 @@ def uniform(shapes: Shapes, ratio: float, energies=None, extra=None) -> Ranks:
     return ranks
 
 
+# Scores closer than this (relative) are one tie: kept or dropped together. Spectra are computed in
+# float64 (linalg.svdvals), so the same weights on two devices give scores ~1e-15 apart; a threshold
+# that fell between two such near-copies would make the ranks depend on the device's rounding.
+TIE_RTOL = 1e-9
+
+
+def tie_groups(values: torch.Tensor, rtol: float = TIE_RTOL) -> torch.Tensor:
+    """The distinct thresholds worth trying: the smallest value of each group of sorted values whose
+    neighbours lie within `rtol` of each other (relative, so a tail of tiny scores is not one group)."""
+    v = torch.unique(values)  # sorted
+    if v.numel() < 2:
+        return v
+    gap = v[1:] - v[:-1]
+    new_group = gap > rtol * v[1:].abs()
+    return torch.cat([v[:1], v[1:][new_group]])
+
+
 def _fit_threshold(shapes: Shapes, scores: dict[str, torch.Tensor], target: float, extra: dict[str, int]) -> Ranks:
     """Keep, in every matrix, the components whose score reaches one common threshold, choosing the
     threshold so total parameters fit under `target`. Scores must be non-increasing per matrix.
 
     Parameters only fall as the threshold rises (a matrix that turns dense does so only while its
-    rank is above break-even), so a binary search over the sorted distinct scores is exact.
+    rank is above break-even), so a binary search over the sorted distinct scores is exact. Scores
+    within TIE_RTOL of each other count as one (tie_groups), so rounding noise cannot split them.
     """
 
     def ranks_at(tau: float) -> Ranks:
@@ -79,7 +97,7 @@ def _fit_threshold(shapes: Shapes, scores: dict[str, torch.Tensor], target: floa
             ranks[name] = k if k <= max_saving_rank(shape, extra.get(name, 0)) else None
         return ranks
 
-    candidates = torch.unique(torch.cat([s.flatten() for s in scores.values()]).double())
+    candidates = tie_groups(torch.cat([s.flatten() for s in scores.values()]).double())
     lo, hi = 0, candidates.numel() - 1
     if params_after(shapes, ranks_at(float("inf")), extra) > target:
         raise CompressorError("the requested ratio cannot be reached even at rank 1 everywhere; use a smaller --ratio")

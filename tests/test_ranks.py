@@ -122,3 +122,45 @@ def test_budget_gives_rank_to_matrices_whose_energy_is_spread():
         return sum(float(energies[m][: (alloc[m] or n)].sum() / energies[m].sum()) for m in shapes)
 
     assert kept(r) >= kept(uniform)
+
+
+def test_near_tied_scores_are_kept_or_dropped_together():
+    """Two matrices with the same spectrum except one value 1e-12 higher (a tie up to rounding),
+    under a budget that has room for exactly one of the two tied components: without tie groups
+    the higher copy alone is kept, and which copy that is follows the device's last digit. With
+    them both are dropped, whatever noise of that size does to the order."""
+    shapes = {"a": (100, 100), "b": (100, 100)}
+    base = torch.linspace(1.0, 0.01, 100, dtype=torch.float64) ** 2
+    j = 20  # the tied component: both matrices keep j before it, the budget allows one more
+    ratio = 1 - (200 * (2 * j + 1) + 2) / 20000
+    want = {"a": j, "b": j}
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        a, b = base.clone(), base.clone()
+        b[j] *= 1 + 1e-12
+        noisy = {n: e * (1 + 1e-13 * torch.randn(100, generator=gen, dtype=torch.float64)) for n, e in (("a", a), ("b", b))}
+        assert ranks.welore(shapes, ratio, noisy) == want
+        assert ranks.budget(shapes, ratio, noisy) == want
+
+
+def test_welore_ranks_do_not_move_with_float32_rounding_of_the_weights():
+    """The CPU stand-in for a GPU's rounding (issue 28): the same weights perturbed at float32's
+    precision give the same WeLore ranks, spectra being computed in float64 from either."""
+    from compressor import linalg
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for i, (name, (o, n)) in enumerate(SHAPES.items()):
+        u, _ = torch.linalg.qr(torch.randn(o, o, generator=gen, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        k = min(o, n)
+        s = torch.exp(-torch.arange(k, dtype=torch.float64) / (k / (2 + i)))
+        weights[name] = (u[:, :k] * s) @ v[:, :k].T
+    exact = {n: s.square() for n, s in zip(weights, linalg.svdvals(list(weights.values()), dtype=torch.float64))}
+    for ratio in (0.2, 0.3, 0.5):
+        want = ranks.welore(SHAPES, ratio, exact)
+        for seed in range(5):
+            g = torch.Generator().manual_seed(seed)
+            rounded = [(w * (1 + 6e-8 * torch.randn(w.shape, generator=g, dtype=torch.float64))).float() for w in weights.values()]
+            got = {n: s.square() for n, s in zip(weights, linalg.svdvals(rounded, dtype=torch.float64))}
+            assert ranks.welore(SHAPES, ratio, got) == want
