@@ -276,16 +276,22 @@ def whitening(grams: Sequence[torch.Tensor], damp: float = 1e-3, dtype: torch.dt
     that rounding in eigh can never produce a negative or zero root. Never NaN, never a crash.
     Kept in float64 even on GPUs: the damped H still spans 5-6 decades, and S_inv multiplies by the
     inverse roots, so float32 eigenvalues would put O(1) relative errors on the smallest directions.
+    Linears that read the same input (q/k/v, gate/up) get the same Gram object from the collector:
+    it is factorised once and the pair shared.
     """
+    distinct: dict[int, int] = {}  # id of a Gram -> its position among the distinct ones
     damped = []
     for h in grams:
+        if id(h) in distinct:
+            continue
+        distinct[id(h)] = len(damped)
         h = h.to(dtype)
         h = (h + h.T) / 2
         delta = damp * h.diagonal().mean().clamp_min(torch.finfo(dtype).tiny)
         damped.append(h + delta * torch.eye(h.shape[0], dtype=dtype, device=h.device))
-    out = []
+    pairs = []
     for lam, q in eigh(damped, dtype):
         lam = lam.clamp_min(lam.max() * torch.finfo(dtype).eps * lam.numel())
         root = lam.sqrt()
-        out.append((q * root, q.T / root[:, None]))
-    return out
+        pairs.append((q * root, q.T / root[:, None]))
+    return [pairs[distinct[id(h)]] for h in grams]
