@@ -63,6 +63,7 @@ Recipe:
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,8 @@ from compressor.methods.eora.sensitivity import output_roots, output_sensitivity
 from compressor.methods.gptq import Gptq, GptqConfig
 from compressor.methods.gptq.solver import check_group_size
 from compressor.modules import LoraAdapted, LowRankLinear, LowRankSparseLinear, QuantLinear, linear_from, pack_chunk
+
+log = logging.getLogger("compressor.eora")
 
 
 @dataclass
@@ -125,6 +128,12 @@ class EoraConfig:
             check_choice("bits", self.bits, (2, 3, 4, 8))
         check_group_size(self.group_size)
         check_int("refine", self.refine, 0)
+        for where, r in [("rank", self.rank)] + [(f"rank_pattern['{p}']", v) for p, v in self.rank_pattern.items()]:
+            if r not in VLLM_LORA_RANKS:
+                # kept (small ranks serve the tests and the toolkit's own loader) but said: vLLM
+                # pads such an adapter to the next size it accepts, which costs what that rank costs
+                log.warning("eora: %s %d is none of vLLM's LoRA ranks %s; it serves there padded to %s",
+                            where, r, "/".join(map(str, VLLM_LORA_RANKS)), vllm_max_lora_rank([r]))
         # Rules between options of this stage (those with other stages are in Eora.bind).
         c = self
         if c.rank_allocation != "uniform" and (c.sequential or c.merge):
@@ -141,6 +150,15 @@ class EoraConfig:
 
 
 ALLOCATIONS = ("uniform", "per-type", "global")
+# The ranks vLLM's LoRA serving accepts as max_lora_rank (its kernels are built for these); an
+# adapter of rank r loads when max_lora_rank >= r, so other ranks still serve, padded to the next.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
+
+
+def vllm_max_lora_rank(ranks) -> int | None:
+    """The smallest max_lora_rank vLLM accepts that holds every rank in `ranks` (None: none does)."""
+    top = max(ranks, default=0)
+    return next((r for r in VLLM_LORA_RANKS if r >= top), None)
 WEIGHTINGS = ("output", "loss", "loss-full")
 CAP = 4  # with a non-uniform allocation, a module's adapter can grow to CAP x its nominal rank
 
@@ -249,7 +267,9 @@ class Eora(Method):
                 # Squared output error on the calibration data, per module: how much of it rank r removes.
                 "error_removed": {n: round(v, 4) for n, v in self.removed.items()},
                 "error_removed_mean": round(sum(self.removed.values()) / len(self.removed), 4) if self.removed else None,
-            }
+            },
+            # what vLLM's --max-lora-rank must be for the PEFT adapter (None: above what it accepts)
+            "adapter_serving": {"vllm_max_lora_rank": vllm_max_lora_rank((self.merged or self.ranks).values())},
         }
 
     def export(self, model, specs: dict) -> dict:
