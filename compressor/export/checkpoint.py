@@ -25,7 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from compressor import modules
+from compressor import modules, progress
 from compressor.errors import CompressorError
 from compressor.export.peft import ADAPTER_DIR, adapted, attach_adapter, save_adapter, without_adapters
 from compressor.files import atomic_dir
@@ -59,6 +59,7 @@ def base_class(config) -> type:
         raise CompressorError(f"no causal-LM class for model_type '{config.model_type}' in this transformers version") from None
 
 
+@progress.timed_call("export")
 def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, report: dict, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write the compressed model to `out` atomically; `record` goes into config.compression.
 
