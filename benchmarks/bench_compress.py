@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from compressor import api, models, progress
 from compressor import recipe as recipes
+from compressor.calibration import collect
 from compressor.environment import device_name
 
 
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--speed-layers", type=int, default=None,
                    help="decoder layers of the models whose speed is timed (default 4 on a GPU as in issue 28, all on CPU); "
                         "tokens/s ratios to dense do not depend on the layer count, and a 4-layer model costs seconds, not minutes")
+    p.add_argument("--chunked-grams", action="store_true",
+                   help="form Grams from chunked float32 products on any device (the CUDA default), to run that path on a CPU")
     p.add_argument("--no-export", action="store_true", help="do not time writing the compressed checkpoint (to a temporary folder)")
     p.add_argument("--out", default="benchmarks/results")
     return p.parse_args(argv)
@@ -210,6 +213,8 @@ def run(args) -> dict:
     print(f"device {device} ({name}), {n_layers} layers, hidden {hidden}, intermediate {inter}, {dtype}, "
           f"calibration {samples} x {seq_len} random token ids", flush=True)
     log_to_stdout()
+    if args.chunked_grams:
+        collect.CHUNKED = True
     signal.signal(signal.SIGTERM, on_sigterm)
     result = {"device": str(device), "device_name": name, "torch": torch.__version__, "hidden": hidden, "intermediate": inter,
               "layers": n_layers, "dtype": str(dtype), "samples": samples, "seq_len": seq_len, "prefill_len": prefill_len,
@@ -268,7 +273,7 @@ def run(args) -> dict:
                           # What the caching allocator held at most: the figure nvidia-smi and an OOM see.
                           "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
                           "achieved_linear_ratio": res.report["achieved_linear_ratio"], "params_after": res.report["params_after"],
-                          "rank_alignment": res.report.get("rank_alignment")}
+                          "rank_alignment": res.report.get("rank_alignment"), "chunked_grams": bool(args.chunked_grams or device.type == "cuda")}
     print(f"  compress: {result['compress']}", flush=True)
     result["partial"] = False
     save()

@@ -78,12 +78,14 @@ FULL = {
     "compress": {"budget": 240, "min": 90, "args": []},
     "structured": {"budget": 120, "min": 60, "args": []},
 }
-TINY = ["--hidden", "64", "--intermediate", "160", "--layers", "2"]
+# 128 wide, so the hardware alignment has a step (8) to apply; 64-wide matrices get none
+TINY = ["--hidden", "128", "--intermediate", "352", "--layers", "2"]
 QUICK = {
     "deadline": 150,
     "pytest": {"budget": 60, "min": 5},
     "decompose": {"budget": 60, "min": 5, "args": ["--quick", *TINY, "--naive-layers", "1", "--algorithms", "auto"]},
-    "compress": {"budget": 60, "min": 5, "args": ["--quick", *TINY, "--samples", "4", "--seq-len", "32", "--prefill-len", "32", "--decode-tokens", "4"]},
+    "compress": {"budget": 60, "min": 5, "args": ["--quick", *TINY, "--samples", "4", "--seq-len", "32", "--prefill-len", "32", "--decode-tokens", "4",
+                                                   "--chunked-grams"]},
     "structured": {"budget": 60, "min": 5, "args": [*TINY, "--samples", "4", "--seq-len", "32", "--prefill-len", "32", "--decode-tokens", "4"]},
 }
 STEPS = ("pytest", "decompose", "compress", "structured")
@@ -446,6 +448,7 @@ def compress_figures(ctx, rec, log: Path) -> None:
         "peak_gpu_gib": peak, "peak_gpu_gb": peak * 2**30 / 1e9 if peak is not None else None,
         "peak_gpu_reserved_gib": finite(c.get("peak_gpu_reserved_gib")),
         "achieved_linear_ratio": finite(c.get("achieved_linear_ratio")), "params_after": c.get("params_after"),
+        "rank_alignment": c.get("rank_alignment"), "chunked_grams": c.get("chunked_grams"),
         "speed": rows,
     }
     f = rec["figures"]

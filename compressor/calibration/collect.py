@@ -11,6 +11,9 @@ from compressor.errors import CompressorError
 # so each chunk is short enough to stay near float32's precision and the chunks add up in float64
 # (tests/calibration/test_collect.py measures both against the float64 reference).
 CHUNK_TOKENS = 512
+# Whether collectors use chunked_gram when not told: None = on CUDA only. Benchmarks set True to
+# run that path on a CPU (benchmarks/gpu_check.py --quick), where it is otherwise only tested.
+CHUNKED: bool | None = None
 # Low 13 of float32's 23 mantissa bits: clearing them leaves a TF32 value (10 mantissa bits).
 _TF32_DROP = 0x1FFF
 _TF32_HALF = 0x1000
@@ -88,8 +91,9 @@ class GramCollector:
         return hook
 
     def _uses_chunks(self, x: torch.Tensor) -> bool:
-        if self.chunked is not None:
-            return self.chunked and self.dtype == torch.float64
+        chunked = self.chunked if self.chunked is not None else CHUNKED
+        if chunked is not None:
+            return chunked and self.dtype == torch.float64
         return x.is_cuda and self.dtype == torch.float64
 
     def _add(self, group: str, x: torch.Tensor) -> None:
