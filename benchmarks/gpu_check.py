@@ -7,19 +7,25 @@
 Steps (each with its own time budget, all under one global deadline; a step that would start too
 close to the deadline is skipped with the reason recorded, a step past its budget is killed):
 
-  1. pytest      python -m pytest -q tests/test_gpu.py: pass/fail counts and duration.
+  1. pytest      python -m pytest -q tests/test_gpu.py: pass/fail counts and duration.        (60 s)
   2. decompose   benchmarks/bench_decompose.py on LLaMA-2-7B shapes (32 layers x 7 matrices): the
                  toolkit's batched path against a naive per-matrix torch.linalg.svd loop (timed on
                  2 layers, extrapolated), both judged against the exact truncation error.
-                 Target: >= 10x the naive loop with the truncation error within 1e-3 of exact.
-  3. compress    benchmarks/bench_compress.py: whitened SVD 20 % of a random-weight LLaMA-2-7B with
-                 128 x 2048 calibration tokens; prefill/decode tokens/s of dense, 20 % and 40 %.
-                 Targets: wall < 5 min, peak GPU memory < 20 GB, prefill at 40 % >= 1.2x dense.
-  4. structured  the `structured` recipe (MLP-width reduction) at 20 % on the same synthetic model,
-                 run here through compressor.api.compress: wall time, peak GPU memory, prefill and
-                 decode tokens/s against dense and against whitened SVD 20 % (step 3's figures; the
-                 same parameter count). Expected, not a project target: faster than the factorised
-                 model, since its layers are plain smaller dense GEMMs.
+                 Target: >= 20x the naive loop with the truncation error within 1e-3 of exact. (90 s)
+  3. compress    benchmarks/bench_compress.py: first prefill/decode tokens/s of dense, 20 % and 40 %
+                 factorised models with 4 layers (all timed alike, warm-ups first), then whitened
+                 SVD 20 % of a random-weight 32-layer LLaMA-2-7B with 128 x 2048 calibration tokens,
+                 exported to a temporary folder: wall time, peak GPU memory, the time split (capture,
+                 grams, forward, move, stage:<method>, export). Targets: wall < 2 min, peak < 20 GB,
+                 prefill >= 1.0x dense at 20 % and >= 1.3x at 40 %.                          (240 s)
+  4. structured  the `structured` recipe (MLP-width reduction) at 20 % on the 32-layer synthetic
+                 model through compressor.api.compress: wall time, peak GPU memory, time split,
+                 prefill and decode tokens/s against dense (target >= 1.2x prefill) and against
+                 whitened SVD 20 % (step 3's figures; the same parameter count; an expectation).  (120 s)
+
+The budgets add up to the 510 s deadline, so every step fits in the 9 minutes. Each step prints the
+toolkit's per-layer progress and stage seconds as it goes, and the running time split every 15 s,
+so a step killed at its budget still says how far it got and where its time went.
 
 Everything lands under $OUT (default ./gpu_check_out): gpu_check.json with all figures, targets
 and met/not met, and skipped steps with reasons; each step's own JSON under steps/, its output under
@@ -46,6 +52,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -54,27 +61,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
-# Targets of the full run (README of issue 6 and this check's brief).
-SPEEDUP_TARGET = 10.0          # toolkit vs naive per-matrix SVD loop
+# Targets of the full run (issue 28, which raised issue 6's).
+SPEEDUP_TARGET = 20.0          # toolkit vs naive per-matrix SVD loop
 EXCESS_LIMIT = 1e-3            # relative truncation error above the exact one, "equal accuracy"
-WALL_TARGET_S = 300.0          # end-to-end whitened 20 % of 7B
+WALL_TARGET_S = 120.0          # end-to-end whitened 20 % of 7B (moonshot: 60 s)
 PEAK_TARGET_GB = 20.0          # decimal GB of GPU memory
-PREFILL_TARGET_X = 1.2         # prefill tokens/s at 40 % over dense
+PREFILL_TARGET_X20 = 1.0       # factorised prefill tokens/s over dense at 20 % (FLOP ideal 1.25x)
+PREFILL_TARGET_X40 = 1.3       # ... and at 40 % (FLOP ideal 1.67x)
+STRUCTURED_PREFILL_X = 1.2     # structured 20 % prefill over dense
 
 # Per-step budgets (s) and the least time worth starting a step with, per profile.
 FULL = {
     "deadline": 510,
-    "pytest": {"budget": 90, "min": 20},
-    "decompose": {"budget": 150, "min": 45, "args": ["--layers", "32", "--naive-layers", "2", "--algorithms", "auto"]},
-    "compress": {"budget": 300, "min": 90, "args": []},
-    "structured": {"budget": 150, "min": 60, "args": []},
+    "pytest": {"budget": 60, "min": 20},
+    "decompose": {"budget": 90, "min": 45, "args": ["--layers", "32", "--naive-layers", "2", "--algorithms", "auto"]},
+    "compress": {"budget": 240, "min": 90, "args": []},
+    "structured": {"budget": 120, "min": 60, "args": []},
 }
-TINY = ["--hidden", "64", "--intermediate", "160", "--layers", "2"]
+# 128 wide, so the hardware alignment has a step (8) to apply; 64-wide matrices get none
+TINY = ["--hidden", "128", "--intermediate", "352", "--layers", "2"]
 QUICK = {
     "deadline": 150,
     "pytest": {"budget": 60, "min": 5},
     "decompose": {"budget": 60, "min": 5, "args": ["--quick", *TINY, "--naive-layers", "1", "--algorithms", "auto"]},
-    "compress": {"budget": 60, "min": 5, "args": ["--quick", *TINY, "--samples", "4", "--seq-len", "32", "--prefill-len", "32", "--decode-tokens", "4"]},
+    "compress": {"budget": 60, "min": 5, "args": ["--quick", *TINY, "--samples", "4", "--seq-len", "32", "--prefill-len", "32", "--decode-tokens", "4",
+                                                   "--chunked-grams"]},
     "structured": {"budget": 60, "min": 5, "args": [*TINY, "--samples", "4", "--seq-len", "32", "--prefill-len", "32", "--decode-tokens", "4"]},
 }
 STEPS = ("pytest", "decompose", "compress", "structured")
@@ -426,22 +437,26 @@ def compress_figures(ctx, rec, log: Path) -> None:
     c = res.get("compress") or {}
     peak = finite(c.get("peak_gpu_gib"))
     rec["figures"] = {
-        "json": rec_json, "partial": bool(res.get("partial")),
+        "json": rec_json, "partial": bool(res.get("partial")) or not c,
         "device_name": res.get("device_name"), "torch": res.get("torch"),
         "shape": {k: res.get(k) for k in ("hidden", "intermediate", "layers", "dtype")},
         "calibration_tokens": f"{res.get('samples')} x {res.get('seq_len')}" if res.get("samples") else None,
         "params": res.get("params"), "build_s": finite(res.get("build_s")),
-        "compress_wall_s": finite(c.get("wall_s")),
+        "compress_wall_s": finite(c.get("wall_s")), "export_s": finite(c.get("export_s")),
+        # seconds per phase (compressor.progress.TIMES): capture, grams, forward, move, stage:<method>, export, ...
+        "time_split_s": res.get("time_split_s"), "speed_layers": res.get("speed_layers"),
         "peak_gpu_gib": peak, "peak_gpu_gb": peak * 2**30 / 1e9 if peak is not None else None,
         "peak_gpu_reserved_gib": finite(c.get("peak_gpu_reserved_gib")),
         "achieved_linear_ratio": finite(c.get("achieved_linear_ratio")), "params_after": c.get("params_after"),
+        "rank_alignment": c.get("rank_alignment"), "chunked_grams": c.get("chunked_grams"),
         "speed": rows,
     }
     f = rec["figures"]
-    at40 = rows.get("0.4", {})
+    at20, at40 = rows.get("0.2", {}), rows.get("0.4", {})
     rec["targets"] = [target("whitened 20 % compress wall time", f["compress_wall_s"], "<", WALL_TARGET_S, ctx.quick, " s"),
                       target("peak GPU memory while compressing (GB)", f["peak_gpu_gb"], "<", PEAK_TARGET_GB, ctx.quick, " GB"),
-                      target("prefill tokens/s at 40 % over dense", at40.get("prefill_x_dense"), ">=", PREFILL_TARGET_X, ctx.quick, "x")]
+                      target("factorised prefill tokens/s at 20 % over dense", at20.get("prefill_x_dense"), ">=", PREFILL_TARGET_X20, ctx.quick, "x"),
+                      target("factorised prefill tokens/s at 40 % over dense", at40.get("prefill_x_dense"), ">=", PREFILL_TARGET_X40, ctx.quick, "x")]
 
 
 def structured_step(ctx) -> tuple:
@@ -466,7 +481,8 @@ def structured_figures(ctx, rec, log: Path) -> None:
          "device_name": res.get("device_name"), "torch": res.get("torch"),
          "shape": {k: res.get(k) for k in ("hidden", "intermediate", "layers", "dtype")},
          "calibration_tokens": c.get("calibration"), "build_s": finite(res.get("build_s")),
-         "compress_wall_s": finite(c.get("wall_s")), "peak_gpu_gib": peak, "peak_gpu_gb": peak * 2**30 / 1e9 if peak is not None else None,
+         "compress_wall_s": finite(c.get("wall_s")), "export_s": finite(c.get("export_s")), "time_split_s": res.get("time_split_s"),
+         "peak_gpu_gib": peak, "peak_gpu_gb": peak * 2**30 / 1e9 if peak is not None else None,
          "peak_gpu_reserved_gib": finite(c.get("peak_gpu_reserved_gib")),
          "achieved_linear_ratio": finite(c.get("achieved_linear_ratio")), "params_after": c.get("params_after"),
          "intermediate_size_after": c.get("intermediate_size_after"), "mean_relative_output_error": finite(c.get("mean_relative_output_error")),
@@ -489,7 +505,7 @@ def structured_figures(ctx, rec, log: Path) -> None:
     rec["figures"] = f
     t = target("prefill over whitened SVD at the same parameters", f["vs_whitened_svd"]["prefill_x"], ">=", 1.0, ctx.quick, "x")
     t["kind"] = "expectation (not a project target)"
-    rec["targets"] = [t]
+    rec["targets"] = [target("structured 20 % prefill tokens/s over dense", s.get("prefill_x_dense"), ">=", STRUCTURED_PREFILL_X, ctx.quick, "x"), t]
 
 
 STEP_FUNCS = {
@@ -524,7 +540,7 @@ def structured_worker(argv=None) -> int:
     import torch
     from transformers import LlamaConfig
 
-    from compressor import api, models
+    from compressor import api, models, progress
     from compressor import recipe as recipes
     from compressor.environment import device_name
 
@@ -549,6 +565,7 @@ def structured_worker(argv=None) -> int:
         return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
 
     print(f"structured: device {device} ({res['device_name']}), {a.layers} layers, hidden {a.hidden}, intermediate {a.intermediate}, {dtype}", flush=True)
+    signal.signal(signal.SIGTERM, bc.on_sigterm)  # killed at the budget: save the time split on the way out
     t = time.perf_counter()
     model = bc.build(cfg, dtype, device)
     res["build_s"] = time.perf_counter() - t
@@ -560,16 +577,29 @@ def structured_worker(argv=None) -> int:
     recipe = recipes.load("structured", a.ratio)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    bc.log_to_stdout()
+    progress.reset_times()
+    export_dir = Path(tempfile.mkdtemp(prefix="gpu_check_structured_"))  # never under $OUT: gigabytes
     t = time.perf_counter()
-    r = api.compress(model, recipe, tokenizer=bc.RandomIds(cfg.vocab_size), calib="code", samples=a.samples, seq_len=a.seq_len, device=str(device))
-    bc.sync(device)
-    wall = time.perf_counter() - t
+    try:
+        with bc.Heartbeat():
+            r = api.compress(model, recipe, export_dir / "model", tokenizer=bc.RandomIds(cfg.vocab_size), calib="code", samples=a.samples,
+                             seq_len=a.seq_len, device=str(device))
+            bc.sync(device)
+    finally:
+        total = time.perf_counter() - t
+        res["time_split_s"] = {k: round(v, 3) for k, v in progress.times().items()}
+        save()
+        shutil.rmtree(export_dir, ignore_errors=True)
+    export_s = res["time_split_s"].get("export", 0.0)
+    wall = total - export_s
     peak, reserved = peaks()
     errors = list((r.report.get("structured") or {}).get("relative_output_error", {}).values())
     cal = r.report.get("calibration") or {}
-    res["compress"] = {"method": "structured", "ratio": a.ratio, "wall_s": wall, "peak_gpu_gib": peak, "peak_gpu_reserved_gib": reserved,
+    res["compress"] = {"method": "structured", "ratio": a.ratio, "wall_s": wall, "export_s": export_s, "peak_gpu_gib": peak, "peak_gpu_reserved_gib": reserved,
                        "achieved_linear_ratio": r.report["achieved_linear_ratio"], "params_after": r.report["params_after"],
                        "intermediate_size_after": getattr(model.config, "intermediate_size", None),
+                       "multiple_of": (r.report.get("structured") or {}).get("multiple_of"),
                        "mean_relative_output_error": sum(errors) / len(errors) if errors else None,
                        "calibration": f"{cal.get('samples')} x {cal.get('seq_len')}" if cal else None}
     print(f"  compress: {res['compress']}", flush=True)

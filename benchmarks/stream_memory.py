@@ -83,7 +83,8 @@ def main() -> None:
     print(f"{'recipe':<22} {'in-memory peak MB':>18} {'streamed peak MB':>17} {'ratio':>6} {'s (mem / stream)':>17}")
     for r in rows:
         m, s = r["memory"], r["stream"]
-        print(f"{r['recipe']:<22} {m['peak_bytes'] / 1e6:>18,.0f} {s['peak_bytes'] / 1e6:>17,.0f} {r['peak_ratio']:>6.2f} {m['seconds']:>8.0f} / {s['seconds']:<7.0f}")
+        peaks = f"{m['peak_bytes'] / 1e6:>18,.0f} {s['peak_bytes'] / 1e6:>17,.0f} {r['peak_ratio']:>6.2f}"
+        print(f"{r['recipe']:<22} {peaks} {m['seconds']:>8.0f} / {s['seconds']:<7.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "measured": time.strftime("%Y-%m-%d"),

@@ -211,8 +211,23 @@ def svd(
             fn = lambda x: _lapack(torch.linalg.svd, x, full_matrices=False)  # noqa: E731
         work = dtype if algo in ("full", "gesvda") else (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
         for i, res in zip(idx, _batched(fn, [mats[i] for i in idx], work, algo)):
-            out[i] = tuple(t.to(dtype) for t in res)
+            out[i] = tuple(t.to(dtype) for t in canonical_signs(*res))
     return out
+
+
+def canonical_signs(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same SVD with every component's sign fixed: the largest-magnitude entry of each column
+    of U is positive (V's row follows, so U S Vh is unchanged).
+
+    A singular pair is only defined up to sign, and LAPACK, cuSOLVER, the Gram and the randomized
+    paths each pick their own. The product does not care, but quantising a factor does: GPTQ rounds
+    the rows of `up`, and flipping one of its columns changes every row's range and so its codes.
+    Without this, the same recipe on CUDA and on CPU gave two equally good but different models
+    (welore30-gptq4-eora, issue 28: 0.6-0.8x the compression error apart).
+    """
+    idx = u.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.where(u.gather(-2, idx) < 0, -1.0, 1.0).to(u.dtype)  # (..., 1, k)
+    return u * sign, s, vh * sign.mT.to(vh.dtype)
 
 
 def svdvals(mats: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -231,7 +246,9 @@ def svdvals(mats: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) ->
     def one(x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) >= FAST_MIN_DIM:
             return via_gram(x).to(dtype)
-        return _lapack(torch.linalg.svdvals, x)
+        # float64 on every device: rank allocations threshold these values, and float32 results
+        # from LAPACK and cuSOLVER differ in the last digits (issue 28)
+        return _lapack(torch.linalg.svdvals, x.to(torch.float64)).to(dtype)
 
     return _batched(one, mats, dtype, "gram")
 
@@ -259,16 +276,22 @@ def whitening(grams: Sequence[torch.Tensor], damp: float = 1e-3, dtype: torch.dt
     that rounding in eigh can never produce a negative or zero root. Never NaN, never a crash.
     Kept in float64 even on GPUs: the damped H still spans 5-6 decades, and S_inv multiplies by the
     inverse roots, so float32 eigenvalues would put O(1) relative errors on the smallest directions.
+    Linears that read the same input (q/k/v, gate/up) get the same Gram object from the collector:
+    it is factorised once and the pair shared.
     """
+    distinct: dict[int, int] = {}  # id of a Gram -> its position among the distinct ones
     damped = []
     for h in grams:
+        if id(h) in distinct:
+            continue
+        distinct[id(h)] = len(damped)
         h = h.to(dtype)
         h = (h + h.T) / 2
         delta = damp * h.diagonal().mean().clamp_min(torch.finfo(dtype).tiny)
         damped.append(h + delta * torch.eye(h.shape[0], dtype=dtype, device=h.device))
-    out = []
+    pairs = []
     for lam, q in eigh(damped, dtype):
         lam = lam.clamp_min(lam.max() * torch.finfo(dtype).eps * lam.numel())
         root = lam.sqrt()
-        out.append((q * root, q.T / root[:, None]))
-    return out
+        pairs.append((q * root, q.T / root[:, None]))
+    return [pairs[distinct[id(h)]] for h in grams]

@@ -8,14 +8,69 @@ the `compressor.progress` logger: every item for slow units (layers), otherwise 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import sys
 import time
 
+import torch
 from tqdm.auto import tqdm
 
 log = logging.getLogger("compressor.progress")
+
+# Seconds spent per phase of compression in this process, summed over layers: "capture" (layer-0
+# inputs), "grams" (statistics passes), "forward" (next layer's inputs), "move" (layers to and from
+# the device), "prepare:<stage>", "stage:<stage>" (a stage's per-layer work: decompositions, GPTQ,
+# adapter fits), "finish:<stage>", "export". Benchmarks read and reset it (times, reset_times);
+# no method is named here, the driver passes the stage names.
+TIMES: dict[str, float] = {}
+
+
+def _sync() -> None:
+    # CUDA work is asynchronous: without this a phase's kernels are charged to whichever phase
+    # waits on them next. Only where CUDA is already in use (never initialises it).
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def timed(phase: str):
+    """Add the time spent inside to TIMES[phase]."""
+    _sync()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _sync()
+        add_time(phase, time.perf_counter() - start)
+
+
+def add_time(phase: str, seconds: float) -> None:
+    TIMES[phase] = TIMES.get(phase, 0.0) + seconds
+
+
+def timed_call(phase: str):
+    """Decorator: every call of the function is timed into TIMES[phase]."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with timed(phase):
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+def times() -> dict[str, float]:
+    return dict(TIMES)
+
+
+def reset_times() -> None:
+    TIMES.clear()
 
 
 def _seconds(s: float) -> str:

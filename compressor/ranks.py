@@ -64,12 +64,86 @@ def uniform(shapes: Shapes, ratio: float, energies=None, extra=None) -> Ranks:
     return ranks
 
 
+# Scores closer than this (relative) are one tie: kept or dropped together. Spectra are computed in
+# float64 (linalg.svdvals), so the same weights on two devices give scores ~1e-15 apart; a threshold
+# that fell between two such near-copies would make the ranks depend on the device's rounding.
+TIE_RTOL = 1e-9
+
+
+def tie_groups(values: torch.Tensor, rtol: float = TIE_RTOL) -> torch.Tensor:
+    """The distinct thresholds worth trying: the smallest value of each group of sorted values whose
+    neighbours lie within `rtol` of each other (relative, so a tail of tiny scores is not one group)."""
+    v = torch.unique(values)  # sorted
+    if v.numel() < 2:
+        return v
+    gap = v[1:] - v[:-1]
+    new_group = gap > rtol * v[1:].abs()
+    return torch.cat([v[:1], v[1:][new_group]])
+
+
+# --- hardware-aligned ranks
+
+# Tensor cores need GEMM sides that are multiples of 8 (bf16) and run best at 64-128; vLLM's
+# GPTQ-Marlin kernel wants output sides divisible by 64 and input sides by 128.
+DEFAULT_ALIGN = 64
+QUANT_ALIGN = 128
+MIN_ALIGN = 8  # below this a step buys nothing on tensor cores; smaller steps are not applied
+ALIGN_SHARE = 16  # a step is at most 1/16 of the matrix's smaller side
+
+
+def aligned_step(shape: tuple[int, int], align: int) -> int:
+    """The multiple a rank of a matrix of `shape` is rounded to: the largest power of two that is
+    at most `align` and at most 1/16 of the smaller side, or 1 (no rounding) when that is below 8.
+
+    So a 4096-wide matrix gets the full 64 or 128, a 896-wide one 32, and the 64-wide matrices of
+    the test models none: a step that is a large share of the side would move a rank far from its
+    allocation (or to 0, or to full rank) for no speed, since such matrices are far from GEMM-bound.
+    """
+    cap = min(align, min(shape) // ALIGN_SHARE)
+    step = 1
+    while step * 2 <= cap:
+        step *= 2
+    return step if step >= MIN_ALIGN else 1
+
+
+def align_ranks(shapes: Shapes, ranks: Ranks, target: float, align: int, extra: dict[str, int] | None = None) -> Ranks:
+    """Round every rank to its aligned_step without exceeding the parameter budget `target`.
+
+    Rounding direction: each rank first goes down to its multiple (so the total only falls), then
+    whole steps are given back, largest rounding loss first (ties by name), while the total stays
+    within `target` and the rank below break-even and full rank. The achieved reduction therefore
+    still meets the ratio, and no rank moves by a step or more. A rank below one step is kept as it
+    is (never rounded to 0); dense matrices (None) stay dense.
+    """
+    extra = extra or {}
+    out: Ranks = dict(ranks)
+    lost: dict[str, float] = {}
+    steps: dict[str, int] = {}
+    for name, k in ranks.items():
+        step = aligned_step(shapes[name], align)
+        if k is None or step == 1 or k < step or k % step == 0:
+            continue
+        out[name] = k - k % step
+        steps[name] = step
+        up = out[name] + step
+        if up <= min(shapes[name]) and up <= max_saving_rank(shapes[name], extra.get(name, 0)):
+            lost[name] = (k % step) / step
+    total = params_after(shapes, out, extra)
+    for name in sorted(lost, key=lambda n: (-lost[n], n)):
+        more = steps[name] * sum(shapes[name])
+        if total + more <= target:
+            out[name] += steps[name]
+            total += more
+    return out
+
+
 def _fit_threshold(shapes: Shapes, scores: dict[str, torch.Tensor], target: float, extra: dict[str, int]) -> Ranks:
     """Keep, in every matrix, the components whose score reaches one common threshold, choosing the
     threshold so total parameters fit under `target`. Scores must be non-increasing per matrix.
 
     Parameters only fall as the threshold rises (a matrix that turns dense does so only while its
-    rank is above break-even), so a binary search over the sorted distinct scores is exact.
+    rank is above break-even), so a binary search over the sorted distinct scores is exact. Scores
+    within TIE_RTOL of each other count as one (tie_groups), so rounding noise cannot split them.
     """
 
     def ranks_at(tau: float) -> Ranks:
@@ -79,7 +153,7 @@ def _fit_threshold(shapes: Shapes, scores: dict[str, torch.Tensor], target: floa
             ranks[name] = k if k <= max_saving_rank(shape, extra.get(name, 0)) else None
         return ranks
 
-    candidates = torch.unique(torch.cat([s.flatten() for s in scores.values()]).double())
+    candidates = tie_groups(torch.cat([s.flatten() for s in scores.values()]).double())
     lo, hi = 0, candidates.numel() - 1
     if params_after(shapes, ranks_at(float("inf")), extra) > target:
         raise CompressorError("the requested ratio cannot be reached even at rank 1 everywhere; use a smaller --ratio")
@@ -139,9 +213,11 @@ def budget(shapes: Shapes, ratio: float, energies: dict[str, torch.Tensor], extr
 POLICIES: dict[str, Callable[..., Ranks]] = {"uniform": uniform, "welore": welore, "budget": budget}
 
 
-def allocate(policy: str, shapes: Shapes, ratio: float, energies=None, extra=None) -> Ranks:
+def allocate(policy: str, shapes: Shapes, ratio: float, energies=None, extra=None, align: int = 1) -> Ranks:
+    """The policy's ranks, rounded to hardware-friendly multiples (align_ranks) under the same budget."""
     if policy not in POLICIES:
         raise CompressorError(f"unknown allocation '{policy}'; choose one of: {', '.join(sorted(POLICIES))}")
     if policy != "uniform" and energies is None:
         raise CompressorError(f"allocation '{policy}' needs spectra; this is a bug in the method, please report it")
-    return POLICIES[policy](shapes, ratio, energies, extra)
+    ranks = POLICIES[policy](shapes, ratio, energies, extra)
+    return align_ranks(shapes, ranks, _budget(shapes, ratio), align, extra) if align > 1 else ranks

@@ -56,18 +56,28 @@ def test_quick_variant_reports_every_step(tmp_path):
     assert not c["partial"] and positive(c["compress_wall_s"]) and positive(c["build_s"])
     assert 0.1 < c["achieved_linear_ratio"] < 0.35 and c["params_after"] < c["params"]
     assert set(c["speed"]) == {"dense", "0.2", "0.4"}
+    # the new paths run here too: aligned ranks (128-wide matrices: step 8) and chunked Grams
+    assert c["rank_alignment"]["aligned"] == 14 and c["rank_alignment"]["unaligned"] == [] and c["chunked_grams"]
+    # where the time went, method-agnostic phases plus the stage's own, and the export
+    split = c["time_split_s"]
+    assert {"capture", "grams", "forward", "stage:whiten", "export"} <= set(split) and all(v >= 0 for v in split.values())
+    assert positive(c["export_s"]) and c["compress_wall_s"] >= split["stage:whiten"]
+    log = (out / report["steps"]["compress"]["log"]).read_text()
+    assert "layer 0: whiten" in log and "layer 1: whiten" in log and "compressing (whiten): 2/2 layers" in log  # per-layer progress
+    assert "  times: {" in log  # the running time split, there even when a step is killed
     for row in c["speed"].values():
         assert positive(row["prefill_tok_s"]) and positive(row["decode_tok_s"]) and positive(row["prefill_x_dense"])
 
     s = report["steps"]["structured"]["figures"]
     assert not s["partial"] and positive(s["compress_wall_s"])
-    assert 0.1 < s["achieved_linear_ratio"] < 0.35 and s["intermediate_size_after"] < 160
+    assert 0.1 < s["achieved_linear_ratio"] < 0.35 and s["intermediate_size_after"] < 352 and s["intermediate_size_after"] % 8 == 0
     assert s["mean_relative_output_error"] is not None and s["mean_relative_output_error"] >= 0
     assert set(s["speed"]) == {"dense", "structured"}  # whitened SVD's speed comes from the compress step
+    assert {"grams", "stage:structured", "export"} <= set(s["time_split_s"]) and positive(s["export_s"])
     assert positive(s["vs_whitened_svd"]["prefill_x"]) and positive(s["vs_whitened_svd"]["decode_x"])
 
     names = {(t["step"], t["name"]) for t in report["targets"]}
-    assert len(names) == 7
+    assert len(names) == 9
     # Tiny shapes say nothing about the targets: recorded, never judged.
     assert all(t["met"] is None for t in report["targets"]) and report["all_targets_met"] is None
 

@@ -133,3 +133,32 @@ def test_cuda_svdvals_and_whitening_match_cpu():
     (sg, sg_inv), = linalg.whitening([h.cuda()])
     (sc, sc_inv), = linalg.whitening([h])
     assert torch.allclose(sg.cpu() @ sg.cpu().T, sc @ sc.T, atol=1e-8 * float(h.norm()))
+
+
+def test_svd_signs_are_canonical_whatever_the_path():
+    """Every path returns the same sign per component (the largest entry of each U column
+    positive), so factors GPTQ later rounds are the same on every device and algorithm."""
+    w, _ = _decayed(600, 700)
+    w = w.double()
+    got = {a: linalg.svd([w], dtype=torch.float64, ranks=[60], algorithm=a)[0] for a in ("full", "gram", "randomized")}
+    for a, (u, s, vh) in got.items():
+        top = u[:, :20]
+        assert (top.gather(0, top.abs().argmax(0, keepdim=True)) > 0).all(), a
+        # the same direction, not only up to sign: each top column points where the exact one does
+        # (the randomized path is approximate on this flat spectrum, so only roughly)
+        cos = (top * got["full"][0][:, :20]).sum(0)
+        assert (cos > (0.999 if a == "gram" else 0.5)).all(), (a, cos.min())
+    # -W has the same U (canonical) and negated Vh
+    u, s, vh = linalg.svd([-w], dtype=torch.float64)[0]
+    assert torch.allclose(u[:, :20], got["full"][0][:, :20], atol=1e-8)
+    assert torch.allclose(vh[:20], -got["full"][2][:20], atol=1e-8)
+
+
+def test_svdvals_are_float64_accurate_on_the_small_path():
+    """Rank allocations threshold these: the small (LAPACK) path computes in float64 whatever the
+    input dtype, so float32 and float64 weights give the same energies up to the input's rounding."""
+    w, exact = _decayed(96, 64, alpha=1.0)
+    s32, = linalg.svdvals([w.float()], dtype=torch.float64)
+    s64, = linalg.svdvals([w.double()], dtype=torch.float64)
+    assert torch.allclose(s32, s64, rtol=0, atol=1e-6 * float(s64[0]))
+    assert torch.allclose(s64, torch.linalg.svdvals(w.double()), rtol=0, atol=1e-12 * float(s64[0]))

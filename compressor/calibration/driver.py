@@ -166,7 +166,8 @@ def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Ten
     if specs is not None:
         state.specs = specs
     for stage in stages:
-        stage.prepare(state)
+        with progress.timed(f"prepare:{stage.name}"):
+            stage.prepare(state)
     wants_reference = any(stage.needs_reference() for stage in stages)
 
     def visit(i, layer, grams, crosses=None, only=None, io=None):
@@ -188,7 +189,8 @@ def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Ten
          dense_stream=any(stage.needs_dense_stream() for stage in stages), true_sequential=true_sequential, layers=layers,
          layer_io=any(stage.needs_layer_io() for stage in stages))
     for stage in stages:
-        stage.finish(state)
+        with progress.timed(f"finish:{stage.name}"):
+            stage.finish(state)
     return state
 
 
@@ -200,11 +202,12 @@ class _Clock:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - start
+        with progress.timed(f"stage:{name}"):  # the run's totals per stage (benchmarks read them)
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - start
 
     def __str__(self) -> str:
         return ", ".join(f"{name} {secs:.1f} s" for name, secs in self.spent.items()) or "nothing to do"
@@ -425,7 +428,8 @@ def walk(
     arch = models.arch_for(model)
     source = layers if layers is not None else MemoryLayers(model)
     count = len(models.decoder_layers(model))
-    acts = capture(model, windows, batch_size, device) if windows is not None else None
+    with progress.timed("capture"):
+        acts = capture(model, windows, batch_size, device) if windows is not None else None
     if acts is not None:
         source.captured(model)
     dense = list(acts.hidden) if acts is not None and dense_stream else None
@@ -446,12 +450,14 @@ def walk(
                 continue
             if shared and not distributed.layer_turn(i, split):
                 continue
-            layer = source.load(i, device)
+            with progress.timed("move"):
+                layer = source.load(i, device)
             if acts is None:
                 visit(i, layer, None)
             elif not true_sequential:
                 own = [] if layer_io else None
-                grams, crosses, dense = collect(model, layer, acts, i, gram_dtype, dense, own=own)
+                with progress.timed("grams"):
+                    grams, crosses, dense = collect(model, layer, acts, i, gram_dtype, dense, own=own)
                 extra = {} if dense is None else {"crosses": crosses}
                 if layer_io:
                     extra["io"] = LayerIO(acts.hidden, acts.calls[i], own, dense)
@@ -465,7 +471,8 @@ def walk(
                     names = {n for n, g in arch.linears.items() if g == group}
                     # The first group's pass runs the still-dense layer: its outputs are the targets.
                     own = [] if layer_io and io is None else None
-                    grams, crosses, following = collect(model, layer, acts, i, gram_dtype, dense, names, original, own=own)
+                    with progress.timed("grams"):
+                        grams, crosses, following = collect(model, layer, acts, i, gram_dtype, dense, names, original, own=own)
                     extra = {} if dense is None else {"crosses": crosses}
                     if layer_io:
                         io = io or LayerIO(acts.hidden, acts.calls[i], own, following)
@@ -475,7 +482,9 @@ def walk(
                 del original, io
             source.settle(i, layer)
             if acts is not None and i + 1 < count:
-                acts.hidden = run_layer(layer, acts, i)
-            source.release(i, layer, visited=True)
+                with progress.timed("forward"):
+                    acts.hidden = run_layer(layer, acts, i)
+            with progress.timed("move"):
+                source.release(i, layer, visited=True)
     finally:
         source.close(model)

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from compressor import hf, modules
+from compressor import hf, modules, progress
 from compressor.errors import CompressorError, shown
 from compressor.export.peft import ADAPTER_DIR, adapted, attach_adapter, save_adapter, without_adapters
 from compressor.files import atomic_dir
@@ -143,6 +143,7 @@ def write_declared(folder: Path, model, declared: Declaration, tokenizer, report
     (folder / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+@progress.timed_call("export")
 def save(model, tokenizer, out: str | Path, module_specs: dict, record: dict, report: dict, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write the compressed model (in memory) to `out` atomically; `record` goes into config.compression."""
     check_finite_tensors(model)

@@ -156,12 +156,17 @@ class RankConfig:
     allocation: how ranks are spread across matrices (see compressor/ranks.py).
     rank: one fixed rank for every targeted matrix instead of a ratio.
     targets: glob patterns on linear names inside a decoder layer (e.g. "mlp.*").
+    align: ratio-allocated ranks are rounded to multiples of this power of two, within the budget
+    (ranks.align_ranks; smaller matrices get a smaller step, see ranks.aligned_step). Default: 64,
+    or 128 when a quantisation stage follows (vLLM's GPTQ-Marlin needs a factor's input side
+    divisible by 128). 1: no rounding. A fixed `rank` is used as given.
     """
 
     ratio: float = 0.2
     allocation: str = "uniform"
     rank: int | None = None
     targets: list[str] = field(default_factory=lambda: ["*"])
+    align: int | None = None
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
@@ -169,6 +174,20 @@ class RankConfig:
         check_choice("allocation", self.allocation, sorted(rank_policies.POLICIES))
         check_int("rank", self.rank, 1, optional=True)
         check_patterns("targets", self.targets)
+        check_align(self.align)
+
+
+def check_align(align) -> None:
+    check_int("align", align, 1, optional=True)
+    if align is not None and align & (align - 1):
+        raise CompressorError(f"key 'align' must be a power of two (1, 8, 16, 32, 64, 128, ...), got {align}")
+
+
+def resolve_align(align: int | None, stages: list[Method]) -> int:
+    """A stage's `align` option as used: the given value, or 64, or 128 before a quantisation stage."""
+    if align is not None:
+        return align
+    return rank_policies.QUANT_ALIGN if any(s.kind == "quant" for s in stages) else rank_policies.DEFAULT_ALIGN
 
 
 class RankMethod(Method):
@@ -180,6 +199,11 @@ class RankMethod(Method):
     def __init__(self, config):
         super().__init__(config)
         self.ranks: dict[str, int | None] = {}  # full name -> rank (None: stays dense)
+        self.shapes: dict[str, tuple[int, int]] = {}  # full name -> (out, in) of the targeted weights
+        self.align = resolve_align(config.align, [])  # bind() sees the whole recipe
+
+    def bind(self, stages, calibration) -> None:
+        self.align = resolve_align(self.config.align, stages)
 
     def energies(self, weights: list[torch.Tensor], grams: list) -> list[torch.Tensor]:
         """Per matrix, the squared singular values of what gets truncated, descending."""
@@ -199,10 +223,18 @@ class RankMethod(Method):
         extra = {n: self.extra_params(s) for n, s in shapes.items()}
         if cfg.rank is not None:
             return rank_policies.fixed(shapes, cfg.rank, extra)
-        return rank_policies.allocate(cfg.allocation, shapes, cfg.ratio, energies, extra)
+        return rank_policies.allocate(cfg.allocation, shapes, cfg.ratio, energies, extra, self.align)
 
     def needs_energies(self) -> bool:
         return self.config.rank is None and self.config.allocation != "uniform"
+
+    def report(self, model, specs: dict) -> dict:
+        """How the ranks met the hardware alignment: `unaligned` lists the factorised matrices whose
+        rank is no multiple of a step > 1 (small matrices, fixed ranks, ranks below one step)."""
+        steps = {n: rank_policies.aligned_step(self.shapes[n], self.align) for n, k in self.ranks.items() if k is not None and n in self.shapes}
+        return {"rank_alignment": {"align": self.align, "fixed_rank": self.config.rank is not None,
+                                   "aligned": sum(1 for n, st in steps.items() if st > 1 and self.ranks[n] % st == 0),
+                                   "unaligned": sorted(n for n, st in steps.items() if st == 1 or self.ranks[n] % st)}}
 
     def module_spec(self, shape: tuple[int, int], rank: int, bias: bool) -> ModuleSpec:
         return ModuleSpec("lowrank", shape[0], shape[1], bias, rank=rank)
@@ -224,7 +256,8 @@ class RankMethod(Method):
 
     def plan_ranks(self, model, energies: dict | None) -> dict:
         """Per full module name, the rank (or None: stays dense) the allocation gives."""
-        return self.allocate(target_shapes(model, self), energies)
+        self.shapes = target_shapes(model, self)
+        return self.allocate(self.shapes, energies)
 
     def prepare(self, run) -> None:
         energies = None

@@ -47,7 +47,7 @@ class Lord(RankMethod):
 
     def energies(self, weights, grams):
         if not self.needs_gram:
-            return [s.square() for s in linalg.svdvals(weights)]
+            return [s.square() for s in linalg.svdvals(weights, dtype=torch.float64)]
         return [lam for lam, _ in self._output_eigs(weights, grams)]
 
     def decompose(self, weights, grams, ranks):

@@ -58,7 +58,7 @@ class Lost(RankMethod):
         return super().module_spec(shape, rank, bias).replace(type="lowrank_sparse", cols=sparse_columns(shape[1], self.config.sparse_fraction))
 
     def energies(self, weights, grams):
-        return [s.square() for s in linalg.svdvals(weights)]
+        return [s.square() for s in linalg.svdvals(weights, dtype=torch.float64)]
 
     def decompose(self, weights, grams, ranks):
         factors = []

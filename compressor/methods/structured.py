@@ -38,8 +38,9 @@ from torch import nn
 from compressor import models
 from compressor.errors import MAX_DAMP, CompressorError, check_float, check_int, shown
 from compressor.methods import register
-from compressor.methods.base import Method
+from compressor.methods.base import Method, resolve_align
 from compressor.modules import ModuleSpec
+from compressor.ranks import aligned_step
 
 log = logging.getLogger("compressor.structured")
 
@@ -55,7 +56,9 @@ class StructuredConfig:
     """ratio: fraction of ALL decoder-linear parameters to remove, taken from the MLPs.
     allocation: uniform (same width in every layer) or budget (per-layer widths by measured error).
     selection: greedy, energy or leverage (how the kept intermediate channels are chosen).
-    multiple_of: widths are multiples of this (GPTQ packing and GEMM tiles like 32).
+    multiple_of: widths are multiples of this; default: the rank stages' `align` rule
+    (ranks.aligned_step on down_proj's shape: 64, 128 before a quantisation stage, smaller for
+    small MLPs, 1 for the test models).
     min_keep: with allocation budget, no layer keeps fewer than this fraction of its channels.
     ridge: leverage's lambda as a fraction of mean(diag C). damp: added to C[S, S] as a fraction of
     its mean diagonal before solving, so unused channels cannot make the refit singular."""
@@ -63,7 +66,7 @@ class StructuredConfig:
     ratio: float = 0.2
     allocation: str = "uniform"
     selection: str = "greedy"
-    multiple_of: int = 32
+    multiple_of: int | None = None
     min_keep: float = 0.25
     ridge: float = 1e-2
     damp: float = 1e-6
@@ -75,7 +78,7 @@ class StructuredConfig:
             raise CompressorError(f"structured: allocation must be one of {', '.join(ALLOCATIONS)}, got {shown(self.allocation)}")
         if self.selection not in SELECTIONS:
             raise CompressorError(f"structured: selection must be one of {', '.join(SELECTIONS)}, got {shown(self.selection)}")
-        check_int("multiple_of", self.multiple_of, 1, most=MAX_MULTIPLE)
+        check_int("multiple_of", self.multiple_of, 1, optional=True, most=MAX_MULTIPLE)
         check_float("min_keep", self.min_keep, 0, 1, low_open=True)
         check_float("ridge", self.ridge, 0, most=MAX_DAMP)
         check_float("damp", self.damp, 0, most=MAX_DAMP)
@@ -269,7 +272,9 @@ def uniform_width(model, ratio: float, multiple_of: int, who: str = "structured"
             f"{who}: ratio {ratio} would take {remove / (len(layers) * full):.0%} of every MLP's channels; "
             "the MLPs hold too little of the decoder-linear parameters for that ratio, choose a smaller one"
         )
-    return full, min(full, max(multiple_of, int(round(keep_uniform / multiple_of)) * multiple_of))
+    # down, so the ratio is met; a width within 1e-6 of a step counts as on it, so float rounding
+    # (64.0 as 63.99999999999999) or a vanishing ratio does not cost a whole step
+    return full, min(full, max(multiple_of, math.floor(keep_uniform / multiple_of + 1e-6) * multiple_of))
 
 
 def mlp_layout(model) -> models.Mlp:
@@ -302,20 +307,24 @@ class Structured(Method):
         self.done: dict[int, int] = {}  # layer index -> width applied
         self.intermediate: int | None = None
         self.error: dict[int, float] = {}  # layer index -> relative output error on calibration data
+        self.align = resolve_align(None, [])  # bind() sees the whole recipe
+        self.multiple_of: int | None = None  # the width step used (config or the align rule)
 
     def bind(self, stages, calibration) -> None:
         if any(s.kind == "rank" for s in stages):
             raise CompressorError(f"'{self.name}' changes the layer shapes a rank stage plans on; use one of them")
         if calibration.true_sequential:
             raise CompressorError(f"'{self.name}' needs the whole layer's Grams at once; set calibration.true_sequential: false")
+        self.align = resolve_align(None, stages)
 
     def prepare(self, run) -> None:
         model = run.model
         mlp = mlp_layout(model)
-        full, k = uniform_width(model, self.config.ratio, self.config.multiple_of, self.name)
+        step = self.config.multiple_of or aligned_step(models.weight_of(models.decoder_layers(model)[0].get_submodule(mlp.output)).shape, self.align)
+        self.multiple_of = step
+        full, k = uniform_width(model, self.config.ratio, step, self.name)
         self.intermediate = full
         L = len(models.decoder_layers(model))
-        step = self.config.multiple_of
         if self.config.allocation == "uniform":
             self.widths = {i: k for i in range(L)}
             return
@@ -374,6 +383,7 @@ class Structured(Method):
                 "selection": self.config.selection,
                 "intermediate_size_before": self.intermediate,
                 "widths": {str(i): k for i, k in sorted(self.done.items())},
+                "multiple_of": self.multiple_of,
                 "uniform": uniform,
                 "standard_architecture": uniform,
                 # Squared output error of each refitted MLP on the calibration data, over its output energy.

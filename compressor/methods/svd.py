@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from compressor import linalg
 from compressor.methods import register
 from compressor.methods.base import RankMethod
@@ -13,7 +15,7 @@ class SVD(RankMethod):
     name = "svd"
 
     def energies(self, weights, grams):
-        return [s.square() for s in linalg.svdvals(weights)]
+        return [s.square() for s in linalg.svdvals(weights, dtype=torch.float64)]
 
     def decompose(self, weights, grams, ranks):
         return [

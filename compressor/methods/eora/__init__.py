@@ -83,6 +83,8 @@ from compressor.modules import BITS, LoraAdapted, LowRankLinear, ModuleSpec, Qua
 log = logging.getLogger("compressor.eora")
 MAX_REFINE = 100  # refinement rounds: each is a GPTQ re-quantisation of every linear
 
+log = logging.getLogger("compressor.eora")
+
 
 @dataclass
 class EoraConfig:
@@ -129,6 +131,12 @@ class EoraConfig:
             check_choice("bits", self.bits, BITS)
         check_group_size(self.group_size)
         check_int("refine", self.refine, 0, most=MAX_REFINE)
+        for where, r in [("rank", self.rank)] + [(f"rank_pattern['{p}']", v) for p, v in self.rank_pattern.items()]:
+            if r not in VLLM_LORA_RANKS:
+                # kept (small ranks serve the tests and the toolkit's own loader) but said: vLLM
+                # pads such an adapter to the next size it accepts, which costs what that rank costs
+                log.warning("eora: %s %d is none of vLLM's LoRA ranks %s; it serves there padded to %s",
+                            where, r, "/".join(map(str, VLLM_LORA_RANKS)), vllm_max_lora_rank([r]))
         # Rules between options of this stage (those with other stages are in Eora.bind).
         c = self
         if c.rank_allocation != "uniform" and (c.sequential or c.merge):
@@ -145,6 +153,15 @@ class EoraConfig:
 
 
 ALLOCATIONS = ("uniform", "per-type", "global")
+# The ranks vLLM's LoRA serving accepts as max_lora_rank (its kernels are built for these); an
+# adapter of rank r loads when max_lora_rank >= r, so other ranks still serve, padded to the next.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
+
+
+def vllm_max_lora_rank(ranks) -> int | None:
+    """The smallest max_lora_rank vLLM accepts that holds every rank in `ranks` (None: none does)."""
+    top = max(ranks, default=0)
+    return next((r for r in VLLM_LORA_RANKS if r >= top), None)
 WEIGHTINGS = ("output", "loss", "loss-full")
 CAP = 4  # with a non-uniform allocation, a module's adapter can grow to CAP x its nominal rank
 
@@ -264,7 +281,9 @@ class Eora(Method):
                 # Squared output error on the calibration data, per module: how much of it rank r removes.
                 "error_removed": {n: round(v, 4) for n, v in self.removed.items()},
                 "error_removed_mean": round(sum(self.removed.values()) / len(self.removed), 4) if self.removed else None,
-            }
+            },
+            # what vLLM's --max-lora-rank must be for the PEFT adapter (None: above what it accepts)
+            "adapter_serving": {"vllm_max_lora_rank": vllm_max_lora_rank((self.merged or self.ranks).values())},
         }
 
     def summary_lines(self, model, specs: dict, entry: dict) -> list[str]:
