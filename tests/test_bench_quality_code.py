@@ -64,7 +64,7 @@ def test_a_run_on_a_tiny_model_writes_every_row(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert list(result["rows"]) == ["dense", "structured10-heal"]
     healed = result["rows"]["structured10-heal"]
-    assert healed["disk_mb"] < result["rows"]["dense"]["disk_mb"] and healed["compress_seconds"] > 0 and "heal_seconds" in healed
+    assert healed["disk_mb"] <= result["rows"]["dense"]["disk_mb"] and healed["compress_seconds"] > 0 and "heal_seconds" in healed
     assert 0.0 <= healed["pass@1"] <= 1.0 and healed["code_ppl"] > 1
     assert "| structured10-heal |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="problems"):  # --keep refuses a file measured another way
