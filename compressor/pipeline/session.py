@@ -75,7 +75,6 @@ class Session:
 
         sink = self.sink
         finished, specs = 0, {}
-        layers = None
         try:
             if sink is not None:
                 finished, specs = self._begin(sink, model, stages, out_dtype)
@@ -104,7 +103,7 @@ class Session:
                 model.to(getattr(torch, out_dtype))
             distributed.barrier("the end of compression")  # distributed: rank 0 writes once every rank is done
             out = None
-            if sink is not None and getattr(sink, "write", True):
+            if sink is not None and sink.write:
                 record = {"method": report["method"], "recipe": report["recipe"], "target_ratio": report["target_ratio"], "dtype": out_dtype}
                 out = sink.finish(model, tokenizer, specs, record, report, extra)
                 report["output_bytes"] = accounting.weight_bytes(out)

@@ -38,6 +38,7 @@ class FolderSink:
     """The whole model written to `out` at the end, atomically (export/checkpoint.py: save)."""
 
     streamed = False
+    write = True  # the one process that has a folder sink writes (a streamed sink may only read)
 
     def __init__(self, out, overwrite: bool = False):
         self.out, self.overwrite = Path(out), overwrite
