@@ -95,10 +95,73 @@ def gptq_only(spec: dict) -> bool:
     return spec.type == "quant" and spec.adapter is None
 
 
-def quantization_config(grid: dict, damp: float, static_groups: bool, method: str, skipped: list[str], version: str) -> dict:
+# vLLM builds one layer from several checkpoint linears (llama-family naming) and matches the
+# `dynamic` rules against the fused layer's name only: fused name -> its members.
+VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def base_bits(bits_by_module: dict[str, int], weights_by_module: dict[str, int] | None = None) -> int:
+    """The width declared as the config's `bits`: the one that holds the most weights (each module
+    counts 1 where `weights_by_module` lacks it), so the headline width that model cards and
+    loaders' logs show describes most of the stored bytes; an exact tie goes to the lower width."""
+    held: dict[int, int] = {}
+    for name, bits in bits_by_module.items():
+        held[bits] = held.get(bits, 0) + (weights_by_module or {}).get(name, 1)
+    return max(sorted(held), key=lambda b: held[b])
+
+
+def _rule(names: list[str]) -> str:
+    """A positive rule matching exactly `names` (re.match semantics, as GPTQModel and vLLM use it)."""
+    if len(names) == 1:
+        return f"+:^{re.escape(names[0])}$"
+    parent = names[0].rpartition(".")[0]
+    return f"+:^{re.escape(parent)}\\.(?:{'|'.join(n.rpartition('.')[2] for n in names)})$"
+
+
+def _bit_rules(bits_by_module: dict[str, int], base: int) -> dict:
+    """One {"bits"} override per module whose width is not `base`. The members of a vLLM fused
+    group that are all quantised at one width share a rule that also matches the fused name, so
+    vLLM builds that fused layer at their width."""
+    rules, done = {}, set()
+    for name, bits in bits_by_module.items():
+        if name in done:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        for fused, members in VLLM_FUSED.items():
+            full = [f"{parent}.{m}" for m in members]
+            if leaf in members and all(bits_by_module.get(n) == bits for n in full):
+                done.update(full)
+                if bits != base:
+                    rules[_rule([*full, f"{parent}.{fused}"])] = {"bits": bits}
+                break
+        else:
+            done.add(name)
+            if bits != base:
+                rules[_rule([name])] = {"bits": bits}
+    return rules
+
+
+def quantization_config(grid: dict, damp: float, static_groups: bool, method: str, skipped: list[str], version: str,
+                        bits_by_module: dict[str, int] | None = None, weights_by_module: dict[str, int] | None = None) -> dict:
     """The GPTQ v1 quantization_config for a model whose every compressed linear is `gptq_only`.
     grid: bits, group_size, sym, desc_act. Decoder linears left unquantised (`skipped`) are
-    excluded with gptqmodel's `dynamic` negative rules."""
+    excluded with gptqmodel's `dynamic` negative rules.
+
+    bits_by_module: full module name -> bits, for a model quantised at several widths (one group
+    size). `bits` is then `base_bits` of it (weights_by_module: full name -> out x in, see
+    `mixed_bits`) and every other width is a positive `dynamic` rule (docs/guides/mixed-bits.md
+    says which loaders read them). One width everywhere gives exactly the uniform config."""
+    grid = dict(grid)
+    rules = {}
+    if bits_by_module:
+        wrong = sorted({b for b in bits_by_module.values() if b not in BITS})
+        if wrong:
+            raise CompressorError(f"bits_by_module holds {wrong}; GPTQ packing supports {', '.join(map(str, BITS))} bits")
+        both = sorted(set(bits_by_module) & set(skipped))
+        if both:
+            raise CompressorError(f"{both[0]} is both quantised (bits_by_module) and skipped; list it in one of them")
+        grid["bits"] = base_bits(bits_by_module, weights_by_module)
+        rules = _bit_rules(bits_by_module, grid["bits"])
     return {
         **grid,
         "lm_head": False,
@@ -109,9 +172,30 @@ def quantization_config(grid: dict, damp: float, static_groups: bool, method: st
         "damp_percent": damp,
         "static_groups": static_groups,
         "true_sequential": False,
-        "dynamic": {f"-:^{re.escape(name)}$": {} for name in skipped},
+        "dynamic": {**{f"-:^{re.escape(name)}$": {} for name in skipped}, **rules},
         "meta": {"quantizer": [f"compressor:{version}"], "method": method},
     }
+
+
+def mixed_bits(specs: dict) -> dict:
+    """quantization_config's bits_by_module and weights_by_module from the module specs of a
+    model whose every compressed linear is `gptq_only`; one group size is required, since the
+    rules carry bits only."""
+    groups = {spec.group_size for spec in specs.values()}
+    if len(groups) > 1:
+        raise CompressorError(f"the quantised linears use group sizes {sorted(groups)}; a mixed-bit GPTQ export declares one group size for all")
+    return {"bits_by_module": {n: s.bits for n, s in specs.items()}, "weights_by_module": {n: s.out * s.inp for n, s in specs.items()}}
+
+
+def declared_bits(config: dict, name: str) -> int | None:
+    """The bits a GPTQ loader that reads `dynamic` gives the module `name` (None: left
+    unquantised): the first rule whose regex re.match-es the name decides, as GPTQModel and vLLM
+    resolve it; no rule matching means the base `bits`."""
+    for key, overrides in (config.get("dynamic") or {}).items():
+        negative = key.startswith("-:")
+        if re.match(key[2:] if key.startswith(("-:", "+:")) else key, name):
+            return None if negative else overrides.get("bits", config["bits"])
+    return config["bits"]
 
 
 def effective_bits(bits: int, group_size: int, in_features: int, out_features: int, scale_bits: int = 16) -> float:
