@@ -181,6 +181,9 @@ def mixed_bits(specs: dict) -> dict:
     """quantization_config's bits_by_module and weights_by_module from the module specs of a
     model whose every compressed linear is `gptq_only`; one group size is required, since the
     rules carry bits only."""
+    other = sorted(n for n, spec in specs.items() if not gptq_only(spec))
+    if other:
+        raise CompressorError(f"{other[0]} is not a plain quantised linear; only a model whose every compressed linear is GPTQ-only has a GPTQ config")
     groups = {spec.group_size for spec in specs.values()}
     if len(groups) > 1:
         raise CompressorError(f"the quantised linears use group sizes {sorted(groups)}; a mixed-bit GPTQ export declares one group size for all")

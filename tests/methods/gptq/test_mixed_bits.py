@@ -127,6 +127,8 @@ def test_bad_bits_and_overlaps_are_refused():
              "b": compressor.modules.ModuleSpec("quant", 64, 64, False, bits=2, group_size=64)}
     with pytest.raises(CompressorError, match="group sizes \\[32, 64\\]"):
         gptq_v1.mixed_bits(specs)
+    with pytest.raises(CompressorError, match="c is not a plain quantised linear"):
+        gptq_v1.mixed_bits({"c": compressor.modules.ModuleSpec("lowrank", 64, 64, False, rank=8)})
 
 
 # ----------------------------------------------------------------------------- a mixed-bit checkpoint
