@@ -37,14 +37,23 @@ def _context_length(model) -> int | None:
     return None
 
 
-def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None, overwrite=False, eval_limit=None, eval_seq_len=None) -> recipes.Recipe:
+def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None, overwrite=False, eval_limit=None, eval_seq_len=None,
+              target_size=None, target_bits=None) -> recipes.Recipe:
     """The checks that need no weights, run before any expensive work (docs/reference/errors.md): counts in
     range (zero is never "the recipe's value"), the recipe, the output folder (not the source, not a
     file, in a writable place; stale temporaries of killed runs removed), and a calibration window
     within the model's context. Returns the recipe, loaded."""
     check_counts(samples=samples, seq_len=seq_len, eval_limit=eval_limit, eval_seq_len=eval_seq_len)
+    budget = recipes.budget_override(target_size, target_bits)
+    if recipe is None:
+        if budget is None:
+            raise CompressorError("no recipe: pass one (see `compressor recipes`), or target_size / target_bits to let the toolkit choose per linear")
+        recipe = "target"
     if isinstance(recipe, (str, Path)):
-        recipe = recipes.load(str(recipe), ratio)
+        recipe = recipes.load(str(recipe), ratio, budget)
+    elif budget is not None:
+        raise CompressorError("target_size / target_bits set the budget of a recipe loaded by name or path; "
+                              "with a Recipe object, put size or bits_per_weight in its target stage")
     if out is not None:
         files.check_output_folder(out, overwrite, source=model if isinstance(model, (str, Path)) else None)
         files.remove_stale_temps(out)
@@ -62,7 +71,7 @@ def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None
 @owns_output  # one run at a time writes an -o (compressor/ownership.py)
 def compress(
     model: str | torch.nn.Module,
-    recipe: str | recipes.Recipe,
+    recipe: str | recipes.Recipe | None = None,
     out: str | Path | None = None,
     *,
     tokenizer=None,
@@ -79,11 +88,14 @@ def compress(
     stream: bool = False,
     resume: bool = False,
     after_layer=None,
+    target_size: int | str | None = None,
+    target_bits: float | None = None,
 ) -> Result:
     """Compress `model` (a path, hub id, GGUF file, 'demo', or a loaded model) with `recipe`.
 
     Args:
-        recipe: shipped recipe name (see `compressor.recipe.shipped()`) or a YAML path, or a Recipe.
+        recipe: shipped recipe name (see `compressor.recipe.shipped()`) or a YAML path, or a Recipe;
+            None with target_size or target_bits: the shipped 'target' recipe.
         out: folder to write; nothing is written when None.
         ratio: overrides every stage's target parameter reduction of the decoder linears.
         calib: calibration data (shipped set name or path), overriding the recipe's.
@@ -99,6 +111,10 @@ def compress(
             each compressed layer as it is done, for models larger than memory; any recipe.
         resume: continue an interrupted streamed run from its last finished layer (implies stream).
         after_layer: called with i after layer i of a streamed run is durably written (tests).
+        target_size: the output's weights at most this size: bytes, "700MB", "1.2GB", or a fraction
+            of the dense model, "0.75x" / "75%"; the shipped 'target' recipe then chooses how to
+            store each decoder linear within it (docs/guides/target-size.md).
+        target_bits: instead, bits per decoder-linear weight, scales and adapters included (3.5).
     """
     # distributed (torchrun / --nproc, docs/guides/distributed.md): every rank runs this function; only
     # rank 0 checks and writes the output folder, the others run with none. No-op in one process.
@@ -106,7 +122,7 @@ def compress(
     if distributed.init():
         primary = distributed.is_primary()
     recipe = preflight(model, recipe, out if primary else None, ratio=ratio, samples=samples, seq_len=seq_len, overwrite=overwrite,
-                       eval_limit=eval_limit, eval_seq_len=eval_seq_len)
+                       eval_limit=eval_limit, eval_seq_len=eval_seq_len, target_size=target_size, target_bits=target_bits)
     streamed = stream or resume
     identity = None
     if streamed:

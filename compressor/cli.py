@@ -70,8 +70,12 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("-r", "--recipe", required=True, help="Shipped recipe name (see `compressor recipes`) or YAML path.")
+@click.option("-r", "--recipe", help="Shipped recipe name (see `compressor recipes`) or YAML path; with --target-size/--target-bits, 'target' by default.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
+@click.option("--target-size", help="The output's weights at most this big: 700MB, 1.2GB, 900MiB, or a share of the dense model, 0.75x or 75%; "
+              "each linear gets the GPTQ bits and adapter rank that lose least within it.")
+@click.option("--target-bits", type=click.FloatRange(0, 32, min_open=True),
+              help="Instead of --target-size: bits per decoder-linear weight, scales, zeros and adapters included (e.g. 3.5).")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fraction of decoder-linear parameters to remove, in (0, 1); overrides the recipe.")
 @click.option("--calib", help="Calibration data: shipped set name (code, python, ...) or a folder/.txt/.jsonl path.")
@@ -89,14 +93,20 @@ def cli(verbose: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted --stream run from its last finished layer (same result, byte for byte).")
 @click.option("--nproc", type=IntCap(1, MAX_PROCESSES),
               help="Calibrate data-parallel in N processes on this machine (docs/guides/distributed.md); not under torchrun.")
-def compress(model, recipe, out, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit, eval_seq_len, stream, resume, nproc):
-    """Compress MODEL (a local folder, a .gguf file, a hub id, or 'demo') into OUT."""
+def compress(model, recipe, out, target_size, target_bits, ratio, calib, samples, seq_len, device, dtype, overwrite, eval_tasks, eval_limit,
+             eval_seq_len, stream, resume, nproc):
+    """Compress MODEL (a local folder, a .gguf file, a hub id, or 'demo') into OUT, with a recipe
+    (-r) or within a size (--target-size / --target-bits)."""
     from compressor import summary
     from compressor.loading import resolve_model
+    from compressor.recipe import budget_override
     from compressor.recipe import load as load_recipe
 
     # Everything that can be wrong with the arguments is found before the model loads.
-    checked = load_recipe(recipe, ratio)
+    budget = budget_override(target_size, target_bits)
+    if recipe is None and budget is None:
+        raise CompressorError("no recipe: pass -r RECIPE (see `compressor recipes`), or --target-size / --target-bits to let the toolkit choose per linear")
+    checked = load_recipe(recipe or "target", ratio, budget)
     resolve_model(model)
     from compressor import distributed
 

@@ -216,7 +216,19 @@ def _check_ratio(ratio: float, where: str) -> None:
         raise CompressorError(f"{where}: ratio must be strictly between 0 and 1, got {ratio}")
 
 
-def from_dict(data: dict, source: str = "<memory>", ratio: float | None = None) -> Recipe:
+def budget_override(target_size=None, target_bits=None) -> dict | None:
+    """--target-size / --target-bits as the stage keys they set (a budgeting stage's `size` and
+    `bits_per_weight`); None when neither is given."""
+    if target_size is not None and target_bits is not None:
+        raise CompressorError("--target-size and --target-bits are two ways to give one budget; pass one of them")
+    if target_size is not None:
+        return {"size": target_size, "bits_per_weight": None}
+    if target_bits is not None:
+        return {"size": None, "bits_per_weight": target_bits}
+    return None
+
+
+def from_dict(data: dict, source: str = "<memory>", ratio: float | None = None, budget: dict | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise CompressorError(f"{source}: a recipe must be a YAML mapping with a 'stages' list")
     data = dict(data)
@@ -240,12 +252,17 @@ def from_dict(data: dict, source: str = "<memory>", ratio: float | None = None) 
         try:
             if ratio is not None and "ratio" in {f.name for f in dataclasses.fields(config)}:
                 config = dataclasses.replace(config, ratio=ratio)  # --ratio: validated again by the config itself
+            if budget is not None and set(budget) <= {f.name for f in dataclasses.fields(config)}:
+                config = dataclasses.replace(config, **budget)  # --target-size / --target-bits, validated the same way
             stages.append(method_cls(config))
         except CompressorError as exc:
             raise CompressorError(f"{where} ({method_cls.name}): {exc}") from None
     if ratio is not None and not any("ratio" in {f.name for f in dataclasses.fields(s.config)} for s in stages):
         raise CompressorError(f"{source}: --ratio {ratio} was given, but no stage of this recipe ({', '.join(s.name for s in stages)}) takes a ratio; "
                               "leave out --ratio or choose a recipe with a rank or width stage")
+    if budget is not None and not any(set(budget) <= {f.name for f in dataclasses.fields(s.config)} for s in stages):
+        raise CompressorError(f"{source}: --target-size/--target-bits was given, but no stage of this recipe ({', '.join(s.name for s in stages)}) "
+                              "spends a size budget; use -r target (or leave out -r)")
     check_stages(stages, calib, source)
     data.setdefault("name", Path(source).stem)
     unknown = set(data) - {"name", "description", "version", "goal"}
@@ -273,8 +290,9 @@ def shipped() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def load(spec: str, ratio: float | None = None) -> Recipe:
-    """Load a recipe by shipped name (e.g. 'welore') or by path to a YAML file."""
+def load(spec: str, ratio: float | None = None, budget: dict | None = None) -> Recipe:
+    """Load a recipe by shipped name (e.g. 'welore') or by path to a YAML file. budget: what
+    budget_override gives for --target-size / --target-bits."""
     if ratio is not None:
         _check_ratio(ratio, "--ratio")
     path = Path(spec)
@@ -290,4 +308,4 @@ def load(spec: str, ratio: float | None = None) -> Recipe:
         raise CompressorError(f"cannot read recipe {path}: {exc.strerror}; check the path") from None
     except UnicodeDecodeError as exc:
         raise CompressorError(f"recipe {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
-    return from_dict(parse(text, str(path)), source=str(path), ratio=ratio)
+    return from_dict(parse(text, str(path)), source=str(path), ratio=ratio, budget=budget)

@@ -55,16 +55,21 @@ class Run:
     batch_size: int
     gram_dtype: torch.dtype
     layers: MemoryLayers | None = None  # where the layers come from (None: the model in memory)
+    store_dtype: torch.dtype = torch.float32  # the dtype the output is written in (what a stage budgeting bytes counts)
     specs: dict[str, dict] = field(default_factory=dict)  # full linear name -> compressed module spec (for export)
     plan: dict[str, dict] = field(default_factory=dict)  # full linear name -> the spec a stage plans for it (in prepare)
     # How stages map independent work (a plain call in one process; over the ranks in a distributed
     # run): built here, after the process group is up, so no method imports compressor.distributed.
     executor: distributed.Executor = field(default_factory=distributed.executor)
 
-    def walk(self, visit: Callable, desc: str, with_grams: bool = True) -> None:
+    def walk(self, visit: Callable, desc: str, with_grams: bool = True, samples: int | None = None) -> None:
         """A walk over the layers of the model as it is now (a stage's prepare, e.g. spectra on the
-        dense model), with input Grams when `with_grams` and calibration windows exist."""
-        walk(self.model, self.device, visit, self.windows if with_grams else None, self.batch_size, self.gram_dtype, desc=desc,
+        dense model), with input Grams when `with_grams` and calibration windows exist; over the
+        first `samples` windows only, when given (a cheaper pass for estimates)."""
+        windows = self.windows if with_grams else None
+        if windows is not None and samples is not None:
+            windows = windows[:samples]
+        walk(self.model, self.device, visit, windows, self.batch_size, self.gram_dtype, desc=desc,
              layers=None if self.layers is None else self.layers.reader())
 
 
@@ -156,11 +161,13 @@ class LayerIO:
 
 def run(model: nn.Module, stages: list, device: torch.device, windows: torch.Tensor | None = None, batch_size: int = 8,
         gram_dtype: torch.dtype = torch.float64, true_sequential: bool = False, layers: MemoryLayers | None = None,
-        specs: dict | None = None, executor: distributed.Executor | None = None) -> Run:
+        specs: dict | None = None, executor: distributed.Executor | None = None, store_dtype: torch.dtype | None = None) -> Run:
     """Run `stages` (built and cross-checked by the recipe loader) on `model`, in place.
     layers: the layer source (see walk); specs: those of layers a resumed run finished before;
-    executor: what the stages map their work with (default: the one this process needs)."""
+    executor: what the stages map their work with (default: the one this process needs);
+    store_dtype: the dtype the output is written in (default: the model's)."""
     state = Run(model, device, windows, batch_size, gram_dtype, layers)
+    state.store_dtype = store_dtype or next(model.parameters()).dtype
     if executor is not None:
         state.executor = executor
     if specs is not None:

@@ -84,7 +84,7 @@ class Session:
             # (a streamed layer lives on one rank's disk write; every rank then visits every layer).
             with distributed.layer_split(windows is None and not streamed):
                 run = driver.run(model, stages, dev, windows, cal.batch_size, getattr(torch, cal.gram_dtype), cal.true_sequential,
-                                 layers=layers, specs=specs)
+                                 layers=layers, specs=specs, store_dtype=getattr(torch, out_dtype))
                 distributed.gather_specs(model, run.specs, sync=bool(self.eval_tasks))
             specs = run.specs
             if not streamed:

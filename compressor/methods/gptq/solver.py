@@ -78,16 +78,18 @@ class QuantResult:
 
 # ----------------------------------------------------------------------------- the grid
 
-def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale float32 holding an fp16 value, zero int32) covering the rows of w (out, k)."""
+def grid_params(w: torch.Tensor, bits, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale float32 holding an fp16 value, zero int32) covering the rows of w (out, k).
+    bits: an int, or a per-row int tensor (out,) when one sweep quantises several widths at once."""
     maxq = 2**bits - 1
+    several = not isinstance(maxq, int)
     w = w.float()
     xmin = w.amin(dim=1).clamp_max(0)
     xmax = w.amax(dim=1).clamp_min(0)
     if sym:
         amax = torch.maximum(-xmin, xmax)
         scale = 2 * amax / maxq
-        zero = torch.full_like(scale, (maxq + 1) // 2)
+        zero = ((maxq + 1) // 2).to(scale.dtype) if several else torch.full_like(scale, (maxq + 1) // 2)
     else:
         # The v1 format stores zero - 1, so a zero of 0 cannot be written (GPTQModel notes ~13%
         # of asym v1 checkpoints overflow). Where the range would give zero 0 (xmin > -scale/2),
@@ -95,17 +97,21 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
         small = -xmin < (xmax - xmin) / maxq / 2
         xmin = torch.where(small, -xmax / (maxq - 1), xmin)
         scale = (xmax - xmin) / maxq
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2 / maxq))  # all-zero rows
+    empty = (2 / maxq).to(scale.dtype) if several else torch.full_like(scale, 2 / maxq)
+    scale = torch.where(scale > 0, scale, empty)  # all-zero rows
     scale = scale.clamp(FP16.tiny, FP16.max).half().float()
     if not sym:
-        zero = torch.round(-xmin / scale).clamp(1, maxq)
+        zero = torch.round(-xmin / scale).clamp_min(1).minimum(maxq.to(scale.dtype)) if several else torch.round(-xmin / scale).clamp(1, maxq)
     return scale, zero.int()
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and dequantised values of w (out, k) for per-row scale/zero (out,)."""
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and dequantised values of w (out, k) for per-row scale/zero (out,); maxq an int or per row (out,)."""
     scale, zero = scale[:, None], zero[:, None].float()
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    if isinstance(maxq, int):
+        q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    else:
+        q = (torch.round(w / scale) + zero).clamp_min(0).minimum(maxq[:, None].to(w.dtype))
     return q.int(), scale * (q - zero)
 
 
@@ -152,9 +158,13 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise CompressorError("GPTQ could not factor the input Gram even with heavy damping; the calibration activations are degenerate (collect more samples)")
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantResult:
-    """GPTQ of W (out, in) against the input Gram H (in, in). Returns codes in the original column order."""
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, row_bits: torch.Tensor | None = None) -> QuantResult:
+    """GPTQ of W (out, in) against the input Gram H (in, in). Returns codes in the original column order.
+    row_bits: a width per output row instead of cfg.bits (gptq_widths; the result's `bits` is then
+    meaningless and only w_hat is used)."""
     device = W.device
+    bits = cfg.bits if row_bits is None else row_bits.to(device)
+    maxq = cfg.maxq if row_bits is None else 2**bits - 1
     W = W.detach().float().clone()
     H = H.detach().to(device=device, dtype=torch.float64).clone()
     H = (H + H.T) / 2
@@ -180,7 +190,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantRe
     static = cfg.static_groups or cfg.group_size == -1
     if static:
         # Groups fixed up front in the original column order (per-channel is one such group).
-        stat = [grid_params(W[:, i:i + g], cfg.bits, cfg.sym) for i in range(0, in_f, g)]
+        stat = [grid_params(W[:, i:i + g], bits, cfg.sym) for i in range(0, in_f, g)]
         group_of = (perm // g).tolist()  # group of the j-th processed column
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_cholesky(H, cfg.damp).float()
@@ -211,10 +221,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantRe
                 # Scale/zero of a new group, from its columns as updated so far: a group starts
                 # a block (W is current there) or lies inside one (W1 is).
                 cols = W[:, j:j + g] if i == 0 else W1[:, i:i + g]
-                scale, zero = grid_params(cols, cfg.bits, cfg.sym)
+                scale, zero = grid_params(cols, bits, cfg.sym)
                 scales[j // g], zeros[j // g] = scale.half(), zero
             w = W1[:, i]
-            code, q = quantize_codes(w[:, None], scale, zero, cfg.maxq)
+            code, q = quantize_codes(w[:, None], scale, zero, maxq)
             codes[:, j], Q[:, j] = code[:, 0], q[:, 0]
             err = (w - q[:, 0]) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
@@ -226,6 +236,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantRe
     if not static:
         g_idx = g_idx[inv]  # column perm[j] was the j-th quantised, so it sits in group j // g
     return QuantResult(Q[:, inv].contiguous(), codes[:, inv].contiguous(), scales, zeros, g_idx, cfg.bits)
+
+
+def gptq_widths(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, widths: list[int]) -> dict[int, torch.Tensor]:
+    """{bits: dequantised GPTQ result} of W at each width, in one sweep. Given H, GPTQ treats the
+    rows of W independently (the same column order, Cholesky factor and error feedback per row), so
+    copies of W stacked along the rows, each with its own grid, give every width's result for one
+    pass of the column loop, which is what costs on a CPU."""
+    out_f = W.shape[0]
+    stacked = W.detach().float().repeat(len(widths), 1)
+    row_bits = torch.tensor(list(widths), device=W.device).repeat_interleave(out_f)
+    w_hat = gptq_quantize(stacked, H, cfg, row_bits=row_bits).w_hat
+    return {b: w_hat[k * out_f:(k + 1) * out_f] for k, b in enumerate(widths)}
 
 
 # ----------------------------------------------------------------------------- module

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from compressor.methods.gptq.format import dequantize_gptq_v1, effective_bits, p
 from compressor.methods.gptq.solver import (
     QuantConfig,
     gptq_quantize,
+    gptq_widths,
     grid_params,
     quantize_codes,
     rtn_quantize,
@@ -267,3 +269,16 @@ def test_quant_linear_forward_and_state_dict(small):
     assert torch.allclose(xg.grad[0, 0], res.w_hat.sum(0), atol=1e-5)
     no_bias = to_module(res, group_size=32)
     assert torch.allclose(no_bias(x), x @ res.w_hat.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("act_order,static_groups,sym,group", [(True, False, True, 32), (False, False, False, 32), (True, True, True, 32),
+                                                              (False, False, True, -1)])
+def test_several_widths_in_one_sweep_equal_separate_runs(act_order, static_groups, sym, group):
+    X = correlated(1024, 96, seed=5)
+    H = gram(X)
+    W = torch.randn(64, 96, generator=torch.Generator().manual_seed(6))
+    cfg = QuantConfig(bits=4, group_size=group, act_order=act_order, static_groups=static_groups, sym=sym)
+    together = gptq_widths(W, H, cfg, [2, 3, 4, 8])
+    for bits, w_hat in together.items():
+        alone = gptq_quantize(W, H, dataclasses.replace(cfg, bits=bits)).w_hat
+        assert torch.equal(w_hat, alone), bits  # rows are independent given H: bit for bit the same
