@@ -150,7 +150,8 @@ def rank_map(rows: list[dict], path: str | Path, title: str = "") -> Path:
 
 
 def comparison(table: dict, path: str | Path) -> Path:
-    """Bar chart per metric of a `compressor.eval.report.compare` table: each model against the dense one."""
+    """Bar chart per metric of a `compressor.eval.report.compare` table (each model against the dense
+    one), and per metric a scatter of it against size on disk, each point labelled with its value."""
     metrics = table["metrics"]
     if not metrics:
         raise CompressorError("nothing to plot: the comparison has no metrics")
@@ -159,11 +160,25 @@ def comparison(table: dict, path: str | Path) -> Path:
         (m["key"], m["label"] + (" (lower is better)" if m["lower_is_better"] else " (higher is better)"), lambda r, k=m["key"]: r["metrics"].get(k))
         for m in metrics
     ]
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
+    # Size against quality, one panel per metric, when sizes are known: the picture a size budget
+    # is chosen from (e.g. --target-size runs beside the uniform recipes).
+    sized = [r for r in table["rows"] if r.get("disk_bytes")]
+    scatters = [m for m in metrics if len(sized) >= 2]
+    ncols = min(3, len(panels) + len(scatters))
+    nrows = math.ceil((len(panels) + len(scatters)) / ncols)
     fig = _figure(4.2 * ncols, 3.2 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     labels = [r["label"] for r in table["rows"]]
+    for ax, m in zip(list(axes.flat)[len(panels):], scatters):
+        for i, r in enumerate(table["rows"]):
+            value = r["metrics"].get(m["key"])
+            if r.get("disk_bytes") and value is not None:
+                ax.scatter([r["disk_bytes"] / 1e6], [value], color="0.55" if i == 0 else f"C{i}", zorder=3)
+                ax.annotate(f"{r['label']}\n{value:.3g}", (r["disk_bytes"] / 1e6, value), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("size on disk (MB)", fontsize=8)
+        ax.set_title(f"{m['label']} against size", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.margins(x=0.2, y=0.2)
     for ax, (_, name, get) in zip(axes.flat, panels):
         values = [get(r) for r in table["rows"]]
         xs = [i for i, v in enumerate(values) if v is not None]
@@ -173,6 +188,6 @@ def comparison(table: dict, path: str | Path) -> Path:
         ax.set_title(name, fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         ax.margins(y=0.15)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) + len(scatters):]:
         ax.set_visible(False)
     return _save(fig, path)
