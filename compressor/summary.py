@@ -55,11 +55,12 @@ def verdict(r: dict, tasks: list[str]) -> str | None:
     task, factor, before, after = worst
     if factor > COLLAPSE or after != after:
         return (f"verdict: quality collapsed ({task} {after:,.2f} against {before:.2f} dense, x{factor:,.1f}); "
-                "this model is not usable. Try a smaller --ratio, the recipe `compressor recipes` recommends for your goal, "
+                "this model is not usable. Try a smaller --ratio or a larger --target-size, the recipe `compressor recipes` recommends for your goal, "
                 "or more calibration --samples")
     if factor <= CLOSE:
         return f"verdict: close to dense ({task} {_change(before, after)})"
-    return f"verdict: degraded ({task} {_change(before, after)}); a smaller --ratio, or the 'size' recipe of `compressor recipes`, keeps more"
+    return (f"verdict: degraded ({task} {_change(before, after)}); a smaller --ratio, a larger --target-size, "
+            "or the 'size' recipe of `compressor recipes` keeps more")
 
 
 def render(r: dict, model: str, out, tasks: list[str]) -> list[str]:
