@@ -382,7 +382,7 @@ class Allocate(Method):
                 "planned_bytes": self.planned_bytes,  # the tensors' bytes, exactly (headers come on top)
                 "header_reserve": self.header_bytes,
                 "linear_bits_per_weight": (self.planned_bytes - self.fixed_bytes) * 8 / self.dense_linear_weights if self.dense_linear_weights else None,
-                "solver": "multiple-choice knapsack, exact dynamic programming (methods/target/knapsack.py)",
+                "solver": "multiple-choice knapsack, exact dynamic programming (methods/allocate/knapsack.py)",
                 "weighting": cfg.weighting,
                 "tie_fused": cfg.tie_fused,
                 "per_linear": {m: {"bits": o.bits, "rank": o.rank} for m, o in sorted(self.allocation.items())},
