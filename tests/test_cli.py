@@ -60,11 +60,28 @@ def test_compress_then_eval(model_dir, tmp_path):
     [
         (["-r", "welore", "--ratio", "1.5"], "'--ratio': 1.5 is not in the range 0<x<1"),
         (["-r", "nope"], "unknown recipe 'nope'"),
+        ([], "no recipe: pass -r RECIPE"),
+        (["--target-size", "0.5x", "--target-bits", "3"], "pass one of them"),
+        (["--target-size", "big"], "key 'size' must be bytes"),
+        (["-r", "gptq4", "--target-size", "0.5x"], "spends a size budget; use -r target"),
+        # the shipped target recipe's group of 128 does not divide the tiny model's 64 features
+        (["--target-bits", "4", "--samples", "4", "--seq-len", "32"], "no option fits"),
     ],
 )
 def test_bad_options(model_dir, tmp_path, extra, fragment):
     out = tmp_path / "out"
     _assert_clean_error(run("compress", model_dir, *extra, "-o", out, "--device", "cpu"), out, fragment)
+
+
+def test_target_size_with_a_recipe_file(model_dir, tmp_path):
+    recipe = tmp_path / "budget.yaml"
+    recipe.write_text("stages:\n  - method: allocate\n    bits_per_weight: 4.25\n    group_size: 32\n    ranks: [0, 8]\n    weighting: output\n")
+    out = tmp_path / "out"
+    proc = run("compress", model_dir, "-r", recipe, "--target-size", "0.8x", "-o", out, "--device", "cpu", "--samples", "4", "--seq-len", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "target size 0.8x:" in proc.stdout and "allocation over 14 decoder linears" in proc.stdout
+    report = json.loads((out / "compression_report.json").read_text())
+    assert sum(f.stat().st_size for f in out.rglob("*.safetensors")) <= report["allocation"]["budget_bytes"]
 
 
 def test_missing_model(tmp_path):
