@@ -45,13 +45,13 @@ def _stream(src, recipe, out, **kw):
     return api.compress(src, recipe, out, stream=True, **kw)
 
 
-# Recipes whose eora stage weighs by the loss gradient (a backward pass through the whole model)
-# cannot stream; their streamed form here is the same recipe with weighting: output.
+# Recipes whose eora or allocate stage weighs by the loss gradient (a backward pass through the
+# whole model) cannot stream; their streamed form here is the same recipe with weighting: output.
 def _streamable(name: str) -> recipes.Recipe:
     rec = _recipe(name)
     data = rec.to_dict()
     for stage in data["stages"]:
-        if stage["method"] == "eora" and stage["weighting"] != "output":
+        if stage.get("weighting", "output") != "output":
             stage["weighting"] = "output"
     return recipes.from_dict(data, source=name)
 
@@ -99,7 +99,7 @@ class _Killed(Exception):
 
 
 @pytest.mark.parametrize("name", ["whiten", "structured-budget", "structured10-gptq4-eora32", "welore30-gptq4-eora", "variant:eora-per-type",
-                                  "structured10-heal"])
+                                  "structured10-heal", "target"])
 def test_resume_after_interruption_is_byte_identical(tmp_path, name):
     src = _write(_deep_llama(5), tmp_path / "src")
     kw = dict(samples=4, seq_len=64, device="cpu")

@@ -123,7 +123,10 @@ def _bit_rules(bits_by_module: dict[str, int], base: int) -> dict:
     group that are all quantised at one width share a rule that also matches the fused name, so
     vLLM builds that fused layer at their width."""
     rules, done = {}, set()
-    for name, bits in bits_by_module.items():
+    # In name order, not the caller's: a resumed streamed run gathers its specs in another order,
+    # and its config must be the same bytes.
+    for name in sorted(bits_by_module):
+        bits = bits_by_module[name]
         if name in done:
             continue
         parent, _, leaf = name.rpartition(".")
