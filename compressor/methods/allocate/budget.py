@@ -13,6 +13,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z%]*)\s*$")
 # budget holds the header too, since the output's size is its files' sizes.
 HEADER_PER_TENSOR = 160
 HEADER_PER_FILE = 4096
+MAX_BYTES = 10**14  # 100 TB: beyond any model, so a larger size is a typo
 
 
 def size_text(n: float, up: bool = False) -> str:
@@ -27,7 +28,7 @@ def parse_size(value) -> tuple[str, float]:
     if isinstance(value, bool):
         raise CompressorError(f"key 'size' must be bytes (700MB, 1.2GB, 900MiB) or a fraction of the dense size (0.75x, 75%), got {shown(value)}")
     if isinstance(value, int) and value >= 1:
-        return "bytes", float(value)
+        return "bytes", float(_bounded(value, value))
     match = _SIZE.match(value) if isinstance(value, str) else None
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in (*_UNITS, "", "x", "%"):
@@ -41,6 +42,12 @@ def parse_size(value) -> tuple[str, float]:
     found = number * _UNITS.get(unit or "b", 1)
     if found < 1:
         raise CompressorError(f"key 'size' {value!r} is less than one byte; give e.g. 700MB")
-    return "bytes", found
+    return "bytes", _bounded(found, value)
+
+
+def _bounded(found: float, value) -> float:
+    if found > MAX_BYTES:
+        raise CompressorError(f"key 'size' must be at most 100 TB, got {shown(value)}; give the size in bytes, e.g. 700MB")
+    return found
 
 

@@ -18,7 +18,7 @@ from compressor.methods.gptq import format as gptq_v1
 
 def stages(**budget):
     # group 32: the tiny models are 64 wide; a small set of ranks keeps the tests quick
-    return {"stages": [{"method": "allocate", "group_size": 32, "ranks": [0, 8], "weighting": "output", **budget}]}
+    return {"stages": [{"method": "allocate", "group_size": 32, "bits": [2, 3, 4, 8], "ranks": [0, 8], "weighting": "output", **budget}]}
 
 
 def run(tmp_path, name="out", model=None, samples=8, **budget):
@@ -81,7 +81,8 @@ def test_tied_groups_share_one_choice(tmp_path):
 
 def test_loss_weighting_estimates_a_loss_increase_and_records_the_sequential_one(tmp_path):
     out = tmp_path / "o"
-    result = compress(tiny_model("qwen2"), recipe.from_dict({"stages": [{"method": "allocate", "group_size": 32, "ranks": [0, 8], "bits_per_weight": 3.6}]}),
+    result = compress(tiny_model("qwen2"), recipe.from_dict({"stages": [{"method": "allocate", "group_size": 32, "bits": [2, 3, 4, 8], "ranks": [0, 8],
+                                                                         "bits_per_weight": 3.6}]}),
                       out, tokenizer=byte_tokenizer(), samples=8, seq_len=32, device="cpu")
     entry = result.report["allocation"]
     assert entry["estimated_loss_increase"] == pytest.approx(entry["estimated_error"] / 2)
@@ -109,7 +110,7 @@ def test_sizes_parse(value, expected):
     assert parse_size(value) == expected
 
 
-@pytest.mark.parametrize("value", ["big", "-3MB", "1.5x", "0x", "10 parsecs", True, 0, "", "0.2B"])
+@pytest.mark.parametrize("value", ["big", "-3MB", "1.5x", "0x", "10 parsecs", True, 0, "", "0.2B", "200TB", 10**15])
 def test_bad_sizes_are_refused(value):
     with pytest.raises(CompressorError, match="size"):
         parse_size(value)
