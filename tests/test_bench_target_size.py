@@ -36,7 +36,7 @@ def test_bad_arguments_are_refused(argv):
 
 
 def test_target_rows_are_the_shipped_recipe_with_the_budget_set():
-    ours = recipe.from_dict(bench.target_recipe(3.0, 128, 64, 512), source="t").to_dict()
+    ours = recipe.from_dict(bench.target_recipe(3.0, 128, 32, 512), source="t").to_dict()
     shipped = recipe.load("target", budget=recipe.budget_override(target_bits=3.0)).to_dict()
     assert ours["stages"] == shipped["stages"] and ours["calibration"] == shipped["calibration"]
     assert ours["stages"][0]["bits_per_weight"] == 3.0 and ours["stages"][0]["size"] is None
@@ -88,15 +88,16 @@ def test_run_on_a_tiny_model(tmp_path):
     weights = sum(o * i for o, i in shapes.values())
     out, png = tmp_path / "t.json", tmp_path / "t.png"
     done = subprocess.run([sys.executable, str(BENCH), "--model", str(folder), "--samples", "4", "--seq-len", "32", "--limit", "2",
-                           "--eval-seq-len", "64", "--group-size", "32", "--bits", "3.0", "3.5", "5.0", "--json", str(out), "--png", str(png),
+                           "--eval-seq-len", "64", "--group-size", "32", "--bits", "3.0", "4.5", "6.0", "--json", str(out), "--png", str(png),
                            "--out-dir", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     res = json.loads(out.read_text())
     rows = {r["row"]: r for r in res["rows"]}
-    assert list(rows) == ["dense", "gptq2", "gptq2-eora32", "gptq3", "gptq3-eora32", "gptq4", "gptq4-eora32", "target-3.0", "target-3.5",
-                          "target-5.0"]
+    assert list(rows) == ["dense", "gptq2", "gptq2-eora32", "gptq3", "gptq3-eora32", "gptq4", "gptq4-eora32", "target-3.0", "target-4.5",
+                          "target-6.0"]
     assert res["dense_linear_weights"] == weights and res["dtype"] == "bfloat16"
-    # 2-bit g32 stores ~3.07 bits per weight here: the 3.0 budget is refused, and the run goes on
+    # 3-bit g32 (the target recipe's narrowest width) stores over 4 bits per weight here: the 3.0
+    # budget is refused, and the run goes on
     assert set(rows.pop("target-3.0")) == {"row", "error"} and "| target-3.0 | - |" in done.stdout
     assert all(math.isfinite(r["code_ppl"]) and r["code_ppl"] > 1 for r in rows.values())
     # the accounting, against what each format stores: bfloat16 weights; GPTQ v1 codes, scales,
@@ -106,7 +107,7 @@ def test_run_on_a_tiny_model(tmp_path):
         quant = sum(quant_bytes(o, i, b, 32) for o, i in shapes.values())
         assert rows[f"gptq{b}"]["linear_bytes"] == quant
         assert rows[f"gptq{b}-eora32"]["linear_bytes"] == quant + sum(32 * (o + i) * 2 for o, i in shapes.values())
-    for b in (3.5, 5.0):
+    for b in (4.5, 6.0):
         row = rows[f"target-{b}"]
         assert row["target_bits"] == b
         stored = row["linear_bytes"] * 8 / weights
@@ -114,10 +115,10 @@ def test_run_on_a_tiny_model(tmp_path):
         assert stored == pytest.approx(row["planned_linear_bits"], rel=1e-12)  # the plan is what was written
         assert row["size_bytes"] == row["output_bytes"] and sum(row["counts"].values()) == len(shapes)
         assert row["estimated_error"] > 0 and row["recipe"]["stages"][0]["bits_per_weight"] == b
-    assert {u["option"] for u in res["uniform_estimates"]} >= {"2-bit", "3-bit", "4-bit"}
+    assert {u["option"] for u in res["uniform_estimates"]} >= {"3-bit", "4-bit", "8-bit"}
     assert res["summary"][0].startswith("(a) Pareto check") and any("gptq3 (" in line for line in res["summary"])
     assert "(b) moonshot at 3.0 bits: needs" in done.stdout  # target-3.0 was refused
     assert "target rows + plain GPTQ rows (the report's uniform estimates): rho" in done.stdout
-    assert "| target-3.5 |" in done.stdout
+    assert "| target-4.5 |" in done.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not any((tmp_path / "work").iterdir())  # folders deleted once measured (no --keep)
