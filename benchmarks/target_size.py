@@ -314,13 +314,18 @@ def plot(results: dict, path: Path) -> None:
             ax.plot([r["stored_bits"] for r in pts], [r[TASK] for r in pts], marker, color=color, linestyle="none", markersize=8, label=label)
     for r in rows:
         if r["row"] != "dense":
-            ax.annotate(f"{r['row']}\n{r[TASK]:.2f} @ {r['stored_bits']:.2f}b", (r["stored_bits"], r[TASK]), textcoords="offset points",
-                        xytext=(5, 5), fontsize=7)
+            # uniform rows label below their point, target rows above, so neighbours do not overlap
+            below = r["row"].startswith("gptq")
+            ax.annotate(f"{r['row']}\n{r[TASK]:.4g} @ {r['stored_bits']:.2f}b", (r["stored_bits"], r[TASK]), textcoords="offset points",
+                        xytext=(5, -18 if below else 5), fontsize=7)
     dense = next((r for r in rows if r["row"] == "dense"), None)
     if dense:
         ax.axhline(dense[TASK], color="grey", linestyle="--", label=f"dense {results['dtype']} ({dense[TASK]:.2f})")
     ev = results["eval"]
     cal = results["calibration"]
+    # Collapsed rows (2-bit: ppl in the thousands) sit four decades above the rest: a log scale
+    # keeps the rows near dense readable.
+    ax.set_yscale("log")
     ax.set_xlabel("stored bits per decoder-linear weight (scales, zeros, g_idx and adapters included)")
     ax.set_ylabel(f"code perplexity ({ev['limit_windows'] or 'all'} windows of {ev['seq_len']} tokens)")
     ax.set_title(f"{results['model']}: size against quality, {cal['samples']} x {cal['seq_len']} code calibration", fontsize=10)
