@@ -69,6 +69,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo", help="model spec for compressor.loading.load_model (a folder, hub id, GGUF file or 'demo')")
     p.add_argument("--bits", type=float, nargs="+", default=list(TARGET_BITS), help="--target-bits budgets, one target row each")
+    p.add_argument("--widths", type=int, nargs="+", choices=[2, 3, 4, 8], help="the GPTQ widths target rows may choose from (default: the recipe's)")
     p.add_argument("--uniform-bits", type=int, nargs="+", default=list(UNIFORM_BITS), choices=[2, 3, 4, 8], help="uniform GPTQ widths")
     p.add_argument("--adapters", choices=["both", "without", "with"], default="both",
                    help=f"uniform rows without adapters (gptqN), with rank-{ADAPTER_RANK} EoRA (gptqN-eora{ADAPTER_RANK}), or both")
@@ -107,15 +108,18 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- recipes
 
 
-def target_recipe(bits: float, group_size: int, samples: int, seq_len: int) -> dict:
+def target_recipe(bits: float, group_size: int, samples: int, seq_len: int, widths: list[int] | None = None) -> dict:
     """The shipped 'target' recipe with its budget at `bits` per decoder-linear weight (what
-    --target-bits sets), the group size and the calibration counts of this run."""
+    --target-bits sets), the group size and the calibration counts of this run; `widths` replaces
+    the widths the allocation may choose from (an experiment, --widths)."""
     from compressor import recipe
 
     data = recipe.load("target", budget=recipe.budget_override(target_bits=bits)).to_dict()
     data["calibration"].update(samples=samples, seq_len=seq_len)
     (stage,) = data["stages"]
     stage["group_size"] = group_size
+    if widths:
+        stage["bits"] = list(widths)
     return data
 
 
@@ -135,7 +139,7 @@ def recipe_of(name: str, args) -> dict | None:
     if name == "dense":
         return None
     if name.startswith("target-"):
-        return target_recipe(float(name[len("target-"):]), args.group_size, args.samples, args.seq_len)
+        return target_recipe(float(name[len("target-"):]), args.group_size, args.samples, args.seq_len, args.widths)
     return uniform_recipe(name, args.group_size, args.samples, args.seq_len)
 
 
