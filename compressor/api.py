@@ -44,16 +44,7 @@ def preflight(model, recipe, out=None, *, ratio=None, samples=None, seq_len=None
     file, in a writable place; stale temporaries of killed runs removed), and a calibration window
     within the model's context. Returns the recipe, loaded."""
     check_counts(samples=samples, seq_len=seq_len, eval_limit=eval_limit, eval_seq_len=eval_seq_len)
-    budget = recipes.budget_override(target_size, target_bits)
-    if recipe is None:
-        if budget is None:
-            raise CompressorError("no recipe: pass one (see `compressor recipes`), or target_size / target_bits to let the toolkit choose per linear")
-        recipe = "target"
-    if isinstance(recipe, (str, Path)):
-        recipe = recipes.load(str(recipe), ratio, budget)
-    elif budget is not None:
-        raise CompressorError("target_size / target_bits set the budget of a recipe loaded by name or path; "
-                              "with a Recipe object, put size or bits_per_weight in its target stage")
+    recipe = recipes.choose(recipe, ratio, target_size, target_bits)
     if out is not None:
         files.check_output_folder(out, overwrite, source=model if isinstance(model, (str, Path)) else None)
         files.remove_stale_temps(out)

@@ -99,14 +99,10 @@ def compress(model, recipe, out, target_size, target_bits, ratio, calib, samples
     (-r) or within a size (--target-size / --target-bits)."""
     from compressor import summary
     from compressor.loading import resolve_model
-    from compressor.recipe import budget_override
-    from compressor.recipe import load as load_recipe
+    from compressor.recipe import choose
 
     # Everything that can be wrong with the arguments is found before the model loads.
-    budget = budget_override(target_size, target_bits)
-    if recipe is None and budget is None:
-        raise CompressorError("no recipe: pass -r RECIPE (see `compressor recipes`), or --target-size / --target-bits to let the toolkit choose per linear")
-    checked = load_recipe(recipe or "target", ratio, budget)
+    checked = choose(recipe, ratio, target_size, target_bits)
     resolve_model(model)
     from compressor import distributed
 

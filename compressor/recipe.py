@@ -228,6 +228,26 @@ def budget_override(target_size=None, target_bits=None) -> dict | None:
     return None
 
 
+BUDGET_RECIPE = "target"  # what --target-size / --target-bits run when no recipe is named
+
+
+def choose(spec, ratio: float | None = None, target_size=None, target_bits=None) -> Recipe:
+    """The recipe a run uses: `spec` (a shipped name, a YAML path or a Recipe), or with no spec and
+    a budget (--target-size / --target-bits) the shipped budget recipe, with the budget set."""
+    budget = budget_override(target_size, target_bits)
+    if spec is None:
+        if budget is None:
+            raise CompressorError("no recipe: pass -r RECIPE (see `compressor recipes`), or --target-size / --target-bits "
+                                  "to let the toolkit choose per linear")
+        spec = BUDGET_RECIPE
+    if isinstance(spec, Recipe):
+        if budget is not None:
+            raise CompressorError("--target-size / --target-bits set the budget of a recipe loaded by name or path; "
+                                  "with a Recipe object, put size or bits_per_weight in its allocate stage")
+        return spec
+    return load(str(spec), ratio, budget)
+
+
 def from_dict(data: dict, source: str = "<memory>", ratio: float | None = None, budget: dict | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise CompressorError(f"{source}: a recipe must be a YAML mapping with a 'stages' list")

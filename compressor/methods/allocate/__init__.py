@@ -50,11 +50,12 @@ import torch
 import compressor
 from compressor import models
 from compressor.errors import MAX_COUNT, CompressorError, check_choice, check_int, check_patterns, shown
+from compressor.export import peft
 from compressor.export.peft import ADAPTER_DIR
 from compressor.methods import register
 from compressor.methods.allocate import knapsack
 from compressor.methods.allocate.budget import HEADER_PER_FILE, HEADER_PER_TENSOR, parse_size, size_text
-from compressor.methods.allocate.options import Option, errors_by_rank, gram_root, option_bytes, packable, spectrum_energies
+from compressor.methods.allocate.options import Option, errors_by_rank, gram_root, option_bytes, output_error, packable, spectrum_energies
 from compressor.methods.base import Method
 from compressor.methods.eora import fit as eora
 from compressor.methods.eora import vllm_max_lora_rank
@@ -350,7 +351,7 @@ class Allocate(Method):
             weight = row_weights(self.weights[full]).to(W.device) if full in self.weights else None
             target = dW if weight is None else weight[:, None] * dW
             Hd = H.to(W.device, torch.float64)
-            total = float(((target @ Hd) * target).sum())  # the weighted output error with no adapter
+            total = output_error(target, Hd)  # the weighted output error with no adapter
             self.realised[full] = total
             if option.rank:
                 group = models.arch_for(work.run.model).linears[name]
@@ -374,7 +375,7 @@ class Allocate(Method):
     def report(self, model, specs: dict) -> dict:
         cfg = self.config
         quantised = {m: o for m, o in self.allocation.items()}
-        adapted = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
+        adapted = peft.adapted(model)
         quant_specs = {m: s for m, s in specs.items() if s.type == "quant"}
         base_bits = gptq_v1.base_bits(**gptq_v1.mixed_bits(quant_specs)) if quant_specs else None
         entry = {

@@ -69,8 +69,13 @@ def spectrum_energies(dW: torch.Tensor, H: torch.Tensor, root: torch.Tensor, row
     if row_weight is not None:
         M = row_weight.to(M.device, torch.float64)[:, None] * M
     (values,) = linalg.svdvals([M @ root.to(M.device, torch.float64)], dtype=torch.float64)
-    total = float(((M @ H.to(M.device, torch.float64)) * M).sum())
-    return values.square().cpu(), max(total, 0.0)
+    return values.square().cpu(), output_error(M, H)
+
+
+def output_error(M: torch.Tensor, H: torch.Tensor) -> float:
+    """||M X||^2 / N = tr(M H M^T), in float64 (rounding below zero clipped)."""
+    M = M.to(torch.float64)
+    return max(float(((M @ H.to(M.device, torch.float64)) * M).sum()), 0.0)
 
 
 def gram_root(H: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,7 @@ from torch import nn
 
 from compressor import models, modules, ranks
 from compressor.errors import MAX_DAMP, CompressorError, check_choice, check_float, check_int, check_patterns
+from compressor.export import peft
 from compressor.export.peft import ADAPTER_DIR
 from compressor.methods import of_kind, register
 from compressor.methods.base import Method
@@ -268,7 +269,7 @@ class Eora(Method):
     def report(self, model, specs: dict) -> dict:
         if not (self.ranks or self.merged):
             return {}
-        adapted = {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapted)}
+        adapted = peft.adapted(model)
         quantized = bool(adapted) and all(isinstance(m.lora_A, QuantLinear) for m in adapted.values())
         return {
             "adapters": {

@@ -164,7 +164,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, row_bits: 
     meaningless and only w_hat is used)."""
     device = W.device
     bits = cfg.bits if row_bits is None else row_bits.to(device)
-    maxq = cfg.maxq if row_bits is None else 2**bits - 1
+    maxq = 2**bits - 1
     W = W.detach().float().clone()
     H = H.detach().to(device=device, dtype=torch.float64).clone()
     H = (H + H.T) / 2
