@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows: " + ", ".join(ROWS))
     p.add_argument("--problems", type=int, default=164, help="HumanEval problems (the first N; 164 = all)")
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="HumanEval prompts generated together (left-padded; every row of one run uses the same, so rows compare)")
     p.add_argument("--eval-limit", type=int, default=40, help="windows per perplexity task")
     p.add_argument("--eval-seq-len", type=int, default=2048)
     p.add_argument("--samples", type=int, default=None, help="calibration windows (default: each recipe's, 64)")
@@ -158,7 +160,8 @@ def measure(model, tokenizer, args, device) -> dict:
     row = {}
     res = eval_tasks.run_tasks(model, tokenizer, TASKS, args.eval_seq_len, args.eval_limit, device)
     row.update({task: res[task]["ppl"] for task in TASKS})
-    he = eval_tasks.run_tasks(model, tokenizer, ["humaneval"], limit=args.problems, device=device, max_new_tokens=args.max_new_tokens)["humaneval"]
+    he = eval_tasks.run_tasks(model, tokenizer, ["humaneval"], limit=args.problems, device=device, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size)["humaneval"]
     row["pass@1"] = he["pass@1"]
     row["humaneval_seconds"] = round(he.get("seconds", 0.0), 1)
     row["solved"] = sorted(t for t, r in he["per_task"].items() if r["passed"])
@@ -219,7 +222,7 @@ def table(result: dict) -> str:
 
 def settings(args) -> dict:
     return {"model": args.model, "eval": {"problems": args.problems, "max_new_tokens": args.max_new_tokens, "ppl_limit": args.eval_limit,
-                                          "ppl_seq_len": args.eval_seq_len},
+                                          "ppl_seq_len": args.eval_seq_len, "batch_size": args.batch_size},
             "calibration": {"samples": args.samples, "seq_len": args.calib_seq_len}, "dtype": args.dtype}
 
 

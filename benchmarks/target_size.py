@@ -21,7 +21,8 @@ The model is loaded and compressed in --dtype (bfloat16 by default: what `compre
 stores, so adapters and unquantised tensors cost 2 bytes a value); the dense row is that model.
 
 After the table the script prints (a) the Pareto check: at each uniform row's stored bits, the
-target curve's perplexity (linear between target rows) against the uniform row's; (b) the moonshot
+target curve's perplexity (linear between target rows) against the uniform row's; (a2) each
+target row against the best uniform row that fits its budget (what a user could pick instead); (b) the moonshot
 share at 3.0 bits, (ppl gptq3 - ppl target-3.0) / (ppl gptq3 - ppl dense); (c) Spearman rank
 correlations between the allocation's estimated error and the measured log(ppl / dense), over the
 target rows, and over the target rows plus the plain GPTQ rows priced by the allocation report's
@@ -252,6 +253,18 @@ def summary(results: dict) -> list[str]:
         else:
             verdict = "target below or equal (holds)" if at <= u[TASK] else "target ABOVE uniform (Pareto violated)"
             lines.append(f"    {u['row']} ({u['stored_bits']:.3f} bits): uniform {u[TASK]:.3f}, target curve {at:.3f}: {verdict}")
+    # A target row against what a user could have picked instead: the best uniform row that fits
+    # its budget (at most its stored bits). Dominated: that uniform row is as small and better.
+    lines.append("(a2) each target row against the best uniform row that fits its budget")
+    for t in targets:
+        fit = [u for u in uniform if u["stored_bits"] <= t["stored_bits"]]
+        if not fit:
+            lines.append(f"    {t['row']} ({t['stored_bits']:.3f} bits, ppl {t[TASK]:.3f}): no uniform row fits")
+            continue
+        best = min(fit, key=lambda u: u[TASK])
+        verdict = "target better or equal (holds)" if t[TASK] <= best[TASK] else "uniform BETTER (target dominated)"
+        lines.append(f"    {t['row']} ({t['stored_bits']:.3f} bits, ppl {t[TASK]:.3f}) vs {best['row']} ({best['stored_bits']:.3f} bits, "
+                     f"ppl {best[TASK]:.3f}): {verdict}")
     label = f"target-{MOONSHOT_BITS:.1f}"
     if dense is not None and "gptq3" in rows and TASK in rows["gptq3"] and label in rows and TASK in rows[label]:
         u3, t3 = rows["gptq3"], rows[label]
@@ -425,10 +438,15 @@ def main(argv=None) -> None:
                 row = {"row": name, "error": str(exc)}
                 shutil.rmtree(work / name, ignore_errors=True)
         results["rows"].append(row)
-        if results["uniform_estimates"] is None and row.get("uniform") is not None:
-            # every target row prices the same uniform allocations (same options, same Grams): keep one
+        if row.get("uniform") is not None:
+            # every target row prices the uniform allocations of the widths it mixes (mix: adjacent
+            # keeps two), from the same Grams, so one option's estimate is the same in every row:
+            # keep the union, for the rank correlation of uniform rows
             loss = row.get("weighting") == "loss"  # half a loss-weighted error estimates the loss increase (allocate's report)
-            results["uniform_estimates"] = [{**u, "estimated_loss_increase": 0.5 * u["estimated_error"] if loss else None} for u in row["uniform"]]
+            known = {u["option"]: u for u in results["uniform_estimates"] or []}
+            for u in row["uniform"]:
+                known.setdefault(u["option"], {**{k: v for k, v in u.items() if k != "fits"}, "estimated_loss_increase": 0.5 * u["estimated_error"] if loss else None})
+            results["uniform_estimates"] = list(known.values())
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "uniform", "per_linear")}), flush=True)

@@ -68,6 +68,7 @@ from compressor.modules import BITS, LoraAdapted, effective_weight
 log = logging.getLogger("compressor.allocate")
 
 WEIGHTINGS = ("loss", "output")
+MIXES = ("adjacent", "any")
 MAX_RANK = 1024
 @dataclass
 class AllocateConfig:
@@ -78,7 +79,9 @@ class AllocateConfig:
     different linears compare; one forward and backward pass of the dense model per window, over
     the first `sensitivity_samples` calibration windows) or output (plain output error).
     pricing_samples: the calibration windows whose Grams price the options (the first ones; the
-    compressing walk uses them all). tie_fused: one choice for q/k/v and one for gate/up of
+    compressing walk uses them all). mix: adjacent (the default: every linear takes one of two
+    neighbouring widths, the widest whose uniform allocation fits the budget and the next one up)
+    or any (every width in `bits`). tie_fused: one choice for q/k/v and one for gate/up of
     each layer (what vLLM's fused layers need). targets: glob patterns on linear names in a layer."""
 
     size: int | str | None = None
@@ -94,6 +97,11 @@ class AllocateConfig:
     weighting: str = "loss"
     sensitivity_samples: int = 8
     pricing_samples: int = 16
+    # adjacent: the estimate is a sum of per-linear errors measured on the dense model, and it
+    # misses how large errors compound through later layers; left free to mix, it traded 3-bit
+    # linears for 8-bit ones and measured worse than uniform 4-bit at fewer bits
+    # (docs/results/results.md#target-size).
+    mix: str = "adjacent"
     tie_fused: bool = True
     targets: list[str] = field(default_factory=lambda: ["*"])
 
@@ -118,6 +126,7 @@ class AllocateConfig:
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_int("sensitivity_samples", self.sensitivity_samples, 1, most=MAX_COUNT)
         check_int("pricing_samples", self.pricing_samples, 1, most=MAX_COUNT)
+        check_choice("mix", self.mix, MIXES)
         if not isinstance(self.tie_fused, bool):
             raise CompressorError(f"key 'tie_fused' must be true or false, got {shown(self.tie_fused)}")
         check_patterns("targets", self.targets)
@@ -163,6 +172,7 @@ class Allocate(Method):
         self.dense_bytes = 0
         self.dense_linear_weights = 0
         self.uniform: list[dict] = []
+        self.widths: list[int] = sorted(config.bits)  # the widths the allocation mixes (mix: adjacent keeps two)
         self.fell_back: str | None = None
         self.weights: dict[str, torch.Tensor] = {}  # full name -> loss sensitivity D of its outputs (weighting: loss)
         self.by_layer: dict[int, list[str]] = {}  # layer index -> full names applied there (a streamed run's journal)
@@ -192,6 +202,11 @@ class Allocate(Method):
         shapes = {full: tuple(models.linear_shape(m)) for full, (_, m) in targeted.items()}
         biased = {full: getattr(m, "bias", None) is not None for full, (_, m) in targeted.items()}
         self.items = self._items(model, targeted, shapes)
+        for item in self.items:
+            item.costs = [sum(option_bytes(*shapes[m], o, cfg.group_size, value_bytes, biased[m]) for m in item.members) for o in item.options]
+        self._budget(model, targeted, shapes, value_bytes)
+        if cfg.mix == "adjacent":
+            self._keep_adjacent()
         if cfg.weighting == "loss":
             # A mean of squared gradients over tokens: a few thousand tokens rank the channels, and
             # each window costs a forward and backward pass through the whole model (the
@@ -228,10 +243,8 @@ class Allocate(Method):
         run.walk(price, "allocate: pricing each linear's options", True, samples=cfg.pricing_samples)
         per_linear = run.executor.merge_layers(per_linear, "option prices")
         for item in self.items:
-            item.costs = [sum(option_bytes(*shapes[m], o, cfg.group_size, value_bytes, biased[m]) for m in item.members) for o in item.options]
             item.errors = [sum(per_linear[m][o] for m in item.members) for o in item.options]
 
-        self._budget(model, targeted, shapes, value_bytes)
         picked = knapsack.solve([list(zip(it.costs, it.errors)) for it in self.items], self.room)
         chosen = {it.key: k for it, k in zip(self.items, picked)}
         self._check_uniform(chosen)
@@ -312,6 +325,33 @@ class Allocate(Method):
                                   f"plus every linear at {min(cfg.bits)} bits); ask for at least {size_text(least, up=True)} "
                                   f"({least / self.dense_bytes:.2f}x of the dense {size_text(self.dense_bytes)})")
 
+    def _keep_adjacent(self) -> None:
+        """mix: adjacent. Keep the widest width whose uniform allocation (no adapters) fits the
+        room, and the next width up; every adapter rank stays. An item that can take neither
+        (a width its shape cannot pack) keeps its own options."""
+        widths = sorted(self.config.bits)
+        costs = {b: self._uniform_cost(Option(b, 0)) for b in widths}
+        fits = [b for b in widths if costs[b] is not None and costs[b] <= self.room]
+        # _budget has already refused a budget below the cheapest options, but a width the
+        # shapes cannot all pack may leave none uniform; then the allocation stays free
+        if not fits:
+            return
+        low = fits[-1]
+        kept = {low, *[b for b in widths if b > low][:1]}
+        self.widths = sorted(kept)
+        for item in self.items:
+            keep = [k for k, o in enumerate(item.options) if o.bits in kept]
+            if keep:
+                item.options = [item.options[k] for k in keep]
+                item.costs = [item.costs[k] for k in keep]
+        log.info("allocate: mixing %s-bit linears (mix: adjacent; mix: any lets it choose from %s)", " and ".join(map(str, self.widths)), widths)
+
+    def _uniform_cost(self, option: Option) -> int | None:
+        """Bytes of the targeted linears when every item takes `option`; None if one cannot."""
+        if not all(option in it.options for it in self.items):
+            return None
+        return sum(it.costs[it.options.index(option)] for it in self.items)
+
     def _check_uniform(self, chosen: dict[str, int]) -> None:
         """Price the uniform allocations of the option set that fit (the shipped gptq recipes and
         their adapter variants), and fall back to the best one if it is estimated better."""
@@ -319,9 +359,9 @@ class Allocate(Method):
         best_error = sum(it.errors[chosen[it.key]] for it in self.items)
         self.uniform = []
         for option in self.config.options():
-            if not all(option in it.options for it in self.items):
+            cost = self._uniform_cost(option)
+            if cost is None:
                 continue
-            cost = sum(it.costs[it.options.index(option)] for it in self.items)
             error = sum(it.errors[it.options.index(option)] for it in self.items)
             self.uniform.append({"option": option.label, "bytes": self.fixed_bytes + cost, "fits": cost <= room, "estimated_error": error})
             if cost <= room and error < best_error:
@@ -388,6 +428,8 @@ class Allocate(Method):
                 "linear_bits_per_weight": (self.planned_bytes - self.fixed_bytes) * 8 / self.dense_linear_weights if self.dense_linear_weights else None,
                 "solver": "multiple-choice knapsack, exact dynamic programming (methods/allocate/knapsack.py)",
                 "weighting": cfg.weighting,
+                "mix": cfg.mix,
+                "widths": self.widths,
                 "tie_fused": cfg.tie_fused,
                 "per_linear": {m: {"bits": o.bits, "rank": o.rank} for m, o in sorted(self.allocation.items())},
                 "counts": dict(Counter(o.label for o in self.allocation.values())),

@@ -16,14 +16,15 @@ from compressor.methods.allocate import parse_size
 from compressor.methods.gptq import format as gptq_v1
 
 
-def stages(**budget):
-    # group 32: the tiny models are 64 wide; a small set of ranks keeps the tests quick
-    return {"stages": [{"method": "allocate", "group_size": 32, "bits": [2, 3, 4, 8], "ranks": [0, 8], "weighting": "output", **budget}]}
+def stages(mix="any", **budget):
+    # group 32: the tiny models are 64 wide; a small set of ranks keeps the tests quick; mix any
+    # (every width) unless a test is about the default's two adjacent widths
+    return {"stages": [{"method": "allocate", "group_size": 32, "bits": [2, 3, 4, 8], "ranks": [0, 8], "weighting": "output", "mix": mix, **budget}]}
 
 
-def run(tmp_path, name="out", model=None, samples=8, **budget):
+def run(tmp_path, name="out", model=None, samples=8, mix="any", **budget):
     out = tmp_path / name
-    result = compress(model or tiny_model("llama"), recipe.from_dict(stages(**budget)), out, tokenizer=byte_tokenizer(), samples=samples,
+    result = compress(model or tiny_model("llama"), recipe.from_dict(stages(mix, **budget)), out, tokenizer=byte_tokenizer(), samples=samples,
                       seq_len=32, device="cpu")
     return result, out
 
@@ -56,6 +57,27 @@ def test_more_budget_is_never_estimated_worse_and_mixes_widths(tmp_path):
         widths |= {v["bits"] for v in entry["per_linear"].values()}
     assert errors == sorted(errors, reverse=True)
     assert len(widths) >= 3
+
+
+# the tiny model's uniform widths store 3.07, 4.07, 5.07 and 9.07 bits per weight (group 32)
+@pytest.mark.parametrize("bits,widths", [(3.5, [2, 3]), (4.5, [3, 4]), (5.5, [4, 8]), (8.0, [4, 8]), (9.5, [8])])
+def test_adjacent_mixes_the_widest_uniform_width_that_fits_and_the_next(tmp_path, bits, widths):
+    result, _ = run(tmp_path, mix="adjacent", bits_per_weight=bits)
+    entry = result.report["allocation"]
+    assert entry["mix"] == "adjacent" and entry["widths"] == widths
+    assert {v["bits"] for v in entry["per_linear"].values()} <= set(widths)
+    assert entry["linear_bits_per_weight"] <= bits
+    # the uniform allocation of the lower width fits, so the choice is estimated no worse than it
+    low = next(u for u in entry["uniform"] if u["option"] == f"{widths[0]}-bit")
+    assert low["fits"] and entry["estimated_error"] <= low["estimated_error"] * (1 + 1e-9)
+    # the uniform options priced are the kept widths' only
+    assert {int(u["option"].split("-")[0]) for u in entry["uniform"]} == set(widths)
+
+
+def test_adjacent_is_the_default_and_any_is_every_width():
+    assert recipe.from_dict({"stages": [{"method": "allocate", "bits_per_weight": 4}]}).stages[0].config.mix == "adjacent"
+    with pytest.raises(CompressorError, match="mix"):
+        recipe.from_dict({"stages": [{"method": "allocate", "bits_per_weight": 4, "mix": "neighbours"}]})
 
 
 def test_mixed_widths_reload_with_the_same_logits_and_declare_each_width(tmp_path):
