@@ -445,7 +445,8 @@ def main(argv=None) -> None:
             loss = row.get("weighting") == "loss"  # half a loss-weighted error estimates the loss increase (allocate's report)
             known = {u["option"]: u for u in results["uniform_estimates"] or []}
             for u in row["uniform"]:
-                known.setdefault(u["option"], {**{k: v for k, v in u.items() if k != "fits"}, "estimated_loss_increase": 0.5 * u["estimated_error"] if loss else None})
+                kept = {k: v for k, v in u.items() if k != "fits"}  # fits: this row's budget only
+                known.setdefault(u["option"], {**kept, "estimated_loss_increase": 0.5 * u["estimated_error"] if loss else None})
             results["uniform_estimates"] = list(known.values())
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -86,8 +86,7 @@ class AllocateConfig:
 
     size: int | str | None = None
     bits_per_weight: float | None = None
-    # 2 bits is not a default: every demo-model allocation that took 2-bit linears measured worse
-    # than uniform 3-bit GPTQ at fewer bits (docs/results/results.md#target-size)
+    # not 2 bits: every demo allocation with 2-bit linears measured worse than uniform 3-bit (results.md)
     bits: list[int] = field(default_factory=lambda: [3, 4, 8])
     ranks: list[int] = field(default_factory=lambda: [0, 8, 16, 32, 64])
     group_size: int = 128
@@ -97,10 +96,8 @@ class AllocateConfig:
     weighting: str = "loss"
     sensitivity_samples: int = 8
     pricing_samples: int = 16
-    # adjacent: the estimate is a sum of per-linear errors measured on the dense model, and it
-    # misses how large errors compound through later layers; left free to mix, it traded 3-bit
-    # linears for 8-bit ones and measured worse than uniform 4-bit at fewer bits
-    # (docs/results/results.md#target-size).
+    # adjacent: left free, the per-linear estimate traded 3-bit linears for 8-bit ones and measured
+    # worse than uniform GPTQ at fewer bits (docs/results/results.md#target-size)
     mix: str = "adjacent"
     tie_fused: bool = True
     targets: list[str] = field(default_factory=lambda: ["*"])
@@ -326,25 +323,17 @@ class Allocate(Method):
                                   f"({least / self.dense_bytes:.2f}x of the dense {size_text(self.dense_bytes)})")
 
     def _keep_adjacent(self) -> None:
-        """mix: adjacent. Keep the widest width whose uniform allocation (no adapters) fits the
-        room, and the next width up; every adapter rank stays. An item that can take neither
-        (a width its shape cannot pack) keeps its own options."""
-        widths = sorted(self.config.bits)
-        costs = {b: self._uniform_cost(Option(b, 0)) for b in widths}
-        fits = [b for b in widths if costs[b] is not None and costs[b] <= self.room]
-        # _budget has already refused a budget below the cheapest options, but a width the
-        # shapes cannot all pack may leave none uniform; then the allocation stays free
-        if not fits:
+        """mix: adjacent (knapsack.adjacent_widths). An item that can take neither width (one its
+        shape cannot pack) keeps its own options."""
+        kept = knapsack.adjacent_widths({b: self._uniform_cost(Option(b, 0)) for b in self.config.bits}, self.room)
+        if not kept:  # no width packs every linear: the allocation stays free
             return
-        low = fits[-1]
-        kept = {low, *[b for b in widths if b > low][:1]}
-        self.widths = sorted(kept)
+        self.widths = kept
         for item in self.items:
             keep = [k for k, o in enumerate(item.options) if o.bits in kept]
             if keep:
-                item.options = [item.options[k] for k in keep]
-                item.costs = [item.costs[k] for k in keep]
-        log.info("allocate: mixing %s-bit linears (mix: adjacent; mix: any lets it choose from %s)", " and ".join(map(str, self.widths)), widths)
+                item.options, item.costs = [item.options[k] for k in keep], [item.costs[k] for k in keep]
+        log.info("allocate: mixing %s-bit linears (mix: adjacent)", " and ".join(map(str, kept)))
 
     def _uniform_cost(self, option: Option) -> int | None:
         """Bytes of the targeted linears when every item takes `option`; None if one cannot."""

@@ -78,3 +78,14 @@ def solve(items: Sequence[Sequence[tuple[int, float]]], budget: int, unit: int |
         picked.append(k)
         s -= -(-int(items[i][k][0]) // unit)
     return picked[::-1]
+
+
+def adjacent_widths(uniform_costs: dict[int, int | None], room: int) -> list[int]:
+    """The two neighbouring widths a budget mixes (mix: adjacent): the widest whose uniform
+    allocation (every linear at it, no adapter; None: some linear cannot take it) costs at most
+    `room`, and the next width up. One width when it is the widest; none when none fits."""
+    widths = sorted(b for b, c in uniform_costs.items() if c is not None)
+    fits = [b for b in widths if uniform_costs[b] <= room]
+    if not fits:
+        return []
+    return [b for b in widths if b >= fits[-1]][:2]

@@ -89,3 +89,10 @@ def test_units_span_the_budget_in_bounded_steps():
     assert knapsack.unit_for(1000) == 1
     assert knapsack.unit_for(10**9) * knapsack.MAX_UNITS >= 10**9
     assert knapsack.unit_for(10**9, max_units=1000) == 10**6
+
+
+@pytest.mark.parametrize("room,kept", [(99, []), (100, [3, 4]), (149, [3, 4]), (150, [4, 8]), (299, [4, 8]), (300, [8]), (10**9, [8])])
+def test_adjacent_widths_are_the_widest_uniform_that_fits_and_the_next(room, kept):
+    from compressor.methods.allocate.knapsack import adjacent_widths
+    # 2 bits cannot pack some linear (None): it is neither the lower width nor the next one up
+    assert adjacent_widths({2: None, 3: 100, 4: 150, 8: 300}, room) == kept
