@@ -159,6 +159,15 @@ def test_generate_batches_and_samples_consistently():
     assert len(sampled) == 2 and all(len(s) == 2 for s in sampled)
 
 
+def test_generation_progress_reaches_the_log_off_a_terminal(caplog):
+    """Generation is the long step (minutes to an hour): under a log (pytest's stderr is no
+    terminal) it reports through the compressor.progress logger, not a silent tqdm bar."""
+    model, tok = tiny_llama_long_context(), byte_tokenizer()
+    with caplog.at_level("INFO", logger="compressor.progress"):
+        humaneval.generate(model, tok, humaneval.problems(2), max_new_tokens=4, batch_size=1)
+    assert any("humaneval generate: 2/2 sample" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_prompt_longer_than_the_context_gives_empty_completion():
     from conftest import tiny_model
 
