@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -470,6 +471,42 @@ def test_sigterm_cancels_run_many_at_once(tmp_path):
     code, _, stderr = interrupt_child(proc, tmpdir, signal.SIGTERM, timeout=30)
     assert code == 128 + signal.SIGTERM, stderr
 
+
+
+class _AppInterrupt(BaseException):
+    pass
+
+
+def test_run_many_notes_signals_and_delivers_them_from_its_loop():
+    # A handler that raises mid-bytecode can strike inside concurrent.futures' locking and leave a
+    # future's lock held, so the evaluation hangs (seen once in a full test run). While run_many
+    # waits, SIGINT must only be noted, then delivered through the application's own handler,
+    # once, from the waiting loop; the running programs are killed and the handler is restored.
+    calls, seen = [], []
+
+    def app_handler(signum, frame):
+        calls.append(signum)
+        raise _AppInterrupt(signum)
+
+    def interrupt_later():
+        time.sleep(1.5)  # the two programs are running by then
+        seen.append(signal.getsignal(signal.SIGINT))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, app_handler)
+    try:
+        timer = threading.Thread(target=interrupt_later)
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(_AppInterrupt):
+            run_many(["import time\ntime.sleep(60)"] * 4, workers=2, timeout=60, progress=False)
+        timer.join()
+        assert time.monotonic() - start < 10
+        assert calls == [signal.SIGINT]
+        assert seen and seen[0] is not app_handler  # noted by run_many, not raised where it struck
+        assert signal.getsignal(signal.SIGINT) is app_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 # --- graceful degradation -------------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 
 from compressor.errors import CompressorError
 from compressor.eval.sandbox import probe
@@ -57,18 +58,45 @@ def _run(source, timeout, memory_mb, max_file_mb, disk_mb, max_inodes, isolate_n
                   disk_mb=disk_mb, max_inodes=max_inodes, cancel=cancel)
 
 
-def _sigterm_raises():
-    """While `run_many` runs in the main thread, SIGTERM raises SystemExit (so that the children
-    are killed and the folders removed) instead of ending the process on the spot. Returns the
-    function that restores the previous handler. An application's own handler is left alone."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return lambda: None
+class _Signals:
+    """While `run_many` runs in the main thread, SIGINT and SIGTERM are only noted; the waiting loop
+    acts on them at one known point, through the handler that was installed before (Ctrl-C's
+    KeyboardInterrupt, an application's own handler), or as SystemExit(143) for SIGTERM's default.
 
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
+    Why: a handler that raises runs between any two bytecodes of the main thread, including inside
+    concurrent.futures' own locking, where an exception can leave a future's lock held. The workers
+    then block when they finish and the evaluation hangs instead of stopping (seen once in a full test
+    run). Noting the signal and raising from the loop keeps every lock balanced."""
 
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    def __init__(self) -> None:
+        self.caught: list[int] = []
+        self.previous: dict[int, object] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread receives Python's signals
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is signal.SIG_IGN or handler is None:
+                continue  # ignored (or set outside Python): left as it is
+            self.previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.caught.append(signum)
+
+    def check(self) -> None:
+        """Deliver the first noted signal, if any, as its previous handler would have."""
+        if not self.caught:
+            return
+        signum = self.caught[0]
+        handler = self.previous.get(signum)
+        self.restore()
+        if callable(handler):
+            handler(signum, None)  # raises: KeyboardInterrupt, or the application's exception
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def run_many(
@@ -87,9 +115,9 @@ def run_many(
 ) -> list[Outcome]:
     """`run_program` over `programs` with `workers` concurrent children; results in input order.
 
-    On Ctrl-C, SIGTERM (main thread, default handler) or any error, queued programs are not
-    started, running ones are killed at once, their folders are removed, and the exception
-    (KeyboardInterrupt, SystemExit(143)...) is raised again.
+    On Ctrl-C, SIGTERM (in the main thread) or any error, queued programs are not started, running
+    ones are killed at once, their folders are removed, and the exception (KeyboardInterrupt,
+    SystemExit(143), or what the application's own handler raises) is raised again.
     """
     from tqdm.auto import tqdm
 
@@ -99,15 +127,24 @@ def run_many(
     workers = max(1, int(workers))
     probe._mechanisms(site_packages)  # probe (and warn) before the progress bar starts
     cancel = Cancel()
-    restore = _sigterm_raises()
+    signals = _Signals()
     pool = ThreadPoolExecutor(max_workers=workers)
     bar = tqdm(total=len(programs), desc=desc, unit="program", disable=None if progress else True)
+    finished: queue.SimpleQueue = queue.SimpleQueue()  # futures as they end, put by the worker threads
     try:
-        futures = {
-            pool.submit(_run, src, timeout, memory_mb, max_file_mb, disk_mb, max_inodes, isolate_network, site_packages, cancel): i
-            for i, src in enumerate(programs)
-        }
-        for fut in as_completed(futures):
+        futures = {}
+        for i, src in enumerate(programs):
+            fut = pool.submit(_run, src, timeout, memory_mb, max_file_mb, disk_mb, max_inodes, isolate_network, site_packages, cancel)
+            futures[fut] = i
+            fut.add_done_callback(finished.put)
+        for _ in range(len(futures)):
+            while True:
+                signals.check()
+                try:
+                    fut = finished.get(timeout=0.05)  # short, so a noted signal acts within moments
+                    break
+                except queue.Empty:
+                    pass
             results[futures[fut]] = fut.result()
             bar.update(1)
     except BaseException:
@@ -118,5 +155,5 @@ def run_many(
     finally:
         pool.shutdown(wait=True)
         bar.close()
-        restore()
+        signals.restore()
     return results  # type: ignore[return-value]
