@@ -77,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", default=None, help="comma-separated subset of the rows above (e.g. dense,gptq3,target-3.0)")
     p.add_argument("--samples", type=int, default=32, help="calibration windows, every row alike")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (where the windows are drawn), every row alike; another seed shows how much of a gap is calibration noise")
     p.add_argument("--limit", type=int, default=8, help="evaluation windows of the code text (0: every window)")
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=128, help="GPTQ group size of every row (tiny test models need 32)")
@@ -109,14 +110,14 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- recipes
 
 
-def target_recipe(bits: float, group_size: int, samples: int, seq_len: int, widths: list[int] | None = None) -> dict:
+def target_recipe(bits: float, group_size: int, samples: int, seq_len: int, widths: list[int] | None = None, seed: int = 0) -> dict:
     """The shipped 'target' recipe with its budget at `bits` per decoder-linear weight (what
     --target-bits sets), the group size and the calibration counts of this run; `widths` replaces
     the widths the allocation may choose from (an experiment, --widths)."""
     from compressor import recipe
 
     data = recipe.load("target", budget=recipe.budget_override(target_bits=bits)).to_dict()
-    data["calibration"].update(samples=samples, seq_len=seq_len)
+    data["calibration"].update(samples=samples, seq_len=seq_len, seed=seed)
     (stage,) = data["stages"]
     stage["group_size"] = group_size
     if widths:
@@ -124,10 +125,10 @@ def target_recipe(bits: float, group_size: int, samples: int, seq_len: int, widt
     return data
 
 
-def uniform_recipe(name: str, group_size: int, samples: int, seq_len: int) -> dict:
+def uniform_recipe(name: str, group_size: int, samples: int, seq_len: int, seed: int = 0) -> dict:
     """gptqN or gptqN-eoraR on the target recipe's grid (sym, act_order, damp) and calibration, so
     that the rows differ in how bits are spent only."""
-    base = target_recipe(TARGET_BITS[0], group_size, samples, seq_len)
+    base = target_recipe(TARGET_BITS[0], group_size, samples, seq_len, seed=seed)
     grid = base["stages"][0]
     bits = int(name[len("gptq"):].split("-")[0])
     stages = [{"method": "gptq", "bits": bits, "group_size": group_size, "sym": grid["sym"], "act_order": grid["act_order"], "damp": grid["damp"]}]
@@ -140,8 +141,8 @@ def recipe_of(name: str, args) -> dict | None:
     if name == "dense":
         return None
     if name.startswith("target-"):
-        return target_recipe(float(name[len("target-"):]), args.group_size, args.samples, args.seq_len, args.widths)
-    return uniform_recipe(name, args.group_size, args.samples, args.seq_len)
+        return target_recipe(float(name[len("target-"):]), args.group_size, args.samples, args.seq_len, args.widths, args.seed)
+    return uniform_recipe(name, args.group_size, args.samples, args.seq_len, args.seed)
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -359,7 +360,7 @@ def plot(results: dict, path: Path) -> None:
 
 def settings(args) -> dict:
     return {"model": args.model, "dtype": args.dtype, "group_size": args.group_size, "device": args.device,
-            "calibration": target_recipe(TARGET_BITS[0], args.group_size, args.samples, args.seq_len)["calibration"],
+            "calibration": target_recipe(TARGET_BITS[0], args.group_size, args.samples, args.seq_len, seed=args.seed)["calibration"],
             "eval": {"task": TASK, "seq_len": args.eval_seq_len, "limit_windows": args.limit or None}}
 
 
