@@ -95,7 +95,7 @@ def test_curve_on_a_tiny_model(folder, tmp_path, monkeypatch):
     assert rows["dense"]["stored_bits"] == 32 and saved["dtype"] == "float32"  # the source's dtype, as compress keeps it
     assert rows["gptq4"]["linear_bytes"] == sum(quant_bytes(o, i, 4, 128) for i, o in shapes.values())
     assert rows["target 5 bits"]["stored_bits"] <= 5.0
-    assert rows["target 5 bits"]["stored_bits"] == pytest.approx(rows["target 5 bits"]["planned_linear_bits"], rel=1e-9)
+    assert rows["target 5 bits"]["linear_bytes"] * 8 / weights == pytest.approx(rows["target 5 bits"]["planned_linear_bits"], rel=1e-12)
     assert rows["target 0.45x"]["size_bytes"] <= rows["target 0.45x"]["budget_bytes"] <= 0.45 * rows["dense"]["size_bytes"]
     for r in rows.values():
         assert 1 < r["code_ppl"] < 1e4 and r["size_bytes"] > r["linear_bytes"]
@@ -136,7 +136,7 @@ def test_bad_curve_arguments_are_one_line(monkeypatch, capsys, folder, tmp_path,
 
 
 @needs_plots
-def test_analyze_draws_the_curve_with_the_shipped_recipes(monkeypatch, capsys, folder, tmp_path):
+def test_analyze_draws_the_curve_with_the_shipped_recipes(monkeypatch, capsys, caplog, folder, tmp_path):
     code, stdout, err = run(monkeypatch, capsys, "analyze", folder, "--target-bits", "4.5,6", "--eval-limit", "2", "--eval-seq-len", "64",
                             "--device", "cpu", "--plots", tmp_path / "plots")
     assert code == 0, err
@@ -146,7 +146,9 @@ def test_analyze_draws_the_curve_with_the_shipped_recipes(monkeypatch, capsys, f
     assert rows["gptq4"]["calibration"]["samples"] == 64 and rows["target 6 bits"]["calibration"]["samples"] == 32  # as shipped
     assert all(rows[f"target {b:g} bits"]["stored_bits"] <= b for b in (4.5, 6))
     assert (tmp_path / "plots" / "curve.png").read_bytes()[:8] == PNG
-    assert "the best that fits" in stdout and "size-quality curve: 4/4 row" in err
+    assert "the best that fits" in stdout and f"wrote {tmp_path / 'plots' / 'curve.json'}" in stdout
+    progress = [r.getMessage() for r in caplog.records if r.name == "compressor.progress" and r.getMessage().startswith("size-quality curve")]
+    assert "size-quality curve: measuring gptq4" in progress and any(m.startswith("size-quality curve: 4/4 row") for m in progress)
 
 
 def test_plain_analyze_is_unchanged(monkeypatch, capsys, folder):

@@ -212,7 +212,7 @@ def curve(result: dict, path: str | Path) -> Path:
     for r in rows:
         # target rows labelled above their point, the others below, so that neighbours do not overlap
         below = r["kind"] != "target"
-        ax.annotate(f"{r['row']}\nppl {r[task]:.4g}, {r['stored_bits']:.2f} b/w, {r['size_bytes'] / 1e6:.4g} MB", (r["size_bytes"] / 1e6, r[task]),
+        ax.annotate(f"{r['row']}\nppl {r[task]:.2f}, {r['stored_bits']:.2f} b/w, {r['size_bytes'] / 1e6:.3g} MB", (r["size_bytes"] / 1e6, r[task]),
                     textcoords="offset points", xytext=(5, -20 if below else 6), fontsize=7)
     values = [r[task] for r in rows]
     if min(values) > 0 and max(values) / min(values) > 10:
