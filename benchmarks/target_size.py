@@ -12,7 +12,8 @@ the same first 8 windows of 512 tokens of the held-out code text):
                           weight (what `compress(model, out=..., target_bits=B)` and `--target-bits B`
                           run), for B in --bits (2.5 3.0 3.5 4.0 4.5).
 
-Each row's size is counted from its output folder in one way for every row: the bytes of every
+Each row's size is counted from its output folder in one way for every row
+(compressor.export.accounting.folder_linear_bits): the bytes of every
 safetensors tensor that belongs to a decoder linear (codes, scales, zeros, g_idx, bias, the adapter
 folder's factors; file headers left out) x 8 / the dense model's decoder-linear weight count. That
 is the quantity a `--target-bits` budget bounds, so a target row's stored bits never exceed B.
@@ -40,7 +41,6 @@ import copy
 import json
 import math
 import shutil
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +53,6 @@ UNIFORM_BITS = (2, 3, 4)
 TARGET_BITS = (2.5, 3.0, 3.5, 4.0, 4.5)
 MOONSHOT_BITS = 3.0
 ADAPTER_RANK = 32
-PEFT_PREFIX = "base_model.model."  # PEFT adapter keys: base_model.model.<module>.lora_A.weight
 
 
 def row_names(uniform_bits, adapters: str, target_bits) -> list[str]:
@@ -77,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", default=None, help="comma-separated subset of the rows above (e.g. dense,gptq3,target-3.0)")
     p.add_argument("--samples", type=int, default=32, help="calibration windows, every row alike")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length")
-    p.add_argument("--seed", type=int, default=0, help="calibration seed (where the windows are drawn), every row alike; another seed shows how much of a gap is calibration noise")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (where the windows are drawn), every row alike; another seed shows how much of a gap "
+                   "is calibration noise")
     p.add_argument("--limit", type=int, default=8, help="evaluation windows of the code text (0: every window)")
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=128, help="GPTQ group size of every row (tiny test models need 32)")
@@ -143,50 +143,6 @@ def recipe_of(name: str, args) -> dict | None:
     if name.startswith("target-"):
         return target_recipe(float(name[len("target-"):]), args.group_size, args.samples, args.seq_len, args.widths, args.seed)
     return uniform_recipe(name, args.group_size, args.samples, args.seq_len, args.seed)
-
-
-# ----------------------------------------------------------------------------- accounting
-
-
-def tensor_bytes(path: Path) -> dict[str, int]:
-    """Tensor name -> its data bytes in a safetensors file, read from the header alone (the
-    header's own bytes are not any tensor's)."""
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-
-
-def linear_bytes(folder: Path, linears: list[str]) -> dict[str, int]:
-    """Bytes each decoder linear occupies in an output folder: every safetensors tensor (adapter
-    folder included) whose name is `<linear>.<something>`, PEFT's base_model.model. prefix removed.
-    A linear with no tensor means the folder names modules differently: refused rather than
-    counted as free."""
-    found = dict.fromkeys(linears, 0)
-    for file in sorted(Path(folder).rglob("*.safetensors")):
-        for key, n in tensor_bytes(file).items():
-            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-            owner = name.rsplit(".", 1)[0]
-            # the owner is the linear itself (qweight, weight, bias) or a child of it (lora_A.weight)
-            while owner and owner not in found:
-                owner = owner.rsplit(".", 1)[0] if "." in owner else ""
-            if owner:
-                found[owner] += n
-    missing = [m for m, n in found.items() if n == 0]
-    if missing:
-        raise SystemExit(f"error: no tensor of {missing[0]} (and {len(missing) - 1} more linears) in {folder}; "
-                         "its tensor names are not the model's module names")
-    return found
-
-
-def stored_bits(folder: Path, linears: dict[str, int]) -> tuple[float, int]:
-    """(bits per dense decoder-linear weight as stored, those bytes). linears: name -> out x in."""
-    total = sum(linear_bytes(folder, list(linears)).values())
-    return total * 8 / sum(linears.values()), total
-
-
-def weight_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -368,6 +324,7 @@ def measure_row(name: str, dense, tok, linears: dict[str, int], args, device, wo
     from compressor import recipe
     from compressor.api import compress
     from compressor.eval.tasks import run_tasks
+    from compressor.export.accounting import folder_linear_bits, weight_bytes
 
     folder = work / name
     data = recipe_of(name, args)
@@ -379,7 +336,7 @@ def measure_row(name: str, dense, tok, linears: dict[str, int], args, device, wo
         res = compress(copy.deepcopy(dense), recipe.from_dict(data, source=name), folder, tokenizer=tok, device=str(device), dtype=args.dtype)
         model, report = res.model, res.report
     wall = round(time.time() - start, 1) if data is not None else 0.0
-    bits, nbytes = stored_bits(folder, linears)
+    bits, nbytes = folder_linear_bits(folder, linears)
     row = {"row": name, "stored_bits": round(bits, 4), "linear_bytes": nbytes, "size_bytes": weight_bytes(folder), "compress_seconds": wall}
     t = time.time()
     found = run_tasks(model.to(device), tok, [TASK], args.eval_seq_len, args.limit or None, device)
@@ -404,16 +361,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from compressor import models
     from compressor.environment import device_name, resolve_device
     from compressor.errors import CompressorError
+    from compressor.export import accounting
     from compressor.loading import load_model
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
     start = time.time()
     dense, tok = load_model(args.model, dtype=args.dtype)
-    linears = {full: math.prod(models.linear_shape(m)) for full, _, m in models.iter_linears(dense)}
+    linears = accounting.dense_linear_weights(dense)
     results = {**settings(args), "host": {"cpu": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__,
                                           **({} if device.type == "cpu" else {"device": device_name(device)})},
                "dense_linear_weights": sum(linears.values()), "load_seconds": round(time.time() - start, 1), "rows": [], "uniform_estimates": None}

@@ -339,13 +339,29 @@ def compare(dense, compressed, out, plot_path, **kw):
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Target reduction (overrides the recipe).")
 @click.option("--calib", help="Calibration data for data-aware recipes (overrides the recipe's).")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), callback=_output_dir,
-              help="Write spectra.png and ranks.png into this folder (needs matplotlib).")
+              help="Write spectra.png and ranks.png into this folder (a curve: curve.png and curve.json; needs matplotlib).")
 @click.option("--per-matrix/--summary-only", default=True, show_default=True, help="Print a line per matrix, or only the summary.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
-def analyze(model, recipe, ratio, calib, plots_dir, per_matrix, device):
-    """Show, per decoder linear, the rank a recipe would keep and the spectrum energy it keeps."""
+@click.option("--target-size", "target_sizes", help="Instead, the size-quality curve: comma-separated budgets (0.7x,0.8x or 700MB,900MB), each "
+              "compressed with the 'target' recipe and measured beside --against; needs --plots.")
+@click.option("--target-bits", help="Curve budgets in bits per decoder-linear weight, comma-separated (3.5,4,4.5); with or instead of --target-size.")
+@click.option("--against", help="Curve: comma-separated recipes (names or YAML paths) measured beside it [default: gptq4].")
+@click.option("--eval-limit", type=IntCap(1, MAX_COUNT), default=8, show_default=True, help="Curve: code perplexity windows per row.")
+@click.option("--eval-seq-len", type=IntCap(2, MAX_COUNT), default=512, show_default=True, help="Curve: perplexity window in tokens.")
+def analyze(model, recipe, ratio, calib, plots_dir, per_matrix, device, target_sizes, target_bits, against, eval_limit, eval_seq_len):
+    """Show, per decoder linear, the rank a recipe would keep and the spectrum energy it keeps; or,
+    with --target-size/--target-bits, measure and plot size against code perplexity."""
     from compressor import analyze as analysis
 
+    given = [n for n in click.get_current_context().params if click.get_current_context().get_parameter_source(n).name != "DEFAULT"]
+    curve_only, ranks_only = {"target_sizes", "target_bits", "against", "eval_limit", "eval_seq_len"}, {"recipe", "ratio", "per_matrix"}
+    if set(given) & {"target_sizes", "target_bits"}:
+        if set(given) & ranks_only or plots_dir is None:
+            wrong = "--plots DIR (where curve.png and curve.json go)" if plots_dir is None else f"no {_flag(sorted(set(given) & ranks_only)[0])}"
+            raise CompressorError(f"a curve (--target-size/--target-bits) needs {wrong}; -r, --ratio and --per-matrix belong to the rank analysis")
+        return _curve(model, target_sizes, target_bits, against, eval_limit, eval_seq_len, device, calib, plots_dir)
+    if set(given) & curve_only:
+        raise CompressorError(f"{_flag(sorted(set(given) & curve_only)[0])} belongs to a curve: add --target-size or --target-bits")
     if plots_dir is not None:
         from compressor.eval import plots
 
@@ -362,6 +378,22 @@ def analyze(model, recipe, ratio, calib, plots_dir, per_matrix, device):
         title = f"{model}: recipe '{recipe}'" + (f" at ratio {ratio}" if ratio is not None else "")
         for path in analysis.plot(rows, plots_dir, title):
             click.echo(f"wrote {path}")
+
+
+def _flag(param: str) -> str:
+    return {"target_sizes": "--target-size", "per_matrix": "--per-matrix/--summary-only", "recipe": "-r/--recipe"}.get(param, f"--{param.replace('_', '-')}")
+
+
+def _curve(model, target_sizes, target_bits, against, eval_limit, eval_seq_len, device, calib, plots_dir):
+    from compressor import curve
+
+    sizes = curve.split_list(target_sizes, "--target-size") if target_sizes is not None else []
+    bits = curve.parse_bits(target_bits) if target_bits is not None else []
+    others = curve.AGAINST if against is None else curve.split_list(against, "--against")
+    result = curve.target_curve(model, sizes, bits, others, eval_limit=eval_limit, eval_seq_len=eval_seq_len,
+                                device=device, calib=calib, out_dir=plots_dir)
+    for line in curve.lines(result):
+        click.echo(line)
 
 
 @cli.command("recipes")

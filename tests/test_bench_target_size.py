@@ -13,6 +13,8 @@ import pytest
 from conftest import byte_tokenizer, load_benchmark, tiny_model
 
 from compressor import models, recipe
+from compressor.errors import CompressorError
+from compressor.export import accounting
 from compressor.methods.allocate.options import quant_bytes
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "target_size.py"
@@ -75,8 +77,8 @@ def test_spearman_and_interpolation_against_hand_values():
 
 def test_a_folder_with_other_module_names_is_refused(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
-    with pytest.raises(SystemExit, match="no tensor of"):
-        bench.linear_bytes(tmp_path, ["model.layers.0.self_attn.q_proj", "transformer.h.0.attn.c_attn"])
+    with pytest.raises(CompressorError, match="no tensor of"):
+        accounting.linear_bytes(tmp_path, ["model.layers.0.self_attn.q_proj", "transformer.h.0.attn.c_attn"])
 
 
 def test_run_on_a_tiny_model(tmp_path):

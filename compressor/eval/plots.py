@@ -191,3 +191,37 @@ def comparison(table: dict, path: str | Path) -> Path:
     for ax in list(axes.flat)[len(panels) + len(scatters):]:
         ax.set_visible(False)
     return _save(fig, path)
+
+
+def curve(result: dict, path: str | Path) -> Path:
+    """Size on disk against perplexity of a `compressor.curve.target_curve` result: the target rows
+    as one line (sorted by size), every other recipe as its own marker, the dense model as a dashed
+    line; each point labelled with its perplexity, bits per decoder-linear weight and size."""
+    task = result["task"]
+    rows = result["rows"]
+    fig = _figure(7.5, 5.0)
+    ax = fig.subplots()
+    targets = sorted((r for r in rows if r["kind"] == "target"), key=lambda r: r["size_bytes"])
+    ax.plot([r["size_bytes"] / 1e6 for r in targets], [r[task] for r in targets], "o-", color="C0", label="--target-size / --target-bits", zorder=3)
+    markers = "s^vDP*X"
+    for i, r in enumerate(r for r in rows if r["kind"] == "recipe"):
+        ax.plot([r["size_bytes"] / 1e6], [r[task]], markers[i % len(markers)], color=f"C{i + 1}", markersize=8, linestyle="none", label=r["row"], zorder=3)
+    dense = next(r for r in rows if r["kind"] == "dense")
+    ax.axhline(dense[task], color="0.55", linestyle="--", label=f"dense ({dense[task]:.4g})")
+    ax.plot([dense["size_bytes"] / 1e6], [dense[task]], "o", color="0.55")
+    for r in rows:
+        # target rows labelled above their point, the others below, so that neighbours do not overlap
+        below = r["kind"] != "target"
+        ax.annotate(f"{r['row']}\nppl {r[task]:.2f}, {r['stored_bits']:.2f} b/w, {r['size_bytes'] / 1e6:.3g} MB", (r["size_bytes"] / 1e6, r[task]),
+                    textcoords="offset points", xytext=(5, -20 if below else 6), fontsize=7)
+    values = [r[task] for r in rows]
+    if min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")  # a collapsed row (ppl in the thousands) would flatten the rest
+    ev = result["eval"]
+    ax.set_xlabel("size on disk (MB, every safetensors file)", fontsize=9)
+    ax.set_ylabel(f"{task} ({ev['limit_windows'] or 'all'} windows of {ev['seq_len']} tokens; lower is better)", fontsize=9)
+    ax.set_title(f"{result['model']} ({result['dtype']}): size against quality", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.15, y=0.15)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

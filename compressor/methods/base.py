@@ -86,6 +86,10 @@ class Method:
 
     # --- run time
 
+    def check_model(self, model, store_dtype) -> None:
+        """Checks that need the model's shapes and the output dtype but no calibration data (a size
+        budget it cannot meet), for a caller that wants to refuse before any long work."""
+
     def prepare(self, run) -> None:
         """Before the walk, on the dense model."""
 

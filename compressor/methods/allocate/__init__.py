@@ -23,19 +23,12 @@ runs each group as one fused GPTQ layer that needs one bit width. These linears 
 item with one (bits, rank) choice, and the mixed-bit export can be declared with one `dynamic` rule
 per group (docs/guides/mixed-bits.md).
 
-Budget:
+Budget (the CLI's --target-size / --target-bits set it; recipes/target.yaml is this stage alone):
     size: bytes of the output's weights (every *.safetensors file, adapter included), given as
         a number of bytes, "700MB" / "1.2GB" / "900MiB", or relative to the dense model in the
         output dtype: "0.75x" or "75%";
     bits_per_weight: bits per decoder-linear weight, counting everything stored for it (codes,
         scales, zeros, g_idx, bias, adapter factors).
-The CLI's --target-size / --target-bits set these.
-
-Recipe (recipes/target.yaml is this stage alone):
-    - method: allocate
-      bits_per_weight: 4.25
-      bits: [3, 4, 8]
-      ranks: [0, 8, 16, 32, 64]
 """
 
 from __future__ import annotations
@@ -189,10 +182,11 @@ class Allocate(Method):
 
     # --- step 1 and 2: price every option, then choose
 
-    def prepare(self, run) -> None:
+    def check_model(self, model, store_dtype) -> dict:
+        """The items, their costs and the room the budget leaves, from shapes alone (a budget that
+        cannot be met raises here, before any calibration); returns the targeted linears."""
         cfg = self.config
-        model = run.model
-        value_bytes = torch.empty((), dtype=run.store_dtype).element_size()
+        value_bytes = torch.empty((), dtype=store_dtype).element_size()
         targeted = {full: (local, module) for full, local, module in models.iter_linears(model) if self.targets(local)}
         if not targeted:
             raise CompressorError(f"allocate: targets {cfg.targets} match no linear layer; names look like {next(iter(models.arch_for(model).linears))}")
@@ -204,6 +198,12 @@ class Allocate(Method):
         self._budget(model, targeted, shapes, value_bytes)
         if cfg.mix == "adjacent":
             self._keep_adjacent()
+        return targeted
+
+    def prepare(self, run) -> None:
+        cfg = self.config
+        model = run.model
+        targeted = self.check_model(model, run.store_dtype)
         if cfg.weighting == "loss":
             # A mean of squared gradients over tokens: a few thousand tokens rank the channels, and
             # each window costs a forward and backward pass through the whole model (the
