@@ -152,31 +152,55 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class HeldSignals:
+    """SIGTERM and SIGINT noted by Python handlers from now on, and delivered by `release` through
+    the handlers they replaced. Python handlers that note, not a signal mask: the kernel hands a
+    process's signal to any thread that does not mask it (torch and tokenizers start threads).
+    Outside the main thread nothing is held (only it may change handlers, and only it receives
+    Python's signals); an ignored signal stays ignored."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.caught: list[int] = []
+        self.previous: dict = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(s) not in (signal.SIG_IGN, None):
+                self.previous[s] = signal.signal(s, lambda signum, frame: self.caught.append(signum))
+
+    def release(self, default_exits: bool = False) -> None:
+        """Restore the handlers, then deliver the first noted signal: a Python handler is called
+        (Ctrl-C's KeyboardInterrupt, the CLI's Interrupted); the default action ends the process,
+        or with `default_exits` raises SystemExit(128 + N) so the caller's clean-up runs first."""
+        import signal
+
+        previous, self.previous = self.previous, {}
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if not self.caught:
+            return
+        signum = self.caught[0]
+        handler = previous.get(signum)
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            if default_exits:
+                raise SystemExit(128 + signum)
+            signal.raise_signal(signum)
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """SIGTERM and SIGINT held back for the block and handled when it ends, so a step such as the
-    final rename and its clean-up is done whole and the message that follows tells the truth.
-    Done with Python handlers that note the signal, not with a signal mask: the kernel hands a
-    process's signal to any thread that does not mask it (torch and tokenizers start threads)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may change handlers, and only it receives Python's signals
-        return
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    final rename and its clean-up is done whole and the message that follows tells the truth."""
+    held = HeldSignals()
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(caught[0])
+        held.release()
 
 
 def landed(tmp: Path | None, out: Path) -> bool:

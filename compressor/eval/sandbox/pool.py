@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import queue
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from compressor.errors import CompressorError
 from compressor.eval.sandbox import probe
 from compressor.eval.sandbox.common import DISK_MB, MAX_FILE_MB, MAX_INODES, Outcome
 from compressor.eval.sandbox.launch import Cancel, launch
+from compressor.files import HeldSignals
 
 
 def run_program(
@@ -58,45 +58,18 @@ def _run(source, timeout, memory_mb, max_file_mb, disk_mb, max_inodes, isolate_n
                   disk_mb=disk_mb, max_inodes=max_inodes, cancel=cancel)
 
 
-class _Signals:
-    """While `run_many` runs in the main thread, SIGINT and SIGTERM are only noted; the waiting loop
-    acts on them at one known point, through the handler that was installed before (Ctrl-C's
-    KeyboardInterrupt, an application's own handler), or as SystemExit(143) for SIGTERM's default.
+def _deliver(held: HeldSignals) -> None:
+    """Act on a signal `held` noted while run_many waited: through the handler it replaced, or, if
+    that handler returns, as KeyboardInterrupt / SystemExit(128 + N), since the evaluation stops.
 
-    Why: a handler that raises runs between any two bytecodes of the main thread, including inside
-    concurrent.futures' own locking, where an exception can leave a future's lock held. The workers
-    then block when they finish and the evaluation hangs instead of stopping (seen once in a full test
-    run). Noting the signal and raising from the loop keeps every lock balanced."""
-
-    def __init__(self) -> None:
-        self.caught: list[int] = []
-        self.previous: dict[int, object] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return  # only the main thread receives Python's signals
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(sig)
-            if handler is signal.SIG_IGN or handler is None:
-                continue  # ignored (or set outside Python): left as it is
-            self.previous[sig] = signal.signal(sig, self._note)
-
-    def _note(self, signum, frame) -> None:
-        self.caught.append(signum)
-
-    def check(self) -> None:
-        """Deliver the first noted signal, if any, as its previous handler would have."""
-        if not self.caught:
-            return
-        signum = self.caught[0]
-        handler = self.previous.get(signum)
-        self.restore()
-        if callable(handler):
-            handler(signum, None)  # raises: KeyboardInterrupt, or the application's exception
-        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
+    Why held, not raised where it strikes: a handler that raises runs between any two bytecodes of
+    the main thread, including inside concurrent.futures' own locking, where an exception can leave
+    a future's lock held. The workers then block when they finish and the evaluation hangs instead
+    of stopping (seen once in a full test run). Raising from the waiting loop keeps every lock
+    balanced."""
+    signum = held.caught[0]
+    held.release(default_exits=True)
+    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
 def run_many(
@@ -127,7 +100,7 @@ def run_many(
     workers = max(1, int(workers))
     probe._mechanisms(site_packages)  # probe (and warn) before the progress bar starts
     cancel = Cancel()
-    signals = _Signals()
+    held = HeldSignals()  # SIGINT/SIGTERM act from the loop below (_deliver)
     pool = ThreadPoolExecutor(max_workers=workers)
     bar = tqdm(total=len(programs), desc=desc, unit="program", disable=None if progress else True)
     finished: queue.SimpleQueue = queue.SimpleQueue()  # futures as they end, put by the worker threads
@@ -139,7 +112,8 @@ def run_many(
             fut.add_done_callback(finished.put)
         for _ in range(len(futures)):
             while True:
-                signals.check()
+                if held.caught:
+                    _deliver(held)
                 try:
                     fut = finished.get(timeout=0.05)  # short, so a noted signal acts within moments
                     break
@@ -155,5 +129,5 @@ def run_many(
     finally:
         pool.shutdown(wait=True)
         bar.close()
-        signals.restore()
+        held.release()  # restores the handlers (and delivers a signal noted after the loop last looked)
     return results  # type: ignore[return-value]
